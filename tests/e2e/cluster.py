@@ -1,0 +1,229 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver and kube-controller-manager.
+
+The API server enforces RBAC, signs service-account tokens and serves TLS with a throwaway PKI;
+the controller manager runs the garbage collector, the deployment/replicaset controllers and the
+service-account controllers that the chart's objects need. No node or container runtime exists:
+tests/e2e/pod_runner.py plays the kubelet for LoraFleet's pods. Usable from the command line:
+
+    python -m tests.e2e.cluster up      # prints `export KUBECONFIG=...`, runs until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.e2e import kubeconfigs, pki, processes
+
+REPO = Path(__file__).resolve().parents[2]
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# The controllers LoraFleet's objects rely on; the rest would only burn CPU on a 2-core machine.
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+    "root-ca-certificate-publisher-controller",
+    "endpointslice-controller",
+)
+
+
+def bin_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_BIN_DIR", REPO / "bin"))
+
+
+def missing_binaries(directory: Path) -> list[str]:
+    return [b for b in BINARIES if not os.access(directory / b, os.X_OK)]
+
+
+class ControlPlane:
+    """etcd + kube-apiserver + kube-controller-manager under one work directory."""
+
+    def __init__(self, workdir: Path, binaries: Path | None = None) -> None:
+        self.workdir = workdir
+        self.bin = binaries or bin_dir()
+        self.kubeconfig = workdir / "admin.kubeconfig"
+        self.children: list[processes.Child] = []
+        self.pki: pki.Pki | None = None
+        self.server = ""
+
+    def start(self, timeout: float = 120.0) -> ControlPlane:
+        missing = missing_binaries(self.bin)
+        if missing:
+            raise RuntimeError(f"missing {', '.join(missing)} in {self.bin}: run `make kube-clients tools`")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki = keys = pki.generate(self.workdir / "pki")
+        logs = self.workdir / "logs"
+        try:
+            etcd_port, peer_port, api_port = (processes.free_port() for _ in range(3))
+            etcd = self._spawn("etcd", self._etcd_args(etcd_port, peer_port), logs)
+            processes.wait_until("etcd health", lambda: _etcd_healthy(etcd_port), timeout, child=etcd)
+            self.server = f"https://127.0.0.1:{api_port}"
+            api = self._spawn("kube-apiserver", self._apiserver_args(keys, etcd_port, api_port), logs)
+            endpoint = kubeconfigs.Endpoint(self.server, keys.ca_cert.read_bytes())
+            kubeconfigs.write(
+                self.kubeconfig, endpoint, kubeconfigs.client_cert_user(keys.admin_cert, keys.admin_key)
+            )
+            processes.wait_until(
+                "kube-apiserver /readyz", lambda: self.get("/readyz", raw=True), timeout, child=api
+            )
+            kcm_config = kubeconfigs.write(
+                self.workdir / "controller-manager.kubeconfig",
+                endpoint,
+                kubeconfigs.client_cert_user(keys.controller_manager_cert, keys.controller_manager_key),
+            )
+            kcm = self._spawn(
+                "kube-controller-manager", self._controller_manager_args(keys, kcm_config), logs
+            )
+            # Pods need their namespace's default ServiceAccount; its existence shows the KCM works.
+            processes.wait_until(
+                "the default ServiceAccount",
+                lambda: self.get("/api/v1/namespaces/default/serviceaccounts/default"),
+                timeout,
+                child=kcm,
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, argv: list[str], logs: Path) -> processes.Child:
+        child = processes.Child(name, [str(self.bin / name), *argv], logs / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def _etcd_args(self, client_port: int, peer_port: int) -> list[str]:
+        peer = f"http://127.0.0.1:{peer_port}"
+        client = f"http://127.0.0.1:{client_port}"
+        return [
+            "--name=e2e",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=e2e={peer}",
+            # Throwaway data on a shared disk: durability buys nothing and fsyncs cost seconds.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ]
+
+    def _apiserver_args(self, keys: pki.Pki, etcd_port: int, port: int) -> list[str]:
+        return [
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            f"--tls-cert-file={keys.serving_cert}",
+            f"--tls-private-key-file={keys.serving_key}",
+            f"--client-ca-file={keys.ca_cert}",
+            "--authorization-mode=RBAC",
+            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+            f"--service-account-key-file={keys.service_account_pub}",
+            f"--service-account-signing-key-file={keys.service_account_key}",
+            f"--service-cluster-ip-range={pki.SERVICE_CLUSTER_IP_RANGE}",
+            # The `kubernetes` Endpoints may not hold a loopback address; nothing here needs it.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+    def _controller_manager_args(self, keys: pki.Pki, kubeconfig: Path) -> list[str]:
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={processes.free_port()}",
+            f"--cert-dir={self.workdir / 'controller-manager-certs'}",
+            f"--controllers={','.join(CONTROLLERS)}",
+            # Each controller acts as its own ServiceAccount, as in a kubeadm cluster.
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={keys.service_account_key}",
+            f"--root-ca-file={keys.ca_cert}",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        assert self.pki is not None, "the control plane is not started"
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        return context
+
+    def get(self, path: str, raw: bool = False) -> Any:
+        """GET an API path as the admin; the decoded JSON (or text), None on 404."""
+        try:
+            with urllib.request.urlopen(self.server + path, context=self.ssl_context(), timeout=10) as resp:
+                body = resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+        return body if raw else json.loads(body)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _etcd_healthy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+        return bool(json.loads(resp.read()).get("health") == "true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run LoraFleet's local Kubernetes control plane.")
+    parser.add_argument("command", choices=["up"], help="start it and keep it running until Ctrl-C")
+    parser.add_argument("--dir", type=Path, help="work directory (default: a fresh temporary one)")
+    parser.add_argument("--no-pods", action="store_true", help="do not run the pod runner")
+    args = parser.parse_args(argv)
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="lorafleet-cluster-"))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with ControlPlane(workdir) as plane:
+        runner = None
+        if not args.no_pods:
+            from tests.e2e import pod_runner
+
+            runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
+        print(
+            f"export KUBECONFIG={plane.kubeconfig}   # API server {plane.server}; logs in {workdir}/logs",
+            flush=True,
+        )
+        stop.wait()
+        if runner is not None:
+            runner.stop()
+    if args.dir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

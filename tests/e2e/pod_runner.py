@@ -1,0 +1,293 @@
+"""A test-side kubelet: runs LoraFleet's Pods as local processes on a control plane with no nodes.
+
+It watches Pods through the API server; for each pod that pod_specs recognises (trainer pods of a
+pool, the chart's operator pod) a worker thread gives it its own loopback address (127.X.Y.Z),
+materialises its Secret/ConfigMap volumes, starts the program with the pod's own args and env,
+and reports `podIP`, `phase` and the Ready/ContainersReady conditions from polling the pod's
+readiness probe. The operator pod gets a kubeconfig holding a TokenRequest token of its own
+ServiceAccount, bound to the pod, so it runs under the chart's RBAC and never as the admin.
+Deleting the pod stops the process. Product code does not know this exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import json
+import os
+import random
+import sys
+import threading
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from tests.e2e import kubeconfigs, pod_specs, processes
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class PodRunner:
+    """Watches all namespaces and keeps one PodWorker per recognised, undeleted pod."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, venv_bin: Path = VENV_BIN) -> None:
+        self.kubeconfig = kubeconfig
+        self.endpoint = kubeconfigs.read_endpoint(kubeconfig)
+        self.workdir = workdir
+        self.venv_bin = venv_bin
+        self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(kubeconfig)))
+        self.workers: dict[str, PodWorker] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch_loop, name="pod-runner-watch", daemon=True)
+        # A random second octet keeps two runners on one shared machine off each other's addresses.
+        self._octet = random.randrange(64, 192)
+        self._next_ip = 0
+
+    def start(self) -> PodRunner:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            workers = list(self.workers.values())
+            self.workers.clear()
+        for worker in workers:
+            worker.stop()
+        self.thread.join(timeout=40)
+
+    def allocate_ip(self) -> str:
+        with self.lock:
+            self._next_ip += 1
+            n = self._next_ip
+        return f"127.{self._octet}.{n // 250}.{n % 250 + 2}"
+
+    def worker(self, namespace: str, name: str) -> PodWorker | None:
+        with self.lock:
+            return next(
+                (w for w in self.workers.values() if (w.namespace, w.name) == (namespace, name)), None
+            )
+
+    def _watch_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                # Raw JSON keeps the API's camelCase, which pod_specs reads.
+                response: Any = self.api.list_pod_for_all_namespaces(_preload_content=False)
+                listing = json.loads(response.data)
+                seen = set()
+                for pod in listing["items"]:
+                    seen.add(pod["metadata"]["uid"])
+                    self._handle("ADDED", pod)
+                with self.lock:
+                    gone = [uid for uid in self.workers if uid not in seen]
+                for uid in gone:
+                    self._drop(uid)
+                stream = kubernetes.watch.Watch().stream(
+                    self.api.list_pod_for_all_namespaces,
+                    resource_version=listing["metadata"]["resourceVersion"],
+                    timeout_seconds=20,
+                )
+                for event in stream:
+                    if self.stopping.is_set():
+                        break
+                    self._handle(event["type"], event["raw_object"])
+            except Exception as exc:  # a watch that expires (410) or drops: list again
+                if not self.stopping.is_set():
+                    print(f"pod-runner: watch restarted after {exc!r}", file=sys.stderr)
+                    self.stopping.wait(1.0)
+
+    def _handle(self, kind: str, pod: Mapping[str, Any]) -> None:
+        if kind == "ERROR" or "metadata" not in pod:
+            raise RuntimeError(f"watch error: {pod}")
+        uid = pod["metadata"]["uid"]
+        if kind == "DELETED" or pod["metadata"].get("deletionTimestamp"):
+            self._drop(uid)
+            return
+        if pod_specs.program_of(pod) is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        with self.lock:
+            if uid in self.workers or self.stopping.is_set():
+                return
+            worker = PodWorker(self, pod)
+            self.workers[uid] = worker
+        worker.start()
+
+    def _drop(self, uid: str) -> None:
+        with self.lock:
+            worker = self.workers.pop(uid, None)
+        if worker is not None:
+            # Stopping can take a grace period; do it off the watch thread.
+            threading.Thread(target=worker.stop, name=f"stop-{worker.name}", daemon=True).start()
+
+    def lookup(self, kind: str, namespace: str, name: str) -> Mapping[str, str]:
+        """A Secret's or ConfigMap's data, decoded, for env and volumes."""
+        if kind == "Secret":
+            secret = self.api.read_namespaced_secret(name, namespace)
+            return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return dict(self.api.read_namespaced_config_map(name, namespace).data or {})
+
+
+class PodWorker:
+    """Runs one pod's process for as long as the pod exists, restarting it as the kubelet would."""
+
+    def __init__(self, runner: PodRunner, pod: Mapping[str, Any]) -> None:
+        self.runner = runner
+        self.pod = pod
+        self.namespace = pod["metadata"]["namespace"]
+        self.name = pod["metadata"]["name"]
+        self.uid = pod["metadata"]["uid"]
+        self.ip = runner.allocate_ip()
+        self.dir = runner.workdir / self.namespace / f"{self.name}-{self.uid[:8]}"
+        self.log_path = self.dir / "container.log"
+        self.stopping = threading.Event()
+        self.child: processes.Child | None = None
+        self.ready = False
+        self.restarts = 0
+        self.error: str | None = None
+        # The process is forked from this thread, so its parent-death signal lives as long as it.
+        self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+
+    def _prepare(self) -> pod_specs.LocalPlan:
+        plan = pod_specs.plan(
+            self.pod,
+            self.ip,
+            self.runner.venv_bin,
+            self.dir,
+            self.runner.workdir / "claims",
+            self.runner.lookup,
+            os.environ,
+        )
+        for volume in plan.volumes:
+            volume.local.mkdir(parents=True, exist_ok=True)
+            if volume.source in ("secret", "configMap"):
+                data = self.runner.lookup(
+                    "Secret" if volume.source == "secret" else "ConfigMap", self.namespace, volume.source_name
+                )
+                paths = {i["key"]: i["path"] for i in volume.items} if volume.items else {k: k for k in data}
+                for key, rel in paths.items():
+                    (volume.local / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (volume.local / rel).write_text(data[key])
+        if plan.program == pod_specs.OPERATOR:
+            plan.env["KUBECONFIG"] = str(self._service_account_kubeconfig())
+        return plan
+
+    def _service_account_kubeconfig(self) -> Path:
+        account = self.pod["spec"].get("serviceAccountName") or "default"
+        # Bound to the pod, as a projected token would be: it dies with the pod.
+        request = kubernetes.client.AuthenticationV1TokenRequest(
+            spec=kubernetes.client.V1TokenRequestSpec(
+                audiences=[],
+                expiration_seconds=24 * 3600,
+                bound_object_ref=kubernetes.client.V1BoundObjectReference(
+                    kind="Pod", api_version="v1", name=self.name, uid=self.uid
+                ),
+            )
+        )
+        answer = self.runner.api.create_namespaced_service_account_token(account, self.namespace, request)
+        if answer.status is None or not answer.status.token:
+            raise RuntimeError(
+                f"TokenRequest for ServiceAccount {self.namespace}/{account} returned no token"
+            )
+        token = answer.status.token
+        return kubeconfigs.write(
+            self.dir / "serviceaccount.kubeconfig", self.runner.endpoint, kubeconfigs.token_user(token)
+        )
+
+    def _run(self) -> None:
+        try:
+            plan = self._prepare()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._patch_status(phase="Pending", ready=False, message=self.error)
+            return
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        started = _now()
+        while not self.stopping.is_set():
+            self.child = processes.Child(self.name, plan.argv, self.log_path, env=plan.env, cwd=self.dir)
+            self.ready = False
+            self._patch_status(phase="Running", ready=False, started=started)
+            while not self.stopping.wait(0.5) and self.child.alive():
+                ready = plan.readiness is None or self._probe(*plan.readiness)
+                if ready != self.ready:
+                    self.ready = ready
+                    self._patch_status(phase="Running", ready=ready, started=started)
+            if self.stopping.is_set():
+                break
+            code = self.child.popen.returncode
+            if policy == "Never" or (policy == "OnFailure" and code == 0):
+                self._patch_status(phase="Succeeded" if code == 0 else "Failed", ready=False, exit_code=code)
+                return
+            self.restarts += 1
+            self._patch_status(phase="Running", ready=False, started=started, exit_code=code)
+            self.stopping.wait(min(2.0**self.restarts, 10.0))  # the kubelet's crash-loop backoff, shortened
+        grace = min(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)), 30.0)
+        if self.child is not None:
+            self.child.stop(grace=grace)
+
+    def _probe(self, path: str, port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.ip}:{port}{path}", timeout=2) as resp:
+                return 200 <= resp.status < 400
+        except OSError:
+            return False
+
+    def _patch_status(
+        self,
+        phase: str,
+        ready: bool,
+        started: str | None = None,
+        exit_code: int | None = None,
+        message: str = "",
+    ) -> None:
+        now = _now()
+        flag = "True" if ready else "False"
+        state: dict[str, Any] = {"running": {"startedAt": started or now}} if phase == "Running" else {}
+        if phase in ("Succeeded", "Failed"):
+            state = {"terminated": {"exitCode": exit_code or 0, "finishedAt": now}}
+        container = self.pod["spec"]["containers"][0]
+        status: dict[str, Any] = {
+            "phase": phase,
+            "hostIP": "127.0.0.1",
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": started or now,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": flag, "lastTransitionTime": now},
+                {"type": "Ready", "status": flag, "lastTransitionTime": now, "message": message},
+            ],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "ready": ready,
+                    "started": phase == "Running",
+                    "restartCount": self.restarts,
+                    "state": state,
+                    **(
+                        {"lastState": {"terminated": {"exitCode": exit_code}}}
+                        if exit_code is not None
+                        else {}
+                    ),
+                }
+            ],
+        }
+        with contextlib.suppress(kubernetes.client.ApiException):  # 404: the pod is already gone
+            self.runner.api.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})

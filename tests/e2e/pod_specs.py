@@ -1,0 +1,216 @@
+"""Turn a Pod object into a local process plan: the kubelet's job, minus containers.
+
+Pure functions on plain dicts (the API's camelCase JSON). A pod's program is chosen by what it is
+(trainer pods carry the `lorafleet.io/pool` label; the operator's container runs
+`lorafleet-operator`), its command and args are kept, listen-on-all addresses become the pod's own
+loopback address, volume mount paths are mapped to local directories, and `env` is resolved the
+way the kubelet would (values, field refs, Secret and ConfigMap keys).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POOL_LABEL = "lorafleet.io/pool"
+TRAINER = "lorafleet-trainer"
+OPERATOR = "lorafleet-operator"
+ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
+# Host variables a container would not see but a local Python process needs to find its caches.
+PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME")
+
+Pod = Mapping[str, Any]
+# (kind, namespace, name) -> the object's decoded `data` (Secret values already base64-decoded).
+Lookup = Callable[[str, str, str], Mapping[str, str]]
+
+
+class PodSpecError(ValueError):
+    """The pod asks for something the local runner cannot provide; the message names the field."""
+
+
+@dataclass
+class Volume:
+    """A volume mount path and the local directory that stands in for it."""
+
+    mount_path: str
+    local: Path
+    source: str  # secret | configMap | persistentVolumeClaim | emptyDir | other
+    source_name: str = ""
+    items: list[Mapping[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class LocalPlan:
+    """Everything needed to run one pod as a local process."""
+
+    program: str
+    argv: list[str]
+    env: dict[str, str]
+    volumes: list[Volume]
+    readiness: tuple[str, int] | None  # (path, port) of an httpGet readiness probe
+    container: str
+
+
+def program_of(pod: Pod) -> str | None:
+    """Which LoraFleet program runs this pod, or None for pods the runner leaves alone."""
+    if POOL_LABEL in (pod["metadata"].get("labels") or {}):
+        return TRAINER
+    for container in pod["spec"].get("containers", []):
+        words = [*(container.get("command") or []), *(container.get("args") or [])]
+        if any(os.path.basename(w) == OPERATOR for w in words[:2]):
+            return OPERATOR
+    return None
+
+
+def _main_container(pod: Pod, program: str) -> Mapping[str, Any]:
+    containers = pod["spec"].get("containers") or []
+    if not containers:
+        raise PodSpecError("spec.containers is empty")
+    for container in containers:
+        words = [*(container.get("command") or []), *(container.get("args") or [])]
+        if any(os.path.basename(w) == program for w in words[:2]):
+            return container
+    return containers[0]
+
+
+def _volumes(pod: Pod, container: Mapping[str, Any], pod_dir: Path, claims_dir: Path) -> list[Volume]:
+    by_name = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    result = []
+    for mount in container.get("volumeMounts") or []:
+        volume = by_name.get(mount["name"])
+        if volume is None:
+            raise PodSpecError(f"volumeMounts[{mount['name']}]: no volume of that name in spec.volumes")
+        if "secret" in volume:
+            local, source = pod_dir / "volumes" / mount["name"], "secret"
+            source_name, items = volume["secret"]["secretName"], volume["secret"].get("items") or []
+        elif "configMap" in volume:
+            local, source = pod_dir / "volumes" / mount["name"], "configMap"
+            source_name, items = volume["configMap"]["name"], volume["configMap"].get("items") or []
+        elif "persistentVolumeClaim" in volume:
+            # One directory per claim, shared by every pod that mounts it, like a ReadWriteMany volume.
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            local, source, source_name, items = claims_dir / claim, "persistentVolumeClaim", claim, []
+        else:
+            source = "emptyDir" if "emptyDir" in volume else "other"
+            local, source_name, items = pod_dir / "volumes" / mount["name"], "", []
+        if mount.get("subPath"):
+            local = local / mount["subPath"]
+        result.append(Volume(mount["mountPath"].rstrip("/") or "/", local, source, source_name, items))
+    # Longest mount path first, so /data/cache maps before /data.
+    return sorted(result, key=lambda v: len(v.mount_path), reverse=True)
+
+
+def map_path(value: str, volumes: list[Volume]) -> str:
+    """Rewrite a container path (or `--flag=path`) under a mount to the local directory."""
+    if value.startswith("-") and "=" in value:
+        flag, rest = value.split("=", 1)
+        return f"{flag}={map_path(rest, volumes)}"
+    for volume in volumes:
+        if value == volume.mount_path or value.startswith(volume.mount_path + "/"):
+            return str(volume.local) + value[len(volume.mount_path) :]
+    return value
+
+
+def _localize(value: str, volumes: list[Volume], ip: str) -> str:
+    if value in ANY_ADDRESS:
+        return ip
+    if value.startswith("-") and "=" in value and value.split("=", 1)[1] in ANY_ADDRESS:
+        return value.split("=", 1)[0] + "=" + ip
+    return map_path(value, volumes)
+
+
+def _field_ref(pod: Pod, path: str, ip: str) -> str:
+    meta, spec = pod["metadata"], pod["spec"]
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", ""),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName") or "localhost",
+        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
+        "status.podIP": ip,
+        "status.hostIP": "127.0.0.1",
+    }
+    if path in simple:
+        return str(simple[path])
+    for prefix, source in (("metadata.labels", "labels"), ("metadata.annotations", "annotations")):
+        if path.startswith(prefix + "['") and path.endswith("']"):
+            return str((meta.get(source) or {}).get(path[len(prefix) + 2 : -2], ""))
+    raise PodSpecError(f"env valueFrom.fieldRef.fieldPath {path!r} is not supported by the local runner")
+
+
+def _env(pod: Pod, container: Mapping[str, Any], ip: str, lookup: Lookup) -> dict[str, str]:
+    namespace = pod["metadata"]["namespace"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        for kind, key in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+            if key in source:
+                data = lookup(kind, namespace, source[key]["name"])
+                env.update({prefix + k: v for k, v in data.items()})
+    for item in container.get("env") or []:
+        if "value" in item or "valueFrom" not in item:
+            env[item["name"]] = str(item.get("value", ""))
+            continue
+        ref = item["valueFrom"]
+        if "fieldRef" in ref:
+            env[item["name"]] = _field_ref(pod, ref["fieldRef"]["fieldPath"], ip)
+        elif "secretKeyRef" in ref or "configMapKeyRef" in ref:
+            kind, key = (
+                ("Secret", "secretKeyRef") if "secretKeyRef" in ref else ("ConfigMap", "configMapKeyRef")
+            )
+            data = lookup(kind, namespace, ref[key]["name"])
+            if ref[key]["key"] not in data and not ref[key].get("optional"):
+                raise PodSpecError(
+                    f"env {item['name']}: {kind} {ref[key]['name']} has no key {ref[key]['key']!r}"
+                )
+            env[item["name"]] = data.get(ref[key]["key"], "")
+        else:
+            env[item["name"]] = ""  # resourceFieldRef: limits mean nothing to a local process
+    return env
+
+
+def _readiness(container: Mapping[str, Any]) -> tuple[str, int] | None:
+    http_get = (container.get("readinessProbe") or {}).get("httpGet")
+    if not http_get:
+        return None
+    port = http_get["port"]
+    if isinstance(port, str) and not port.isdigit():
+        named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        if port not in named:
+            raise PodSpecError(f"readinessProbe.httpGet.port {port!r} names no container port")
+        port = named[port]
+    return str(http_get.get("path", "/")), int(port)
+
+
+def plan(
+    pod: Pod,
+    ip: str,
+    venv_bin: Path,
+    pod_dir: Path,
+    claims_dir: Path,
+    lookup: Lookup,
+    host_env: Mapping[str, str],
+) -> LocalPlan:
+    """The local process for a pod that program_of() recognises."""
+    program = program_of(pod)
+    if program is None:
+        raise PodSpecError(
+            "the pod runs no LoraFleet program (no lorafleet.io/pool label, no lorafleet-operator)"
+        )
+    container = _main_container(pod, program)
+    volumes = _volumes(pod, container, pod_dir, claims_dir)
+    words = [*(container.get("command") or []), *(container.get("args") or [])]
+    # The image's entrypoint is the program; a command naming it is replaced by the venv's script.
+    if words and os.path.basename(words[0]) == program:
+        words = words[1:]
+    argv = [str(venv_bin / program), *(_localize(w, volumes, ip) for w in words)]
+    if program == TRAINER and not any(w == "--host" or w.startswith("--host=") for w in argv):
+        argv += ["--host", ip]
+    resolved = _env(pod, container, ip, lookup)
+    env = {k: v for k, v in host_env.items() if k in PASSTHROUGH_ENV}
+    env["PATH"] = f"{venv_bin}{os.pathsep}{host_env.get('PATH', '/usr/bin:/bin')}"
+    env.update({k: _localize(v, volumes, ip) for k, v in resolved.items()})
+    return LocalPlan(program, argv, env, volumes, _readiness(container), str(container.get("name", "")))

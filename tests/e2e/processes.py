@@ -1,0 +1,116 @@
+"""Child processes of the e2e scaffolding: started with a log file, stopped for sure.
+
+Every server the scaffolding starts (etcd, the API server, trainers, the operator) runs in its own
+process group with a parent-death signal, so a test run that is killed does not leave servers
+behind on a shared machine; stop() sends SIGTERM to the group and SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. The signal fires when the *thread* that forked
+    # exits, so callers start long-lived children from threads that live as long as they do.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """One running server process and the file its output goes to."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after grace seconds; return the exit code."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=grace)
+        return self.popen.returncode
+
+    def __repr__(self) -> str:
+        return f"Child({self.name!r}, pid={self.popen.pid}, alive={self.alive()})"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the kernel picks it; the race is harmless here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    what: str, check: Callable[[], object], timeout: float, interval: float = 0.2, child: Child | None = None
+) -> None:
+    """Poll check() until it is truthy; fail naming what was awaited (and the child's log tail)."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(
+                f"{child.name} exited ({child.popen.returncode}) while waiting for {what}:\n"
+                + child.log_tail()
+            )
+        try:
+            if check():
+                return
+        except Exception as exc:  # a server that is still starting refuses or errors
+            last_error = exc
+        time.sleep(interval)
+    tail = f"\n{child.name} log:\n{child.log_tail()}" if child is not None else ""
+    raise TimeoutError(
+        f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r}){tail}"
+    )
