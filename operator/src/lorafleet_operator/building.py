@@ -1,0 +1,221 @@
+"""Pure builders of the Kubernetes objects a TrainerPool owns: its trainer pods and headless Service.
+
+``build_pod(pool, ordinal, settings)`` returns a plain dict and does no I/O, so every property the
+pods must have (GPU request, probes, auth Secret, storage, the "restricted" Pod Security Standard)
+is checked by dict asserts in unit tests, and the same dict is what the API server receives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet_operator import names
+from lorafleet_operator.pools import Pool
+from lorafleet_operator.settings import OperatorSettings
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# The trainer image runs as this unprivileged user; fsGroup makes the volumes writable for it.
+RUN_AS_USER = 10001
+MODEL_CACHE = "/var/cache/lorafleet"
+
+
+def labels(pool: Pool, ordinal: int | None = None) -> dict[str, str]:
+    """Labels of a pool's objects; pods also carry their ordinal."""
+    result = {
+        names.POOL_LABEL: pool.name,
+        "app.kubernetes.io/name": "lorafleet-trainer",
+        "app.kubernetes.io/instance": pool.name,
+        "app.kubernetes.io/managed-by": names.MANAGED_BY,
+    }
+    if ordinal is not None:
+        result[names.ORDINAL_LABEL] = str(ordinal)
+    return result
+
+
+def owner_reference(pool: Pool) -> dict[str, Any]:
+    """Makes the pool the controller of the object, so Kubernetes garbage-collects it with the pool."""
+    ref: dict[str, Any] = {
+        "apiVersion": names.API_VERSION,
+        "kind": names.POOL_KIND,
+        "name": pool.name,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    if pool.uid:
+        ref["uid"] = pool.uid
+    return ref
+
+
+def trainer_args(pool: Pool, settings: OperatorSettings) -> list[str]:
+    """Arguments of ``lorafleet-trainer`` (flags of trainer/src/lorafleet_trainer/cli.py)."""
+    args = [
+        "serve",
+        "--base-model",
+        pool.spec.base_model,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(settings.trainer_port),
+        "--storage",
+        settings.storage_path,
+        "--cache-capacity",
+        str(pool.spec.cache_capacity_bytes()),
+    ]
+    if pool.spec.auth_secret_ref is not None:
+        args += ["--auth-token-file", names.AUTH_FILE]
+    return args
+
+
+def _resources(pool: Pool) -> dict[str, Any]:
+    requests = dict(pool.spec.resources.requests)
+    limits = dict(pool.spec.resources.limits)
+    if pool.spec.gpu:
+        # Extended resources must be equal in requests and limits; one GPU per pod by design.
+        requests[GPU_RESOURCE] = 1
+        limits[GPU_RESOURCE] = 1
+    result: dict[str, Any] = {}
+    if requests:
+        result["requests"] = requests
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def _env(pool: Pool) -> list[dict[str, Any]]:
+    def field_ref(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    return [
+        {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
+        {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cuda" if pool.spec.gpu else "cpu"},
+        {"name": "LORAFLEET_TRAINER_GPU_RESIDENCY", "value": pool.spec.gpu_residency},
+        # The root filesystem is read-only: every cache and scratch path points at an emptyDir.
+        {"name": "HF_HOME", "value": f"{MODEL_CACHE}/hf"},
+        {"name": "XDG_CACHE_HOME", "value": MODEL_CACHE},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+
+
+def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    claim = pool.spec.storage.persistent_volume_claim
+    adapters: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": claim.claim_name}} if claim else {"emptyDir": {}}
+    )
+    volumes = [
+        {"name": "adapters", **adapters},
+        {"name": "model-cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "adapters", "mountPath": settings.storage_path},
+        {"name": "model-cache", "mountPath": MODEL_CACHE},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    secret = pool.spec.auth_secret_ref
+    if secret is not None:
+        volumes.append(
+            {
+                "name": "auth",
+                "secret": {
+                    "secretName": secret.name,
+                    "items": [{"key": secret.key, "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "auth", "mountPath": names.AUTH_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def build_pod(pool: Pool, ordinal: int, settings: OperatorSettings) -> dict[str, Any]:
+    """The trainer pod ``<pool>-<ordinal>`` of ``pool``."""
+    name = names.pod_name(pool.name, ordinal)
+    volumes, mounts = _volumes(pool, settings)
+    container: dict[str, Any] = {
+        "name": names.CONTAINER,
+        "image": pool.spec.image or settings.trainer_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["lorafleet-trainer"],
+        "args": trainer_args(pool, settings),
+        "env": _env(pool),
+        "ports": [{"name": "http", "containerPort": settings.trainer_port, "protocol": "TCP"}],
+        # Loading a large base model can take minutes: the startup probe covers it (up to 20 min),
+        # so liveness only judges a trainer that has started.
+        "startupProbe": _probe("/healthz", 10, 120),
+        "livenessProbe": _probe("/healthz", 10, 3),
+        "readinessProbe": _probe("/readyz", 5, 3),
+        "resources": _resources(pool),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    spec: dict[str, Any] = {
+        "hostname": name,
+        "subdomain": pool.name,  # with the headless Service: <pod>.<pool>.<ns>.svc resolves
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if pool.spec.node_selector:
+        spec["nodeSelector"] = dict(pool.spec.node_selector)
+    if pool.spec.tolerations:
+        spec["tolerations"] = [dict(t) for t in pool.spec.tolerations]
+    if pool.spec.affinity:
+        spec["affinity"] = dict(pool.spec.affinity)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": pool.namespace,
+            "labels": labels(pool, ordinal),
+            "ownerReferences": [owner_reference(pool)],
+        },
+        "spec": spec,
+    }
+
+
+def build_service(pool: Pool, settings: OperatorSettings) -> dict[str, Any]:
+    """The pool's headless Service: stable DNS names for its pods, Ready or not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": pool.name,
+            "namespace": pool.namespace,
+            "labels": labels(pool),
+            "ownerReferences": [owner_reference(pool)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {names.POOL_LABEL: pool.name},
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "http", "port": settings.trainer_port, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }

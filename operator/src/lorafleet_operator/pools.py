@@ -1,0 +1,83 @@
+"""The TrainerPool spec as a typed model, parsed from a custom resource body.
+
+The CRD schema already enforced types and bounds on the way in; parsing again here gives the
+builders typed attributes and applies the same defaults when an object was stored before a field
+existed (so the operator never trusts that the API server filled every default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorafleet_operator import quantities
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+class Resources(_Spec):
+    requests: dict[str, str | int] = Field(default_factory=dict)
+    limits: dict[str, str | int] = Field(default_factory=dict)
+
+
+class Cache(_Spec):
+    capacity: str = "8Gi"
+
+
+class ClaimRef(_Spec):
+    claim_name: str = Field(alias="claimName", min_length=1)
+
+
+class Storage(_Spec):
+    persistent_volume_claim: ClaimRef | None = Field(None, alias="persistentVolumeClaim")
+
+
+class SecretRef(_Spec):
+    name: str = Field(min_length=1)
+    key: str = "token"
+
+
+class PoolSpec(_Spec):
+    """What a TrainerPool asks for."""
+
+    base_model: str = Field(alias="baseModel", min_length=1)
+    replicas: int = Field(1, ge=0)
+    image: str | None = None
+    gpu: bool = True
+    resources: Resources = Field(default_factory=Resources)
+    cache: Cache = Field(default_factory=Cache)
+    gpu_residency: Literal["offload", "keep"] = Field("offload", alias="gpuResidency")
+    storage: Storage = Field(default_factory=Storage)
+    max_adapters_per_pod: int = Field(64, alias="maxAdaptersPerPod", ge=1)
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    auth_secret_ref: SecretRef | None = Field(None, alias="authSecretRef")
+
+    def cache_capacity_bytes(self) -> int:
+        return quantities.to_bytes(self.cache.capacity, field="spec.cache.capacity")
+
+
+class Pool(_Spec):
+    """A TrainerPool's identity and spec: what the builders need."""
+
+    namespace: str
+    name: str
+    uid: str | None = None
+    generation: int | None = None
+    spec: PoolSpec
+
+
+def parse(body: dict[str, Any]) -> Pool:
+    """Parse a TrainerPool body; raises pydantic.ValidationError naming the bad field."""
+    meta = body.get("metadata", {})
+    return Pool(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid"),
+        generation=meta.get("generation"),
+        spec=PoolSpec.model_validate(body.get("spec") or {}),
+    )

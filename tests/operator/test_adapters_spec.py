@@ -1,0 +1,33 @@
+"""The LoraAdapter spec model and its snake_case init request for the trainer."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lorafleet_operator import adapters
+
+
+def test_init_request_is_snake_case_with_epoch() -> None:
+    spec = adapters.parse_spec(
+        {"spec": {"pool": "demo", "lora": {"rank": 4, "targetModules": ["q_proj"]},
+                  "training": {"learningRate": 1e-4, "teacherTopK": 20}}}
+    )  # fmt: skip
+    assert adapters.init_request(spec, 3) == {
+        "lora": {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj"]},
+        "epoch": 3,
+        "training": {"learning_rate": 1e-4, "teacher_top_k": 20},
+    }
+
+
+def test_defaults_and_no_training_key_when_unset() -> None:
+    spec = adapters.parse_spec({"spec": {"pool": "demo"}})
+    assert spec.deletion_policy == "Retain" and spec.cache.pinned is False
+    assert "training" not in adapters.init_request(spec, 1)
+
+
+def test_bad_spec_names_the_field() -> None:
+    with pytest.raises(ValidationError, match="rank"):
+        adapters.parse_spec({"spec": {"pool": "demo", "lora": {"rank": 0}}})
+    with pytest.raises(ValidationError, match="pool"):
+        adapters.parse_spec({"spec": {}})

@@ -1,0 +1,138 @@
+"""The pure pod and Service builders: what a trainer pod of a pool must look like."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from lorafleet_operator import building, names, pools
+from lorafleet_operator.settings import OperatorSettings
+
+
+def pool_body(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"baseModel": "builtin:tiny", "replicas": 3}
+    base.update(spec)
+    return {"metadata": {"namespace": "team-a", "name": "qwen", "uid": "uid-qwen"}, "spec": base}
+
+
+SETTINGS = OperatorSettings(trainer_image="example/trainer:1", trainer_port=8080)
+
+
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    (only,) = pod["spec"]["containers"]
+    return only
+
+
+def test_pod_identity_labels_and_owner() -> None:
+    pod = building.build_pod(pools.parse(pool_body()), 2, SETTINGS)
+    meta = pod["metadata"]
+    assert meta["name"] == "qwen-2"
+    assert meta["namespace"] == "team-a"
+    assert meta["labels"][names.POOL_LABEL] == "qwen"
+    assert meta["labels"][names.ORDINAL_LABEL] == "2"
+    (owner,) = meta["ownerReferences"]
+    assert owner == {
+        "apiVersion": "lorafleet.io/v1alpha1",
+        "kind": "TrainerPool",
+        "name": "qwen",
+        "uid": "uid-qwen",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert pod["spec"]["subdomain"] == "qwen"
+
+
+def test_gpu_requested_unless_disabled() -> None:
+    gpu = container(building.build_pod(pools.parse(pool_body(resources={"limits": {"memory": "8Gi"}})), 0, SETTINGS))
+    assert gpu["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
+    assert gpu["resources"]["requests"] == {"nvidia.com/gpu": 1}
+    cpu = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
+    assert "nvidia.com/gpu" not in str(cpu["resources"])
+    assert {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cpu"} in cpu["env"]
+
+
+def test_args_probes_and_image() -> None:
+    pool = pools.parse(pool_body(cache={"capacity": "2Gi"}))
+    c = container(building.build_pod(pool, 0, SETTINGS))
+    assert c["image"] == "example/trainer:1"
+    assert c["args"] == [
+        "serve", "--base-model", "builtin:tiny", "--host", "0.0.0.0", "--port", "8080",
+        "--storage", "/var/lib/lorafleet/adapters", "--cache-capacity", str(2 * 2**30),
+    ]  # fmt: skip
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    own_image = container(building.build_pod(pools.parse(pool_body(image="mine:2")), 0, SETTINGS))
+    assert own_image["image"] == "mine:2"
+
+
+def test_auth_secret_mounted_as_file_and_passed_to_trainer() -> None:
+    pool = pools.parse(pool_body(authSecretRef={"name": "trainer-auth"}))
+    pod = building.build_pod(pool, 0, SETTINGS)
+    c = container(pod)
+    assert c["args"][-2:] == ["--auth-token-file", "/etc/lorafleet/auth/token"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["auth"]["secret"]["secretName"] == "trainer-auth"
+    assert volumes["auth"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/lorafleet/auth", "readOnly": True}
+    no_auth = building.build_pod(pools.parse(pool_body()), 0, SETTINGS)
+    assert "--auth-token-file" not in container(no_auth)["args"]
+    assert "auth" not in {v["name"] for v in no_auth["spec"]["volumes"]}
+
+
+def test_storage_pvc_or_empty_dir() -> None:
+    pvc = building.build_pod(
+        pools.parse(pool_body(storage={"persistentVolumeClaim": {"claimName": "adapters"}})), 0, SETTINGS
+    )
+    volumes = {v["name"]: v for v in pvc["spec"]["volumes"]}
+    assert volumes["adapters"] == {"name": "adapters", "persistentVolumeClaim": {"claimName": "adapters"}}
+    mounts = {m["name"]: m["mountPath"] for m in container(pvc)["volumeMounts"]}
+    assert mounts["adapters"] == "/var/lib/lorafleet/adapters"
+    plain = building.build_pod(pools.parse(pool_body()), 0, SETTINGS)
+    assert {v["name"]: v for v in plain["spec"]["volumes"]}["adapters"] == {"name": "adapters", "emptyDir": {}}
+
+
+def test_restricted_pod_security() -> None:
+    pod = building.build_pod(pools.parse(pool_body()), 0, SETTINGS)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(pod)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    # A read-only root needs writable scratch space for the model cache and /tmp.
+    mounts = {m["mountPath"] for m in container(pod)["volumeMounts"]}
+    assert {"/tmp", "/var/cache/lorafleet"} <= mounts
+
+
+def test_scheduling_passthrough() -> None:
+    pool = pools.parse(
+        pool_body(
+            nodeSelector={"gpu": "h100"},
+            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            affinity={"nodeAffinity": {}},
+        )
+    )
+    spec = building.build_pod(pool, 0, SETTINGS)["spec"]
+    assert spec["nodeSelector"] == {"gpu": "h100"}
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert spec["affinity"] == {"nodeAffinity": {}}
+
+
+def test_headless_service() -> None:
+    svc = building.build_service(pools.parse(pool_body()), SETTINGS)
+    assert svc["metadata"]["name"] == "qwen"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {names.POOL_LABEL: "qwen"}
+    assert svc["spec"]["ports"][0]["port"] == 8080
+    assert svc["metadata"]["ownerReferences"][0]["name"] == "qwen"
+
+
+def test_bad_pool_spec_names_the_field() -> None:
+    with pytest.raises(ValidationError, match="gpuResidency"):
+        pools.parse(pool_body(gpuResidency="always"))
+    with pytest.raises(ValueError, match=r"spec\.cache\.capacity"):
+        building.build_pod(pools.parse(pool_body(cache={"capacity": "lots"})), 0, SETTINGS)
