@@ -45,7 +45,8 @@ def test_pod_identity_labels_and_owner() -> None:
 
 
 def test_gpu_requested_unless_disabled() -> None:
-    gpu = container(building.build_pod(pools.parse(pool_body(resources={"limits": {"memory": "8Gi"}})), 0, SETTINGS))
+    limited = pools.parse(pool_body(resources={"limits": {"memory": "8Gi"}}))
+    gpu = container(building.build_pod(limited, 0, SETTINGS))
     assert gpu["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
     assert gpu["resources"]["requests"] == {"nvidia.com/gpu": 1}
     cpu = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
@@ -92,7 +93,8 @@ def test_storage_pvc_or_empty_dir() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container(pvc)["volumeMounts"]}
     assert mounts["adapters"] == "/var/lib/lorafleet/adapters"
     plain = building.build_pod(pools.parse(pool_body()), 0, SETTINGS)
-    assert {v["name"]: v for v in plain["spec"]["volumes"]}["adapters"] == {"name": "adapters", "emptyDir": {}}
+    plain_volumes = {v["name"]: v for v in plain["spec"]["volumes"]}
+    assert plain_volumes["adapters"] == {"name": "adapters", "emptyDir": {}}
 
 
 def test_restricted_pod_security() -> None:

@@ -110,7 +110,8 @@ def test_names_status_subresource_and_columns(kind: str, short: str) -> None:
 def test_lora_is_immutable_by_cel() -> None:
     (version,) = crd("LoraAdapter")["spec"]["versions"]
     lora = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["lora"]
-    assert {"rule": "self == oldSelf", "message": "spec.lora is immutable"} in lora["x-kubernetes-validations"]
+    rule = {"rule": "self == oldSelf", "message": "spec.lora is immutable"}
+    assert rule in lora["x-kubernetes-validations"]
 
 
 def test_feedback_payloads_are_distill_requests() -> None:

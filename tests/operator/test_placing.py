@@ -12,7 +12,9 @@ NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 GRACE = datetime.timedelta(seconds=60)
 
 
-def pod(name: str, *, ready: bool = True, ip: str | None = "10.0.0.1", uid: str = "u1", **status: Any) -> dict[str, Any]:
+def pod(
+    name: str, *, ready: bool = True, ip: str | None = "10.0.0.1", uid: str = "u1", **status: Any
+) -> dict[str, Any]:
     condition = {"type": "Ready", "status": "True" if ready else "False"}
     if "since" in status:
         condition["lastTransitionTime"] = status.pop("since")

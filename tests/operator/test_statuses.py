@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 from lorafleet_operator import placing, statuses
 
@@ -44,11 +45,18 @@ def test_condition_keeps_transition_time_until_status_flips() -> None:
 
 
 def test_unchanged_status_is_not_patched() -> None:
-    status = statuses.compute_pool_status(
-        replicas=1, pods=[view("p-0", True)], adapter_counts={}, cache_bytes={}, generation=1, previous={}, now=T0
-    )
-    again = statuses.compute_pool_status(
-        replicas=1, pods=[view("p-0", True)], adapter_counts={}, cache_bytes={}, generation=1, previous=status, now=T1
-    )
+    def compute(previous: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
+        return statuses.compute_pool_status(
+            replicas=1,
+            pods=[view("p-0", True)],
+            adapter_counts={},
+            cache_bytes={},
+            generation=1,
+            previous=previous,
+            now=now,
+        )
+
+    status = compute({}, T0)
+    again = compute(status, T1)
     assert not statuses.differs(status, again)
     assert statuses.differs(status, {**again, "readyReplicas": 0})

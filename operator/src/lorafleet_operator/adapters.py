@@ -16,19 +16,19 @@ class _Spec(BaseModel):
 
 
 class Lora(_Spec):
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], alias="targetModules")
 
 
 class Training(_Spec):
-    learning_rate: float | None = Field(None, alias="learningRate", gt=0)
-    alpha: float | None = Field(None, ge=0, le=1)
-    is_clip: float | None = Field(None, alias="isClip", gt=0)
-    max_grad_norm: float | None = Field(None, alias="maxGradNorm", gt=0)
-    kl_reg_weight: float | None = Field(None, alias="klRegWeight", ge=0)
-    teacher_top_k: int | None = Field(None, alias="teacherTopK", ge=1)
+    learning_rate: float | None = Field(default=None, alias="learningRate", gt=0)
+    alpha: float | None = Field(default=None, ge=0, le=1)
+    is_clip: float | None = Field(default=None, alias="isClip", gt=0)
+    max_grad_norm: float | None = Field(default=None, alias="maxGradNorm", gt=0)
+    kl_reg_weight: float | None = Field(default=None, alias="klRegWeight", ge=0)
+    teacher_top_k: int | None = Field(default=None, alias="teacherTopK", ge=1)
 
 
 class Cache(_Spec):
@@ -42,7 +42,7 @@ class AdapterSpec(_Spec):
     lora: Lora = Field(default_factory=Lora)
     training: Training = Field(default_factory=Training)
     cache: Cache = Field(default_factory=Cache)
-    deletion_policy: Literal["Retain", "Delete"] = Field("Retain", alias="deletionPolicy")
+    deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
 
 
 def parse_spec(body: dict[str, Any]) -> AdapterSpec:

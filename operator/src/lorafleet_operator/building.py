@@ -103,12 +103,12 @@ def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any
     adapters: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": claim.claim_name}} if claim else {"emptyDir": {}}
     )
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "adapters", **adapters},
         {"name": "model-cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "adapters", "mountPath": settings.storage_path},
         {"name": "model-cache", "mountPath": MODEL_CACHE},
         {"name": "tmp", "mountPath": "/tmp"},

@@ -32,7 +32,7 @@ class ClaimRef(_Spec):
 
 
 class Storage(_Spec):
-    persistent_volume_claim: ClaimRef | None = Field(None, alias="persistentVolumeClaim")
+    persistent_volume_claim: ClaimRef | None = Field(default=None, alias="persistentVolumeClaim")
 
 
 class SecretRef(_Spec):
@@ -44,18 +44,18 @@ class PoolSpec(_Spec):
     """What a TrainerPool asks for."""
 
     base_model: str = Field(alias="baseModel", min_length=1)
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(default=1, ge=0)
     image: str | None = None
     gpu: bool = True
     resources: Resources = Field(default_factory=Resources)
     cache: Cache = Field(default_factory=Cache)
-    gpu_residency: Literal["offload", "keep"] = Field("offload", alias="gpuResidency")
+    gpu_residency: Literal["offload", "keep"] = Field(default="offload", alias="gpuResidency")
     storage: Storage = Field(default_factory=Storage)
-    max_adapters_per_pod: int = Field(64, alias="maxAdaptersPerPod", ge=1)
+    max_adapters_per_pod: int = Field(default=64, alias="maxAdaptersPerPod", ge=1)
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: dict[str, Any] | None = None
-    auth_secret_ref: SecretRef | None = Field(None, alias="authSecretRef")
+    auth_secret_ref: SecretRef | None = Field(default=None, alias="authSecretRef")
 
     def cache_capacity_bytes(self) -> int:
         return quantities.to_bytes(self.cache.capacity, field="spec.cache.capacity")

@@ -21,32 +21,32 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    trainer_image: str = Field("ghcr.io/lorafleet/trainer:0.1.0", min_length=1)
-    trainer_port: int = Field(8080, ge=1, le=65535)
-    storage_path: str = Field("/var/lib/lorafleet/adapters", min_length=1)
+    trainer_image: str = Field(default="ghcr.io/lorafleet/trainer:0.1.0", min_length=1)
+    trainer_port: int = Field(default=8080, ge=1, le=65535)
+    storage_path: str = Field(default="/var/lib/lorafleet/adapters", min_length=1)
     # Comma-separated namespaces to watch; empty means every namespace.
     namespaces: str = ""
     # How long a placed adapter's pod may stay not-Ready before the adapter moves elsewhere.
-    replace_grace_seconds: float = Field(60.0, ge=0)
+    replace_grace_seconds: float = Field(default=60.0, ge=0)
     # How long deletion keeps retrying the cache eviction before releasing the finalizer anyway.
-    eviction_timeout_seconds: float = Field(60.0, ge=0)
+    eviction_timeout_seconds: float = Field(default=60.0, ge=0)
     # Periodic re-check of every pool and adapter (pods can vanish without an event we see).
-    resync_seconds: float = Field(30.0, gt=0)
+    resync_seconds: float = Field(default=30.0, gt=0)
     # First retry delay of a Pending adapter; doubles per retry up to the maximum.
-    pending_backoff_seconds: float = Field(2.0, gt=0)
-    pending_backoff_max_seconds: float = Field(60.0, gt=0)
-    trainer_timeout_seconds: float = Field(10.0, gt=0)
+    pending_backoff_seconds: float = Field(default=2.0, gt=0)
+    pending_backoff_max_seconds: float = Field(default=60.0, gt=0)
+    trainer_timeout_seconds: float = Field(default=10.0, gt=0)
     metrics_host: str = "0.0.0.0"
-    metrics_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(default=8000, ge=0, le=65535)
     # The bearer token for the trainer API; the same token the pools' auth Secrets hold.
     auth_token_file: Path | None = None
     # Chart-wide switch: delete stored weights on delete even for adapters with deletionPolicy Retain.
     delete_stored_weights: bool = False
     # Leader election through a coordination.k8s.io Lease, so one replica acts at a time.
     leader_election: bool = True
-    lease_name: str = Field("lorafleet-operator", min_length=1)
+    lease_name: str = Field(default="lorafleet-operator", min_length=1)
     lease_namespace: str = "default"
-    lease_duration_seconds: float = Field(15.0, gt=0)
+    lease_duration_seconds: float = Field(default=15.0, gt=0)
 
     @property
     def namespace_list(self) -> list[str]:

@@ -87,7 +87,13 @@ def compute_pool_status(
             for p in owned
         ],
         "conditions": set_condition(
-            previous.get("conditions") or [], "Ready", all_ready, reason, message, now=now, generation=generation
+            previous.get("conditions") or [],
+            "Ready",
+            all_ready,
+            reason,
+            message,
+            now=now,
+            generation=generation,
         ),
         "observedGeneration": generation,
     }
