@@ -1,0 +1,161 @@
+"""`helm template` output checked against Kubernetes' own schemas and the project's CRDs.
+
+Built-in kinds are validated strictly (unknown fields fail) against the pinned Kubernetes version's
+OpenAPI schemas from kubernetes-validate; the TrainerPool against the structural schema of
+crds/lorafleet.io_trainerpools.yaml, with unknown fields refused as the API server would prune them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from tests.chart import charting
+
+VALUE_SETS: dict[str, tuple[list[Path], list[str]]] = {
+    "defaults": ([], []),
+    "defaults-with-pool-and-monitoring": ([], ["trainerPool.enabled=true", "prometheus.force=true"]),
+    **{path.name: ([path], []) for path in charting.ci_value_files()},
+}
+
+
+def crd_schema(plural: str) -> dict[str, Any]:
+    crd = yaml.safe_load((charting.ROOT / "crds" / f"lorafleet.io_{plural}.yaml").read_text(encoding="utf-8"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    return closed(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """Refuses fields the structural schema does not declare (the API server would drop them)."""
+    open_ended = "additionalProperties" in schema or schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and not open_ended:
+        schema["additionalProperties"] = False
+    for child in schema.get("properties", {}).values():
+        closed(child)
+    if isinstance(schema.get("items"), dict):
+        closed(schema["items"])
+    return schema
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_objects_validate(name: str) -> None:
+    files, sets = VALUE_SETS[name]
+    docs = charting.render(files, sets, api_versions=[charting.MONITORING_API])
+    assert docs, "the chart rendered nothing"
+    pool_schema = crd_schema("trainerpools")
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith("lorafleet.io/"):
+            assert doc["kind"] == "TrainerPool", where
+            jsonschema.validate(doc, pool_schema)
+        elif doc["apiVersion"] == charting.MONITORING_API:
+            assert doc["kind"] in {"PodMonitor", "ServiceMonitor", "PrometheusRule"}, where
+        else:
+            try:
+                kubernetes_validate.validate(doc, charting.KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                raise AssertionError(f"{where}: {error.message} at {list(error.path)}") from error
+
+
+def test_every_object_is_labelled_and_namespaced_by_the_release() -> None:
+    docs = charting.render([], ["trainerPool.enabled=true", "prometheus.force=true"])
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "lf", doc["metadata"]["name"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        if doc["kind"] not in cluster_scoped:
+            assert doc["metadata"]["namespace"] == "lorafleet", doc["metadata"]["name"]
+
+
+def test_operator_pod_is_restricted_and_probed() -> None:
+    (deployment,) = charting.kinds(charting.render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert pod["serviceAccountName"] == "lf-lorafleet"
+
+
+def test_monitoring_objects_follow_the_api_or_the_force_value() -> None:
+    wanted = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+    absent = {doc["kind"] for doc in charting.render()}
+    detected = {doc["kind"] for doc in charting.render(api_versions=[charting.MONITORING_API])}
+    forced = {doc["kind"] for doc in charting.render(sets=["prometheus.force=true"])}
+    assert not wanted & absent
+    assert wanted <= detected
+    assert wanted <= forced
+
+
+def test_prometheus_rule_carries_the_plain_rules_file() -> None:
+    (rule,) = charting.kinds(charting.render(sets=["prometheus.force=true"]), "PrometheusRule")
+    plain = yaml.safe_load((charting.CHART / "alerts" / "lorafleet.rules.yaml").read_text(encoding="utf-8"))
+    assert rule["spec"] == plain
+    assert len(plain["groups"]) == 2
+
+
+def test_dashboards_ship_as_sidecar_configmaps() -> None:
+    configmaps = charting.kinds(charting.render(), "ConfigMap")
+    shipped = {}
+    for configmap in configmaps:
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((key, text),) = configmap["data"].items()
+        shipped[key] = json.loads(text)
+    files = {
+        f"lorafleet-{path.name}": json.loads(path.read_text(encoding="utf-8"))
+        for path in (charting.CHART / "dashboards").glob("*.json")
+    }
+    assert shipped == files
+    assert {d["title"] for d in shipped.values()} == {"LoraFleet / Trainers", "LoraFleet / Operator"}
+
+
+def test_trainer_pool_from_values_uses_the_generated_token() -> None:
+    docs = charting.render(sets=["trainerPool.enabled=true", "trainerPool.gpu=false"])
+    (pool,) = charting.kinds(docs, "TrainerPool")
+    (secret,) = charting.kinds(docs, "Secret")
+    assert pool["spec"]["authSecretRef"] == {"name": secret["metadata"]["name"], "key": "token"}
+    assert pool["spec"]["gpu"] is False
+    assert pool["spec"]["baseModel"] == "builtin:tiny"
+    assert len(secret["data"]["token"]) >= 48
+    # Kept on uninstall, so trainers that outlive a release keep their token.
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_existing_secret_replaces_the_generated_one() -> None:
+    docs = charting.render(sets=["trainerAuth.existingSecret=mine", "trainerAuth.secretKey=bearer"])
+    assert not charting.kinds(docs, "Secret")
+    (deployment,) = charting.kinds(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "mine"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["LORAFLEET_OPERATOR_AUTH_TOKEN_FILE"] == "/var/run/lorafleet/auth/bearer"
+
+
+def test_network_policy_admits_only_the_operator_clients_and_prometheus() -> None:
+    docs = charting.render(sets=["rbac.namespaces={team-a}"])
+    policies = charting.kinds(docs, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["lorafleet", "team-a"]
+    for policy in policies:
+        assert policy["spec"]["podSelector"]["matchExpressions"] == [
+            {"key": "lorafleet.io/pool", "operator": "Exists"}
+        ]
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+        sources = rule["from"]
+        assert sources[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+        assert sources[0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "lorafleet"}
+        assert {"namespaceSelector": {"matchLabels": {"lorafleet.io/client": "true"}}} in sources
+        assert len(sources) == 4
