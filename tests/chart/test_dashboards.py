@@ -1,0 +1,156 @@
+"""The Grafana dashboards load, filter by datasource/pool/pod, and every PromQL query parses.
+
+There is no Grafana server to import them into here, so each dashboard is checked as Grafana's JSON
+model and its queries go through promtool, the Prometheus parser: the Grafana variables are
+substituted the way Grafana would before a query reaches Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.chart import charting
+
+DASHBOARDS = sorted((charting.CHART / "dashboards").glob("*.json"))
+# Grafana's substitution for an "All" multi-value filter and for $__rate_interval.
+SUBSTITUTIONS = {"$__rate_interval": "1m", "$pool": ".*", "$pod": ".*"}
+DESIGN_METRICS = {
+    f"lorafleet_trainer_{name}"
+    for name in [
+        "cache_entries",
+        "cache_bytes",
+        "cache_capacity_bytes",
+        "cache_hits_total",
+        "cache_misses_total",
+        "cache_evictions_total",
+        "storage_read_bytes_total",
+        "storage_write_bytes_total",
+        "step_duration_seconds",
+        "step_phase_duration_seconds",
+        "steps_total",
+        "tokens_total",
+        "queue_depth",
+        "gpu_memory_allocated_bytes",
+        "gpu_memory_reserved_bytes",
+        "gpu_memory_peak_bytes",
+        "host_pinned_bytes",
+    ]
+} | {
+    f"lorafleet_operator_{name}"
+    for name in [
+        "adapters",
+        "placements_total",
+        "reschedules_total",
+        "evictions_total",
+        "reconcile_duration_seconds",
+        "reconcile_errors_total",
+        "trainer_requests_total",
+    ]
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def substitute(expr: str) -> str:
+    for variable, value in SUBSTITUTIONS.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unsubstituted variable in {expr}"
+    return expr
+
+
+def all_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, PromQL) for every target of every panel."""
+    return [
+        (path.name, panel["title"], target["expr"])
+        for path in DASHBOARDS
+        for panel in load(path)["panels"]
+        for target in panel["targets"]
+    ]
+
+
+def variable_selectors() -> list[str]:
+    """The series selectors inside the filters' label_values(<selector>, <label>) queries."""
+    selectors = []
+    for path in DASHBOARDS:
+        for variable in load(path)["templating"]["list"]:
+            if variable["type"] == "query":
+                match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"])
+                assert match, variable["query"]["query"]
+                selectors.append(match.group(1))
+    return selectors
+
+
+def test_both_dashboards_exist_and_are_fresh() -> None:
+    assert [p.name for p in DASHBOARDS] == ["operator.json", "trainers.json"]
+    done = subprocess.run(
+        [sys.executable, str(charting.ROOT / "scripts" / "render_dashboards.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_model(path: Path) -> None:
+    board = load(path)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["pod"]["multi"] and variables["pod"]["includeAll"]
+    if path.name == "trainers.json":
+        assert variables["pool"]["multi"] and variables["pool"]["includeAll"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert "$pod" in target["expr"], f"{panel['title']} ignores the pod filter"
+            if path.name == "trainers.json":
+                assert "$pool" in target["expr"], f"{panel['title']} ignores the pool filter"
+
+
+def test_every_query_uses_design_metric_names() -> None:
+    used = set()
+    for _, title, expr in all_queries():
+        for name in re.findall(r"\b(lorafleet_\w+?)(?:_bucket|_sum|_count)?\{", expr):
+            assert name in DESIGN_METRICS, f"{title}: {name} is not a DESIGN.md metric"
+            used.add(name)
+    # Every trainer metric of the contract is drawn somewhere (the operator's too).
+    assert used == DESIGN_METRICS, f"not on any panel: {sorted(DESIGN_METRICS - used)}"
+
+
+def test_every_query_parses(tmp_path: Path) -> None:
+    # promtool parses every expression of a rules file; each query becomes a recording rule.
+    exprs = [substitute(expr) for _, _, expr in all_queries()] + variable_selectors()
+    rules = {
+        "groups": [
+            {"name": "dashboards", "rules": [{"record": f"q{i}", "expr": e} for i, e in enumerate(exprs)]}
+        ]
+    }
+    path = tmp_path / "dashboards.rules.yaml"
+    path.write_text(yaml.safe_dump(rules), encoding="utf-8")
+    done = charting.promtool("check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in done.stdout
+
+
+def test_a_broken_query_would_be_caught(tmp_path: Path) -> None:
+    # The parse check above is only worth something if promtool rejects a malformed query.
+    path = tmp_path / "broken.rules.yaml"
+    path.write_text(
+        yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "q", "expr": "sum by (pod (x)"}]}]})
+    )
+    assert charting.promtool("check", "rules", str(path)).returncode != 0
