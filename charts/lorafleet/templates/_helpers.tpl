@@ -78,7 +78,14 @@ app.kubernetes.io/component: operator
 
 {{/*
 Rules on the namespaced objects the operator manages: one list, used by the per-namespace Roles and
-by the ClusterRole of the cluster scope, so both scopes grant exactly the same verbs.
+by the ClusterRole of the cluster scope, so both scopes grant exactly the same verbs. Each verb is
+used by lorafleet_operator/kube.py (the one module that calls the API) or by kopf itself:
+  trainerpools        get: kube.get_pool; list, watch: kopf's watch; patch: kopf's finalizer and progress annotations
+  loraadapters        get: kube.get_adapter; list: kube.list_pool_adapters and kopf; watch, patch: kopf
+  (pools|adapters)/status  patch: kube.patch_pool_status, kube.patch_adapter_status
+  pods                get: kube.get_pod; list: kube.list_pool_pods; watch: kopf; create: kube.create_pod; delete: kube.delete_pod
+  services            create: kube.create_service (the pool's headless Service)
+  events (both APIs)  create: kopf's Events on pools and adapters
 */}}
 {{- define "lorafleet.managedRules" -}}
 - apiGroups: [lorafleet.io]
@@ -86,14 +93,14 @@ by the ClusterRole of the cluster scope, so both scopes grant exactly the same v
   verbs: [get, list, watch, patch]
 - apiGroups: [lorafleet.io]
   resources: [trainerpools/status, loraadapters/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create]
-- apiGroups: [""]
+  verbs: [create]
+- apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
 {{- end }}
