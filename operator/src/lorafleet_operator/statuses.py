@@ -14,6 +14,10 @@ from typing import Any
 from lorafleet_operator.placing import PodView
 
 
+def now_utc() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 def timestamp(now: datetime.datetime) -> str:
     """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
     return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

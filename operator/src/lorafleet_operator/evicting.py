@@ -1,0 +1,94 @@
+"""Deletion of a LoraAdapter: evict its cache entry on the pod that holds it, then let it go.
+
+The finalizer waits for ``DELETE .../cache`` (or, when the adapter's ``deletionPolicy`` or the
+operator setting says so, ``DELETE`` of the stored adapter). When the holding pod is gone, its
+cache went with it and the finalizer is released at once; when the trainer keeps failing, the
+finalizer is released after the eviction timeout. Either way an Event says why, and deleting a
+namespace never hangs on a dead pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from lorafleet_operator import adapters, placing, trainers
+from lorafleet_operator.kube import ApiError
+from lorafleet_operator.runtime import Retry, Runtime, announce
+
+
+async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta) -> None:
+    """Evict the adapter; raises Retry while the trainer fails and the timeout has not passed."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = body.get("status") or {}
+    try:
+        spec = adapters.parse_spec(body)
+        delete_weights = spec.deletion_policy == "Delete" or rt.settings.delete_stored_weights
+        pool = spec.pool
+    except ValidationError:
+        delete_weights, pool = rt.settings.delete_stored_weights, (body.get("spec") or {}).get("pool", "")
+    rt.metrics.set_phase(namespace, name, "Terminating")
+    if status.get("phase") != "Terminating":
+        # Cosmetic: the eviction below is what matters, so a failed status write does not stop it.
+        with contextlib.suppress(ApiError):
+            await rt.kube.patch_adapter_status(namespace, name, {"phase": "Terminating"})
+    target = await _target(rt, namespace, status, pool, delete_weights)
+    if target is None:
+        if status.get("pod"):
+            announce(body, "CacheGone", f"Pod {status['pod']} is gone; its cache went with it")
+        rt.metrics.evictions.labels(outcome="pod_gone").inc()
+        rt.metrics.set_phase(namespace, name, None)
+        return
+    try:
+        if delete_weights:
+            await rt.trainers.delete(target, namespace, name)
+            outcome, message = "deleted", "Deleted the stored adapter and its cache entry"
+        else:
+            evicted = await rt.trainers.evict(target, namespace, name)
+            outcome = "evicted" if evicted else "absent"
+            message = (
+                f"Evicted the cache entry on {status.get('pod')}" if evicted else "No cache entry to evict"
+            )
+    except trainers.TrainerError as exc:
+        timeout = rt.settings.eviction_timeout_seconds
+        if elapsed.total_seconds() >= timeout:
+            announce(
+                body,
+                "EvictionTimedOut",
+                warning=True,
+                message=f"Released after {timeout:g}s without a successful eviction: {exc}",
+            )
+            rt.metrics.evictions.labels(outcome="timeout").inc()
+            rt.metrics.set_phase(namespace, name, None)
+            return
+        remaining = timeout - elapsed.total_seconds()
+        delay = max(0.1, min(rt.settings.pending_backoff_seconds, remaining))
+        raise Retry(f"eviction failed: {exc}", delay=delay) from exc
+    announce(body, "Evicted", message)
+    rt.metrics.evictions.labels(outcome=outcome).inc()
+    rt.metrics.set_phase(namespace, name, None)
+
+
+async def _target(
+    rt: Runtime, namespace: str, status: dict[str, Any], pool: str, delete_weights: bool
+) -> str | None:
+    """The trainer to call: the holding pod while it is the same pod; for deleting stored weights
+    any Ready pod of the pool will do (they share the adapter store)."""
+    held = status.get("pod")
+    if held:
+        pod = await rt.kube.get_pod(namespace, held)
+        if pod is not None:
+            view = placing.view_pod(pod, pool)
+            same = not status.get("podUID") or not view.uid or view.uid == status["podUID"]
+            if same and view.ip and not view.failed:
+                return trainers.endpoint(view.ip, rt.settings.trainer_port)
+    if delete_weights and pool:
+        for pod in await rt.kube.list_pool_pods(namespace, pool):
+            view = placing.view_pod(pod, pool)
+            if view.ready and view.ip:
+                return trainers.endpoint(view.ip, rt.settings.trainer_port)
+    return None

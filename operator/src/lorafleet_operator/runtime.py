@@ -1,0 +1,69 @@
+"""The shared state of one running operator: settings, API clients, metrics, locks and a clock.
+
+Handlers receive it through kopf's memo. The per-pool lock serialises placement decisions within a
+pool, so two adapters created at the same moment cannot both pick the same "least loaded" pod: each
+decision re-reads the placements under the lock and writes its own before releasing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import kopf
+
+from lorafleet_operator import statuses
+from lorafleet_operator.kube import KubeApi
+from lorafleet_operator.metrics import OperatorMetrics
+from lorafleet_operator.placing import PodView
+from lorafleet_operator.settings import OperatorSettings
+from lorafleet_operator.trainers import TrainerClient
+
+
+class Retry(Exception):
+    """The reconcile could not finish yet (no Ready pod, trainer unreachable); try again later."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclasses.dataclass
+class Runtime:
+    settings: OperatorSettings
+    kube: KubeApi
+    trainers: TrainerClient
+    metrics: OperatorMetrics
+    clock: Callable[[], datetime.datetime] = statuses.now_utc
+    _locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
+    # When this operator first saw a pod not Ready (for pods whose Ready condition has no time).
+    _unready: dict[str, datetime.datetime] = dataclasses.field(default_factory=dict)
+
+    def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, pool), asyncio.Lock())
+
+    def unready_since(self, pod: PodView | None) -> datetime.datetime | None:
+        """Remember when ``pod`` was first seen not Ready; forget it once it is Ready again."""
+        if pod is None:
+            return None
+        key = pod.uid or pod.name
+        if pod.ready:
+            self._unready.pop(key, None)
+            return None
+        return self._unready.setdefault(key, self.clock())
+
+    async def close(self) -> None:
+        await self.trainers.close()
+        await self.kube.close()
+
+
+def announce(body: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+    """Post a Kubernetes Event on ``body`` (kopf queues it; it posts plain dict bodies too)."""
+    target = cast(kopf.Body, body)
+    if warning:
+        kopf.warn(target, reason=reason, message=message)
+    else:
+        kopf.info(target, reason=reason, message=message)

@@ -1,0 +1,100 @@
+"""The operator's client of the trainer HTTP API (DESIGN.md, v1): init, state, evict, delete, cache.
+
+One async httpx client shared by all handlers, with the bearer token from the operator's token
+file. Every call is counted in ``lorafleet_operator_trainer_requests_total{route,code}``; a trainer
+that cannot be reached raises ``TrainerUnavailable`` so callers can retry or give up on a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from lorafleet_operator.metrics import OperatorMetrics
+
+
+class TrainerError(Exception):
+    """The trainer answered with an error; ``status`` is its HTTP code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class TrainerUnavailable(TrainerError):
+    """The trainer could not be reached (connection refused, timeout)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+
+
+def endpoint(pod_ip: str, port: int) -> str:
+    """The trainer API base URL of a pod; IPs, so no cluster DNS is needed."""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{port}"
+
+
+class TrainerClient:
+    def __init__(self, metrics: OperatorMetrics, *, token: str | None, timeout: float) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout))
+        self._metrics = metrics
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _call(
+        self, route: str, method: str, url: str, ok: tuple[int, ...], **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            self._metrics.trainer_requests.labels(route=route, code="error").inc()
+            raise TrainerUnavailable(f"{method} {url}: {exc!r}") from exc
+        self._metrics.trainer_requests.labels(route=route, code=str(response.status_code)).inc()
+        if response.status_code not in ok:
+            try:
+                message = str(response.json().get("error", response.text))
+            except ValueError:
+                message = response.text
+            raise TrainerError(response.status_code, f"{method} {url}: {message}")
+        return response
+
+    @staticmethod
+    def _adapter(base: str, namespace: str, name: str) -> str:
+        return f"{base}/v1/adapters/{namespace}/{name}"
+
+    async def init(self, base: str, namespace: str, name: str, body: dict[str, Any]) -> int:
+        """``PUT /v1/adapters/{ns}/{name}``: 201 created or 200 same config; raises on 409/422."""
+        response = await self._call(
+            "init", "PUT", self._adapter(base, namespace, name), (200, 201), json=body
+        )
+        return response.status_code
+
+    async def state(self, base: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """``GET /v1/adapters/{ns}/{name}``, or None when the trainer does not know the adapter."""
+        response = await self._call("state", "GET", self._adapter(base, namespace, name), (200, 404))
+        if response.status_code == 404:
+            return None
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def evict(self, base: str, namespace: str, name: str) -> bool:
+        """``DELETE /v1/adapters/{ns}/{name}/cache``: whether an entry was evicted (idempotent)."""
+        response = await self._call(
+            "evict", "DELETE", self._adapter(base, namespace, name) + "/cache", (200,)
+        )
+        return bool(response.json().get("evicted"))
+
+    async def delete(self, base: str, namespace: str, name: str) -> bool:
+        """``DELETE /v1/adapters/{ns}/{name}``: remove stored weights and the cache entry."""
+        response = await self._call("delete", "DELETE", self._adapter(base, namespace, name), (200, 404))
+        return response.status_code == 200 and bool(response.json().get("deleted"))
+
+    async def cache(self, base: str) -> dict[str, Any]:
+        """``GET /v1/cache``: capacity, used bytes and entries of the pod's cache."""
+        response = await self._call("cache", "GET", f"{base}/v1/cache", (200,))
+        result: dict[str, Any] = response.json()
+        return result
