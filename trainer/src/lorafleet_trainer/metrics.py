@@ -1,0 +1,133 @@
+"""Prometheus metrics of one trainer pod, named ``lorafleet_trainer_<name>_<unit>`` (DESIGN.md).
+
+The service owns what it observes itself (step durations, outcomes, queue depth); the engine's
+own counters and gauges (cache, storage I/O, tokens, GPU memory) are read from ``engine.stats()``
+by a collector at scrape time, so there is one source for each number and no copy to drift.
+Each app gets its own ``CollectorRegistry``: several apps in one process never clash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "lorafleet"
+SUBSYSTEM = "trainer"
+PREFIX = f"{NAMESPACE}_{SUBSYSTEM}_"
+
+CACHE_LABELS = ("hit", "miss")
+PHASES = ("queue", "restore", "compute", "snapshot", "persist")
+OUTCOMES = ("ok", "invalid", "rejected", "cancelled", "unavailable", "error")
+EVICTION_REASONS = ("lru", "explicit", "invalidated", "deleted")
+# From a tiny CPU model's tens of milliseconds to a large model's minutes on one GPU.
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# engine.stats() attribute -> (metric name without prefix, help); counters get `_total` on exposition.
+ENGINE_COUNTERS = {
+    "cache_hits": ("cache_hits", "Distill steps that found the adapter in the CPU cache."),
+    "cache_misses": ("cache_misses", "Distill steps that had to load the adapter from storage."),
+    "storage_read_bytes": ("storage_read_bytes", "Adapter bytes read from the adapter store."),
+    "storage_write_bytes": ("storage_write_bytes", "Adapter bytes written to the adapter store."),
+    "tokens": ("tokens", "Tokens processed by distill steps."),
+}
+ENGINE_GAUGES = {
+    "cache_entries": ("cache_entries", "Adapters held in the CPU cache."),
+    "cache_bytes": ("cache_bytes", "Bytes of LoRA weights and optimizer state in the CPU cache."),
+    "cache_capacity_bytes": ("cache_capacity_bytes", "Capacity of the CPU cache in bytes."),
+    "host_pinned_bytes": ("host_pinned_bytes", "Page-locked host memory held for transfers."),
+    "gpu_memory_allocated_bytes": ("gpu_memory_allocated_bytes", "GPU memory held by tensors (0 on CPU)."),
+    "gpu_memory_reserved_bytes": ("gpu_memory_reserved_bytes", "GPU memory reserved by the allocator."),
+    "gpu_memory_peak_bytes": ("gpu_memory_peak_bytes", "Peak GPU memory held by tensors."),
+}
+
+
+class StatsSource(Protocol):
+    """What the collector needs from the engine: a snapshot of its counters and gauges."""
+
+    def stats(self) -> Any: ...
+
+
+class EngineCollector(Collector):
+    """Reads ``engine.stats()`` once per scrape and exposes it under the trainer's names."""
+
+    def __init__(self, source: StatsSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        # An empty describe keeps registration from calling stats() before the engine exists.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            stats = self._source.stats()
+        except Exception:
+            # One failed read must not take the process metrics down with it.
+            log.exception("engine.stats() failed; engine metrics skipped in this scrape")
+            return
+        for attr, (name, doc) in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=float(getattr(stats, attr)))
+        evictions = CounterMetricFamily(
+            PREFIX + "cache_evictions", "Adapters removed from the CPU cache, by reason.", labels=["reason"]
+        )
+        counts: Mapping[str, int] = getattr(stats, "evictions", {}) or {}
+        for reason in sorted(set(EVICTION_REASONS) | set(counts)):
+            evictions.add_metric([reason], float(counts.get(reason, 0)))
+        yield evictions
+        for attr, (name, doc) in ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(PREFIX + name, doc, value=float(getattr(stats, attr)))
+
+
+class TrainerMetrics:
+    """The registry behind ``/metrics`` and the service-side instruments that feed it."""
+
+    def __init__(self, source: StatsSource, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        common: dict[str, Any] = {"namespace": NAMESPACE, "subsystem": SUBSYSTEM, "registry": self.registry}
+        self.step_duration = Histogram(
+            "step_duration",
+            "Time a distill step ran on the worker (queue wait excluded), by cache hit or miss.",
+            labelnames=["cache"],
+            unit="seconds",
+            buckets=STEP_BUCKETS,
+            **common,
+        )
+        self.step_phase_duration = Histogram(
+            "step_phase_duration",
+            "Time spent in each phase of a distill step (queue, restore, compute, snapshot, persist).",
+            labelnames=["phase"],
+            unit="seconds",
+            buckets=STEP_BUCKETS,
+            **common,
+        )
+        self.steps = Counter("steps", "Distill requests by outcome.", labelnames=["outcome"], **common)
+        self.queue_depth = Gauge("queue_depth", "Writes waiting for the step worker.", **common)
+        self.queue_depth.set_function(lambda: float(queue_depth()))
+        # Create every labelled child up front so each series exists from the first scrape.
+        for label in CACHE_LABELS:
+            self.step_duration.labels(cache=label)
+        for phase in PHASES:
+            self.step_phase_duration.labels(phase=phase)
+        for outcome in OUTCOMES:
+            self.steps.labels(outcome=outcome)
+        self.registry.register(EngineCollector(source))
+        ProcessCollector(registry=self.registry)
+
+    def observe_step(self, cache: str, run_seconds: float, phases_ms: Mapping[str, float]) -> None:
+        """Record one successful step: its run time and every phase the engine timed."""
+        self.step_duration.labels(cache=cache).observe(run_seconds)
+        for phase, ms in phases_ms.items():
+            if phase in PHASES:
+                self.step_phase_duration.labels(phase=phase).observe(max(0.0, ms) / 1000.0)
+        self.steps.labels(outcome="ok").inc()
+
+    def count_outcome(self, outcome: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown step outcome {outcome!r}")
+        self.steps.labels(outcome=outcome).inc()

@@ -1,0 +1,105 @@
+"""The trainer service's one settings object, read from ``LORAFLEET_TRAINER_*`` and CLI flags.
+
+Every ``lorafleet-trainer serve`` flag has an environment variable of the same name (``--max-queue``
+is ``LORAFLEET_TRAINER_MAX_QUEUE``) so a pod spec can set either. Flags win over the environment.
+Invalid values stop the process before anything loads, with an error naming the flag or the full
+variable that held the bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LORAFLEET_TRAINER_"
+
+# Kubernetes quantity suffixes, so `cache.capacity: 48Gi` from a TrainerPool passes through as is.
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?\s*$")
+_SUFFIX_BYTES = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+}
+
+
+def parse_bytes(value: Any) -> int:
+    """Bytes from an integer or a Kubernetes quantity string such as ``48Gi`` or ``500M``."""
+    if isinstance(value, bool):
+        raise ValueError("must be a byte count or a quantity such as 8Gi")
+    if isinstance(value, int):
+        out = value
+    else:
+        match = _QUANTITY.fullmatch(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a byte count or a quantity such as 8Gi")
+        out = int(float(match.group(1)) * _SUFFIX_BYTES[match.group(2)])
+    if out < 0:
+        raise ValueError("must not be negative")
+    return out
+
+
+class TrainerSettings(BaseSettings):
+    """Everything `lorafleet-trainer serve` can be told; field names are the flags' names."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    base_model: str = Field("builtin:tiny", min_length=1, description="HF id, local path or builtin:tiny")
+    host: str = Field("127.0.0.1", min_length=1, description="listen address (0.0.0.0 in a pod)")
+    port: int = Field(8080, ge=0, le=65535, description="listen port (0 picks a free one)")
+    storage: Path = Field(Path("/var/lib/lorafleet/adapters"), description="adapter store root")
+    model_cache_dir: Path | None = Field(None, description="where models are cached (default: HF_HOME)")
+    cache_capacity: int = Field(8 * 2**30, description="CPU adapter cache bytes, e.g. 48Gi")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_residency: Literal["offload", "keep"] = "offload"
+    max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body, e.g. 16Mi")
+    auth_token_file: Path | None = Field(None, description="file holding the bearer token for /v1")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    shutdown_timeout: float = Field(
+        120.0, gt=0, description="seconds SIGTERM waits for the running step before closing connections"
+    )
+
+    @field_validator("cache_capacity", "max_body_bytes", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+
+class SettingsError(Exception):
+    """A setting was invalid; the message names the flag or environment variable."""
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load(cli: Mapping[str, Any] | None = None, env_file: Path | None = None) -> TrainerSettings:
+    """Settings from the environment, overridden by ``cli`` (field -> value, only flags given)."""
+    cli = dict(cli or {})
+    try:
+        return TrainerSettings(_env_file=env_file, **cli)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            source = flag_name(field) if field in cli else env_name(field)
+            problems.append(f"{source}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
