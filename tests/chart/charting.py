@@ -7,6 +7,7 @@ version the project targets, and returns the manifests as parsed documents.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,3 +79,20 @@ def ci_value_files() -> list[Path]:
 
 def kinds(docs: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc.get("kind") == kind]
+
+
+# What Grafana puts in place of its variables before a query reaches Prometheus ("All" filters).
+DASHBOARD_SUBSTITUTIONS = {"$__rate_interval": "1m", "$pool": ".*", "$pod": ".*"}
+
+
+def dashboard(name: str) -> dict[str, Any]:
+    return dict(json.loads((CHART / "dashboards" / name).read_text(encoding="utf-8")))
+
+
+def substitute(expr: str) -> str:
+    """A panel's PromQL as Prometheus receives it from Grafana."""
+    for variable, value in DASHBOARD_SUBSTITUTIONS.items():
+        expr = expr.replace(variable, value)
+    if "$" in expr:
+        raise AssertionError(f"unsubstituted variable in {expr}")
+    return expr

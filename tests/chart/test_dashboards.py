@@ -7,7 +7,6 @@ substituted the way Grafana would before a query reaches Prometheus.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -19,8 +18,6 @@ import yaml
 from tests.chart import charting
 
 DASHBOARDS = sorted((charting.CHART / "dashboards").glob("*.json"))
-# Grafana's substitution for an "All" multi-value filter and for $__rate_interval.
-SUBSTITUTIONS = {"$__rate_interval": "1m", "$pool": ".*", "$pod": ".*"}
 DESIGN_METRICS = {
     f"lorafleet_trainer_{name}"
     for name in [
@@ -57,14 +54,7 @@ DESIGN_METRICS = {
 
 
 def load(path: Path) -> dict[str, Any]:
-    return dict(json.loads(path.read_text(encoding="utf-8")))
-
-
-def substitute(expr: str) -> str:
-    for variable, value in SUBSTITUTIONS.items():
-        expr = expr.replace(variable, value)
-    assert "$" not in expr, f"unsubstituted variable in {expr}"
-    return expr
+    return charting.dashboard(path.name)
 
 
 def all_queries() -> list[tuple[str, str, str]]:
@@ -134,7 +124,7 @@ def test_every_query_uses_design_metric_names() -> None:
 
 def test_every_query_parses(tmp_path: Path) -> None:
     # promtool parses every expression of a rules file; each query becomes a recording rule.
-    exprs = [substitute(expr) for _, _, expr in all_queries()] + variable_selectors()
+    exprs = [charting.substitute(expr) for _, _, expr in all_queries()] + variable_selectors()
     rules = {
         "groups": [
             {"name": "dashboards", "rules": [{"record": f"q{i}", "expr": e} for i, e in enumerate(exprs)]}

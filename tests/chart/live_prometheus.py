@@ -1,0 +1,110 @@
+"""A real Prometheus (the Debian package) for the chart tests: static targets plus the alert rules.
+
+Each target gets the labels the chart's PodMonitor/ServiceMonitor relabelings would give it in a
+cluster (`job`, `namespace`, `pod`, `pool`, `gpu_residency`), so the dashboards' filters and the
+alerts' label matchers see the same series shape here as in production. It scrapes and evaluates
+rules every second, listens on 127.0.0.1 only and keeps its data in the test's own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tests.e2e import processes
+
+INTERVAL = "1s"
+
+
+class LivePrometheus:
+    """One Prometheus process: start() it with scrape jobs, query() it, stop() it."""
+
+    def __init__(self, workdir: Path, rule_files: Sequence[Path] = ()) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError(
+                "prometheus is not installed: run `make system-deps` (Debian package prometheus)"
+            )
+        self.binary = binary
+        self.workdir = workdir
+        self.rule_files = [str(path) for path in rule_files]
+        self.port = 0
+        self.child: processes.Child | None = None
+
+    def start(self, jobs: Mapping[str, tuple[str, Mapping[str, str]]], timeout: float = 60) -> LivePrometheus:
+        """jobs: job name -> ("host:port", target labels)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {
+                "scrape_interval": INTERVAL,
+                "scrape_timeout": INTERVAL,
+                "evaluation_interval": INTERVAL,
+            },
+            "rule_files": self.rule_files,
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [address], "labels": dict(labels)}]}
+                for job, (address, labels) in jobs.items()
+            ],
+        }
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.port = processes.free_port()
+        self.child = processes.Child(
+            "prometheus",
+            [
+                self.binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            self.workdir / "prometheus.log",
+        )
+        processes.wait_until(
+            "prometheus /-/ready", lambda: self._get("/-/ready", raw=True), timeout, child=self.child
+        )
+        return self
+
+    def _get(self, path: str, params: Mapping[str, str] | None = None, raw: bool = False) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = reply.read()
+        return body if raw else json.loads(body)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The result of an instant query; a PromQL error raises naming the query."""
+        try:
+            answer = self._get("/api/v1/query", {"query": promql})
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"PromQL {promql!r} was refused: {error.read().decode()}") from error
+        assert answer["status"] == "success", answer
+        return list(answer["data"]["result"])
+
+    def finite_values(self, promql: str) -> list[float]:
+        return [float(v) for v in (s["value"][1] for s in self.query(promql)) if math.isfinite(float(v))]
+
+    def targets_up(self) -> dict[str, bool]:
+        return {s["metric"]["job"]: s["value"][1] == "1" for s in self.query("up")}
+
+    def rules(self) -> list[dict[str, Any]]:
+        """Every loaded rule with its health, last error and last evaluation time."""
+        groups = self._get("/api/v1/rules")["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
+    def log_tail(self) -> str:
+        return self.child.log_tail() if self.child is not None else ""
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
