@@ -1,0 +1,135 @@
+"""The FastAPI application of a trainer pod: routes, error rendering, body limit, lifecycle.
+
+``create_app`` wires one :class:`~lorafleet_trainer.serving.TrainerService` (engine, queue,
+metrics) into one app. Every error leaves as ``{"error": "<field>: <message>"}`` with the status
+of its :class:`TrainerError` subclass, including the framework's own validation and routing
+errors, so clients see a single error shape. The base model loads in the background on startup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from lorafleet_trainer import routes
+from lorafleet_trainer.auth import BearerAuth
+from lorafleet_trainer.configs import TrainingSpec
+from lorafleet_trainer.errors import QueueFull, TrainerError
+from lorafleet_trainer.limiting import BodyLimit
+from lorafleet_trainer.serving import ClientGone, Engine, TrainerService
+from lorafleet_trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+# How long app shutdown waits for a running step once uvicorn has stopped serving.
+_STOP_WAIT_SECONDS = 30.0
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('body', 'samples', 0, 'feedback') -> 'samples[0].feedback'; ('path', 'name') -> 'name'."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in ("body", "path", "query", "header"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def _error(status: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
+    @app.exception_handler(TrainerError)
+    async def trainer_error(_: Request, exc: TrainerError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, QueueFull):
+            headers = {"Retry-After": str(service.queue.retry_after_seconds())}
+        if exc.status_code == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return _error(exc.status_code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "is invalid"}
+        loc = tuple(first.get("loc", ("body",)))
+        if first.get("type") == "json_invalid":
+            loc = ("body",)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        msg = first.get("msg", "is invalid")
+        if loc[0] == "path" and first.get("type") in ("string_pattern_mismatch", "string_too_long"):
+            msg = "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', not at the ends"
+        return _error(422, f"{field_path(loc)}: {msg}{more}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            text = f"path: no route for {request.url.path}; adapters are /v1/adapters/<namespace>/<name>"
+        elif exc.status_code == 405:
+            text = f"method: {request.method} is not allowed on {request.url.path}"
+        else:
+            text = f"request: {exc.detail}"
+        return _error(exc.status_code, text, dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody reads this answer; 499 (nginx's "client closed request") marks it in access logs.
+        return _error(499, f"request: {exc}")
+
+
+def build_engine(settings: TrainerSettings) -> Engine:
+    """The real engine for these settings (imports torch, so only when a server starts)."""
+    from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+
+    config = EngineConfig(
+        base_model=settings.base_model,
+        storage_root=settings.storage,
+        cache_capacity_bytes=settings.cache_capacity,
+        device=settings.device,
+        gpu_residency=settings.gpu_residency,
+        model_cache_dir=settings.model_cache_dir,
+        default_training=TrainingSpec(),
+    )
+    return TrainerEngine(config)
+
+
+def create_app(settings: TrainerSettings, engine: Engine | None = None, token: str | None = None) -> FastAPI:
+    """One trainer app; ``engine`` defaults to the real engine built from ``settings``."""
+    service = TrainerService(
+        engine if engine is not None else build_engine(settings),
+        max_queue=settings.max_queue,
+        default_training=TrainingSpec(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        if not service.stop(_STOP_WAIT_SECONDS):
+            log.warning("the running step did not finish within %.0f s of shutdown", _STOP_WAIT_SECONDS)
+
+    app = FastAPI(
+        title="LoraFleet trainer",
+        version="1",
+        summary="Continual LoRA training by self-distillation, many adapters on one base model.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.auth = BearerAuth(token)
+    _install_error_handlers(app, service)
+    app.include_router(routes.probes)
+    app.include_router(routes.v1)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,101 @@
+"""The ``lorafleet-trainer`` command: ``serve`` runs one trainer pod's HTTP service under uvicorn.
+
+Flags mirror :class:`~lorafleet_trainer.settings.TrainerSettings` one to one; each may instead
+come from its ``LORAFLEET_TRAINER_*`` variable. Bad settings exit with status 2 before the model
+loads. SIGTERM (what Kubernetes sends) stops new work, lets the running step finish, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from lorafleet_trainer import settings as settings_mod
+from lorafleet_trainer.auth import read_token
+from lorafleet_trainer.errors import TrainerError
+from lorafleet_trainer.serving import TrainerService
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: on SIGTERM/SIGINT the step queue closes before connections drain."""
+
+    def __init__(self, config: uvicorn.Config, service: TrainerService) -> None:
+        super().__init__(config)
+        self._service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._service.begin_shutdown_threadsafe()
+        super().handle_exit(sig, frame)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet-trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the trainer HTTP service",
+        description="Every flag can also be set as LORAFLEET_TRAINER_<FLAG> "
+        "(e.g. LORAFLEET_TRAINER_MAX_QUEUE).",
+    )
+    for name, field in settings_mod.TrainerSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or name} (env {settings_mod.env_name(name)}; default {default})"
+        # SUPPRESS: flags not given stay absent, so the environment and the defaults apply.
+        serve.add_argument(settings_mod.flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    args.pop("command")
+    try:
+        config = settings_mod.load(args)
+    except settings_mod.SettingsError as exc:
+        print(f"lorafleet-trainer: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    token = None
+    if config.auth_token_file is not None:
+        source = (
+            "--auth-token-file" if "auth_token_file" in args else settings_mod.env_name("auth_token_file")
+        )
+        try:
+            token = read_token(config.auth_token_file)
+        except ValueError as exc:
+            print(f"lorafleet-trainer: invalid setting: {source}: {exc}", file=sys.stderr)
+            return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from lorafleet_trainer.app import create_app  # after validation: it imports the model stack
+
+    try:
+        app = create_app(config, token=token)
+    except TrainerError as exc:  # e.g. --device cuda on a machine without CUDA
+        source = (
+            settings_mod.flag_name(exc.field) if exc.field in args else settings_mod.env_name(exc.field or "")
+        )
+        print(f"lorafleet-trainer: invalid setting: {source}: {exc.message}", file=sys.stderr)
+        return 2
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(config.shutdown_timeout),
+            lifespan="on",
+        ),
+        app.state.service,
+    )
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The HTTP routes of a trainer pod (DESIGN.md, "Trainer HTTP API"): thin adapters onto the service.
+
+Each handler turns path and body into engine types and calls :mod:`serving`; errors are raised as
+:class:`TrainerError` and rendered once, by the app, as ``{"error": "<field>: <message>"}``.
+Handlers that only read are plain functions, which FastAPI runs in its thread pool, so they answer
+while a step runs on the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lorafleet_trainer import schemas
+from lorafleet_trainer.auth import BearerAuth
+from lorafleet_trainer.errors import NotReady
+from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.serving import TrainerService
+
+# Declared for the OpenAPI schema (securitySchemes); the check itself is BearerAuth's.
+_bearer = HTTPBearer(auto_error=False, description="the token in --auth-token-file")
+
+Namespace = Annotated[str, Path(pattern=schemas.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
+Name = Annotated[str, Path(pattern=schemas.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
+
+
+def service(request: Request) -> TrainerService:
+    svc: TrainerService = request.app.state.service
+    return svc
+
+
+def authorized(request: Request, _: Annotated[Any, Depends(_bearer)]) -> None:
+    auth: BearerAuth = request.app.state.auth
+    auth.check(request.headers.get("authorization"))
+
+
+Service = Annotated[TrainerService, Depends(service)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Error} for code in (401, 404, 409, 413, 422, 429, 503, 507)
+}
+
+probes = APIRouter(tags=["probes"])
+v1 = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(authorized)], responses=_ERRORS)
+
+
+@probes.get("/healthz", response_model=None)
+def healthz(svc: Service) -> dict[str, str] | JSONResponse:
+    """Liveness: the process serves requests and its base model did not fail to load."""
+    if svc.load_error is not None:
+        return JSONResponse({"error": f"base_model: failed to load: {svc.load_error}"}, status_code=500)
+    return {"status": "ok"}
+
+
+@probes.get("/readyz", response_model=None, responses={503: {"model": schemas.Error}})
+def readyz(svc: Service) -> dict[str, str] | JSONResponse:
+    """Readiness: the base model is loaded and the pod is not shutting down."""
+    try:
+        svc.require_ready()
+    except NotReady as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+    return {"status": "ready"}
+
+
+@probes.get("/metrics", response_class=PlainTextResponse)
+def metrics(svc: Service) -> Response:
+    """Prometheus text exposition of this pod's metrics."""
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@v1.put(
+    "/adapters/{namespace}/{name}",
+    response_model=schemas.AdapterState,
+    status_code=200,
+    responses={201: {"model": schemas.AdapterState, "description": "created"}},
+)
+async def init_adapter(
+    namespace: Namespace, name: Name, body: schemas.InitRequest, svc: Service
+) -> JSONResponse:
+    """Create the stored adapter if absent (201), or confirm the same config (200); 409 otherwise."""
+    result = await svc.init(AdapterId(namespace, name), body)
+    state = schemas.AdapterState.model_validate(result.state.to_dict())
+    return JSONResponse(state.model_dump(mode="json"), status_code=201 if result.created else 200)
+
+
+@v1.get("/adapters/{namespace}/{name}", response_model=schemas.AdapterState)
+def get_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.AdapterState:
+    """The adapter's version, epoch, LoRA config and cache residency."""
+    state = svc.engine.get_adapter(AdapterId(namespace, name))
+    return schemas.AdapterState.model_validate(state.to_dict())
+
+
+@v1.post("/adapters/{namespace}/{name}/distill", response_model=schemas.DistillResponse)
+async def distill(
+    namespace: Namespace, name: Name, body: schemas.DistillRequest, request: Request, svc: Service
+) -> schemas.DistillResponse:
+    """One SDPO step on the adapter, in its turn on the worker (429 past the queue bound)."""
+    adapter = AdapterId(namespace, name)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return await svc.distill(adapter, body, disconnected)
+
+
+@v1.delete("/adapters/{namespace}/{name}/cache", response_model=schemas.Evicted)
+async def evict_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Evicted:
+    """Drop the adapter from the CPU cache (idempotent); its stored state stays."""
+    adapter = AdapterId(namespace, name)
+    return schemas.Evicted(evicted=await svc.write(lambda: svc.engine.evict(adapter)))
+
+
+@v1.delete("/adapters/{namespace}/{name}", response_model=schemas.Deleted)
+async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Deleted:
+    """Delete the stored adapter and its cache entry."""
+    adapter = AdapterId(namespace, name)
+    return schemas.Deleted(deleted=await svc.write(lambda: svc.engine.delete(adapter)))
+
+
+@v1.get(
+    "/adapters/{namespace}/{name}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "a PEFT adapter as a zip"}},
+)
+def export_adapter(namespace: Namespace, name: Name, svc: Service) -> Response:
+    """A zip of adapter_config.json and adapter_model.safetensors, loadable by PEFT and vLLM."""
+    adapter = AdapterId(namespace, name)
+    data = svc.engine.export_zip(adapter)
+    filename = f"{adapter.namespace}-{adapter.name}.zip"
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@v1.get("/cache", response_model=schemas.CacheState)
+def cache(svc: Service) -> schemas.CacheState:
+    """The CPU cache: capacity, bytes used, and one entry per cached adapter."""
+    return schemas.CacheState.model_validate(svc.engine.cache_info().to_dict())

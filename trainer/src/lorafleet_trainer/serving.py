@@ -1,0 +1,201 @@
+"""The trainer service: the engine behind one step queue, its readiness, and its step metrics.
+
+Routes stay thin: they parse a request into the engine's types and call this layer. Writes go
+through the single-worker queue so each adapter's writes keep their arrival order; reads go
+straight to the engine from the thread pool so they never wait behind a long step. A distill whose
+client disconnects while it still waits is cancelled: a step either completes or never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar
+
+from lorafleet_trainer import schemas
+from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.errors import (
+    AdapterNotFound,
+    ConfigConflict,
+    InvalidInput,
+    NotReady,
+    QueueFull,
+)
+from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.metrics import TrainerMetrics
+from lorafleet_trainer.queueing import Job, StepQueue
+from lorafleet_trainer.samples import DistillSample, parse_samples
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """The part of ``engine.TrainerEngine`` the service uses (kept structural for unit tests)."""
+
+    @property
+    def ready(self) -> bool: ...
+    def load(self) -> None: ...
+    def init_adapter(
+        self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None
+    ) -> Any: ...
+    def get_adapter(self, adapter: AdapterId) -> Any: ...
+    def distill(
+        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Mapping[str, Any] | None
+    ) -> Any: ...
+    def evict(self, adapter: AdapterId) -> bool: ...
+    def delete(self, adapter: AdapterId) -> bool: ...
+    def pin(self, adapter: AdapterId, pinned: bool) -> Any: ...
+    def export_zip(self, adapter: AdapterId) -> bytes: ...
+    def cache_info(self) -> Any: ...
+    def stats(self) -> Any: ...
+
+
+class ClientGone(Exception):
+    """The client disconnected while its step was still waiting; the step was dropped."""
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The ``steps_total{outcome}`` label for a failed distill request."""
+    if isinstance(exc, (InvalidInput, AdapterNotFound, ConfigConflict)):
+        return "invalid"
+    if isinstance(exc, QueueFull):
+        return "rejected"
+    if isinstance(exc, NotReady):
+        return "unavailable"
+    if isinstance(exc, ClientGone):
+        return "cancelled"
+    return "error"
+
+
+class TrainerService:
+    """Owns the engine's lifecycle (background load, graceful stop) and its step queue."""
+
+    def __init__(self, engine: Engine, *, max_queue: int, default_training: TrainingSpec) -> None:
+        self.engine = engine
+        self.default_training = default_training
+        self.queue = StepQueue(max_queue)
+        self.metrics = TrainerMetrics(engine, lambda: self.queue.depth)
+        self.load_error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker and load the base model in the background (``/readyz`` waits for it)."""
+        self._loop = asyncio.get_running_loop()
+        self.queue.start()
+        self._loader.start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.engine.load()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the base model failed")
+            return
+        log.info("base model loaded in %.1f s", time.perf_counter() - started)
+
+    @property
+    def ready(self) -> bool:
+        return self.load_error is None and not self.queue.closed and bool(self.engine.ready)
+
+    def require_ready(self) -> None:
+        if self.load_error is not None:
+            raise NotReady(f"the base model failed to load: {self.load_error}")
+        if self.queue.closed:
+            raise NotReady("the trainer is shutting down; retry on another pod")
+        if not self.engine.ready:
+            raise NotReady("the base model is still loading")
+
+    def begin_shutdown(self) -> None:
+        """Stop taking writes and fail the waiting ones; the running step still completes."""
+        dropped = self.queue.close()
+        log.info("shutting down: %d waiting writes refused; finishing the running step", dropped)
+
+    def begin_shutdown_threadsafe(self) -> None:
+        """The same, callable from a signal handler: it runs on the event loop, not in the handler."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.begin_shutdown)
+        else:
+            self.begin_shutdown()
+
+    def stop(self, timeout: float) -> bool:
+        """Close the queue and wait up to ``timeout`` s for the running step; True when it ended."""
+        self.queue.close()
+        return self.queue.join(timeout)
+
+    # ---- writes (through the queue) ----------------------------------------------------------
+
+    async def write(self, fn: Callable[[], T]) -> T:
+        """Run a control write (init, evict, delete) in its turn; these do not count to the bound."""
+        job = self.queue.submit(fn, bounded=False)
+        return await asyncio.wrap_future(job.future)
+
+    async def init(self, adapter: AdapterId, body: schemas.InitRequest) -> Any:
+        self.require_ready()
+        lora = LoraSpec.from_dict(body.lora.model_dump(), field="lora")
+        training = None
+        if body.training is not None:
+            training = self.default_training.merged(body.training.model_dump(exclude_none=True))
+        pinned = body.cache.pinned if body.cache is not None else None
+
+        def run() -> Any:
+            result = self.engine.init_adapter(adapter, lora, body.epoch, training)
+            if pinned is not None:
+                self.engine.pin(adapter, pinned)
+            return result
+
+        return await self.write(run)
+
+    async def distill(
+        self, adapter: AdapterId, body: schemas.DistillRequest, disconnected: Callable[[], Awaitable[None]]
+    ) -> schemas.DistillResponse:
+        accepted = time.perf_counter()
+        try:
+            self.require_ready()
+            samples = parse_samples([s.model_dump(exclude_none=True) for s in body.samples])
+            training = body.training.model_dump(exclude_none=True) if body.training is not None else None
+            # Checked now so a bad value is refused at once instead of after a wait in the queue.
+            self.default_training.merged(training)
+            job = self.queue.submit(lambda: self.engine.distill(adapter, samples, training))
+            result = await self._wait(job, disconnected)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.metrics.count_outcome(outcome_of(exc))
+            raise
+        cache: Literal["hit", "miss"] = "hit" if result.cache_hit else "miss"
+        phases = {k: float(v) for k, v in dict(result.timing_ms).items()}
+        phases["queue"] = job.queue_seconds * 1000.0
+        self.metrics.observe_step(cache, job.run_seconds, phases)
+        timing = schemas.StepTiming(
+            queue=phases["queue"],
+            restore=phases.get("restore", 0.0),
+            compute=phases.get("compute", 0.0),
+            snapshot=phases.get("snapshot", 0.0),
+            persist=phases.get("persist", 0.0),
+            total=(time.perf_counter() - accepted) * 1000.0,
+        )
+        metrics = {k: float(v) for k, v in dict(result.metrics).items()}
+        return schemas.DistillResponse(version=result.version, cache=cache, metrics=metrics, timing_ms=timing)
+
+    async def _wait(self, job: Job[T], disconnected: Callable[[], Awaitable[None]]) -> T:
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            waiters: list[asyncio.Future[Any]] = [result, gone]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not result.done() and job.future.cancel():
+                raise ClientGone("the client disconnected before its step started")
+            # Already running: let it finish so its outcome is recorded and the state is whole.
+            return await asyncio.shield(result)
+        except asyncio.CancelledError:
+            job.future.cancel()  # succeeds only while the job waits
+            raise
+        finally:
+            gone.cancel()
