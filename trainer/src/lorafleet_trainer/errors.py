@@ -55,3 +55,7 @@ class StorageFull(TrainerError):
     """The adapter store could not persist a step (no space); nothing was committed (HTTP 507)."""
 
     status_code = 507
+
+
+class NonFiniteLoss(InvalidInput):
+    """A step produced a non-finite loss, gradient or weight; nothing was committed (HTTP 422)."""
