@@ -86,6 +86,10 @@ sync-crds:
 	@mkdir -p charts/lorafleet/crds
 	cp crds/*.yaml charts/lorafleet/crds/
 
+# Fails when the chart's copy of the CRDs is stale (tests/chart/test_crds_sync.py checks the same).
+check-crds:
+	diff -r crds charts/lorafleet/crds
+
 e2e-kind:
 	bash scripts/e2e-kind.sh
 

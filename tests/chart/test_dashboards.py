@@ -90,6 +90,19 @@ def test_both_dashboards_exist_and_are_fresh() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_readme_describes_every_panel() -> None:
+    done = subprocess.run(
+        [sys.executable, str(charting.ROOT / "scripts" / "render_dashboards.py"), "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    readme = (charting.ROOT / "README.md").read_text(encoding="utf-8")
+    assert done.stdout.strip() in readme, (
+        "README's panel table is stale: paste `render_dashboards.py --markdown`"
+    )
+
+
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_model(path: Path) -> None:
     board = load(path)
