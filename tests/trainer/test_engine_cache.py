@@ -1,0 +1,151 @@
+"""The engine with its CPU cache: same results as without it, no adapter reads when warm,
+budget/LRU/pin/evict/epoch behaviour through the engine, and consistency under threads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tests.trainer.engine_helpers import max_diff, samples, stored_state
+
+from lorafleet_trainer import storage
+from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.ids import AdapterId
+
+LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+A, B, C = AdapterId("team-a", "alice"), AdapterId("team-a", "bob"), AdapterId("team-b", "carol")
+
+
+def _adapter_bytes(engine: Any, adapter: AdapterId) -> int:
+    d = engine.store.path(adapter)
+    return (d / storage.ADAPTER_WEIGHTS).stat().st_size + (d / storage.OPTIMIZER_STATE).stat().st_size
+
+
+def test_cache_and_no_cache_train_identically(make_engine: Callable[..., Any]) -> None:
+    cached = make_engine(root="cached")
+    uncached = make_engine(capacity=0, root="uncached")
+    for engine in (cached, uncached):
+        for adapter in (A, B):
+            engine.init_adapter(adapter, LORA, 1)
+        # Round-robin so the shared slot swaps between adapters on every step.
+        for step in range(3):
+            for adapter in (A, B):
+                engine.distill(adapter, samples(step))
+    for adapter in (A, B):
+        with_cache = stored_state(cached.store, adapter)
+        without = stored_state(uncached.store, adapter)
+        assert int(with_cache["step"][0]) == 3
+        assert max_diff(with_cache, without) <= 1e-6
+        entry = cached.cache.peek(adapter)
+        assert entry is not None and entry.version == 3
+        assert max_diff(entry.tensors, with_cache) == 0.0  # the entry is exactly what was stored
+        # The weights really moved (B starts at zero), so the comparison is not vacuous.
+        assert any(float(v.abs().max()) > 0 for k, v in with_cache.items() if ".lora_B." in k)
+    assert uncached.stats().cache_hits == 0 and uncached.stats().cache_entries == 0
+    # Entries are keyed by their own adapter: alice's entry is not bob's state.
+    ea, eb = cached.cache.peek(A), cached.cache.peek(B)
+    assert ea is not None and eb is not None and max_diff(ea.tensors, eb.tensors) > 1e-4
+
+
+def test_warm_step_reads_nothing_cold_step_reads_adapter_once(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine()
+    engine.init_adapter(A, LORA, 1)
+    size = _adapter_bytes(engine, A)
+    cold = engine.distill(A, samples(1))
+    assert not cold.cache_hit and cold.storage_read_bytes == size
+    reads = engine.store.read_bytes
+    warm = engine.distill(A, samples(2))
+    assert warm.cache_hit and warm.storage_read_bytes == 0 and engine.store.read_bytes == reads
+    size = _adapter_bytes(engine, A)
+    assert engine.evict(A) is True and engine.evict(A) is False
+    again = engine.distill(A, samples(3))
+    assert not again.cache_hit and again.storage_read_bytes == size
+    stats = engine.stats()
+    assert (stats.cache_hits, stats.cache_misses, stats.evictions["explicit"]) == (1, 2, 1)
+    assert set(again.timing_ms) == {"restore", "compute", "snapshot", "persist"}
+    assert engine.get_adapter(A).to_dict()["cached"] is True
+
+
+def test_budget_lru_pin_and_epoch(make_engine: Callable[..., Any]) -> None:
+    probe = make_engine(root="probe")
+    probe.init_adapter(A, LORA, 1)
+    probe.distill(A, samples(0))
+    one = probe.cache.used_bytes
+    engine = make_engine(capacity=2 * one + one // 2, root="lru")
+    for adapter in (A, B, C):
+        engine.init_adapter(adapter, LORA, 1)
+    engine.distill(A, samples(0))
+    engine.distill(B, samples(0))
+    engine.distill(A, samples(1))  # B is now least recently used
+    engine.distill(C, samples(0))
+    assert engine.cache.lru_order() == [A, C]
+    assert engine.stats().evictions["lru"] == 1
+    assert engine.cache.used_bytes <= engine.cache.capacity_bytes
+
+    engine.pin(A)
+    engine.distill(B, samples(1))  # evicts C, never the pinned A
+    engine.distill(C, samples(1))  # evicts B
+    assert engine.cache.lru_order() == [A, C]
+    assert [e["pinned"] for e in engine.cache_info().to_dict()["entries"]] == [False, True]
+
+    # A newer epoch drops the cached state of older epochs; the next step reads storage.
+    result = engine.init_adapter(C, LORA, 2)
+    assert not result.created and result.state.epoch == 2 and not result.state.cached
+    assert engine.stats().evictions["invalidated"] == 1
+    step = engine.distill(C, samples(2))
+    assert not step.cache_hit and step.version == 3
+    assert engine.get_adapter(C).epoch == 2
+    assert engine.stats().cache_bytes <= engine.stats().cache_capacity_bytes
+
+
+def test_threads_keep_cache_and_storage_consistent(make_engine: Callable[..., Any]) -> None:
+    probe = make_engine(root="probe")
+    probe.init_adapter(A, LORA, 1)
+    probe.distill(A, samples(0))
+    engine = make_engine(capacity=2 * probe.cache.used_bytes, root="threads")
+    adapters = [AdapterId("ns", f"a{i}") for i in range(3)]
+    for adapter in adapters:
+        engine.init_adapter(adapter, LORA, 1)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(2):
+                engine.distill(adapters[(i + j) % 3], samples(i * 10 + j, n=1))
+                engine.cache_info()
+                engine.get_adapter(adapters[i % 3])
+            engine.evict(adapters[i % 3])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(engine.get_adapter(a).version for a in adapters) == 8
+    info = engine.cache_info()
+    assert info.used_bytes == sum(e["bytes"] for e in info.entries) <= info.capacity_bytes
+    for adapter in adapters:
+        entry = engine.cache.peek(adapter)
+        if entry is not None:
+            assert entry.version == engine.get_adapter(adapter).version
+            assert max_diff(entry.tensors, stored_state(engine.store, adapter)) == 0.0
+    assert engine.stats().steps_ok == 8
+
+
+def test_snapshot_reuses_the_entry_buffers(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine()
+    engine.init_adapter(A, LORA, 1)
+    engine.distill(A, samples(0))
+    entry = engine.cache.peek(A)
+    assert entry is not None
+    ptrs = {k: t.data_ptr() for k, t in entry.tensors.items()}
+    engine.distill(A, samples(1))
+    again = engine.cache.peek(A)
+    assert again is entry and {k: t.data_ptr() for k, t in again.tensors.items()} == ptrs
+    assert int(again.tensors["step"][0]) == 2 and again.version == 2
+    assert torch.equal(again.tensors["step"], stored_state(engine.store, A)["step"])
