@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -76,6 +78,7 @@ class OperatorSide:
 class Run:
     prometheus: LivePrometheus
     trainer: LiveTrainer
+    operator_url: str
     caches: list[str]
 
 
@@ -120,7 +123,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             lambda: prometheus.finite_values('sum(lorafleet_trainer_steps_total{outcome="ok"})') == [4.0],
         )
         time.sleep(3)  # a few more scrapes, so every rate window holds the whole run
-        yield Run(prometheus, trainer, caches)
+        yield Run(prometheus, trainer, f"http://127.0.0.1:{operator.port}", caches)
     finally:
         prometheus.stop()
         operator.close()
@@ -187,6 +190,43 @@ def test_alert_rules_evaluate_without_error(run: Run) -> None:
     assert run.prometheus.query('lorafleet_trainer_gpu_memory_allocated_bytes{gpu_residency!="keep"}')
     # On a CPU pod allocated GPU memory stays 0: nothing held after steps, so nothing pending.
     assert rules["LoraFleetGPUMemoryNotReleased"]["state"] == "inactive"
+
+
+def hook_script() -> str:
+    (pod,) = charting.kinds(charting.render(sets=["trainerPool.enabled=true"]), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    return str(command[2])
+
+
+def run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", hook_script()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_helm_test_hook_passes_against_live_servers(run: Run) -> None:
+    # The hook's own script, run here against the real operator metrics server and trainer.
+    env = {
+        "OPERATOR_URL": f"{run.operator_url}/healthz",
+        "TRAINER_HOST": "127.0.0.1",
+        "TRAINER_PORT": str(run.trainer.port),
+        "TRAINER_REPLICAS": "1",
+        "TIMEOUT_SECONDS": "20",
+    }
+    done = run_hook(env)
+    assert done.returncode == 0, done.stderr
+    assert f"ok http://127.0.0.1:{run.trainer.port}/readyz" in done.stdout
+    # And it fails, saying what did not answer, when a trainer is missing.
+    done = run_hook({**env, "TRAINER_PORT": "1", "TIMEOUT_SECONDS": "2"})
+    assert done.returncode == 1
+    assert "no 200 from http://127.0.0.1:1/readyz" in done.stderr
 
 
 def test_operator_panels_return_series_for_what_ran(run: Run) -> None:
