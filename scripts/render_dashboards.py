@@ -251,7 +251,6 @@ def variable(name: str, label: str, query: str) -> dict[str, Any]:
         "type": "query",
         "datasource": DATASOURCE,
         "query": {"query": query, "refId": f"{name}-values"},
-        "definition": query,
         "refresh": 2,
         "includeAll": True,
         "multi": True,
@@ -274,7 +273,10 @@ def render_panel(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
         "datasource": DATASOURCE,
         "gridPos": {"x": x, "y": y, "w": panel.width, "h": 8},
         "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
+            "tooltip": {"mode": "multi", "sort": "none"},
+        },
         "targets": [
             {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": q.expr, "legendFormat": q.legend}
             for i, q in enumerate(panel.queries)

@@ -7,6 +7,7 @@ substituted the way Grafana would before a query reaches Prometheus.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,8 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
+from grafana_foundation_sdk.cog import encoder, plugins
+from grafana_foundation_sdk.models import dashboard as dashboard_model
 from tests.chart import charting
 
+# Lets the decoder pick the Prometheus query model for targets whose datasource type is prometheus.
+plugins.register_default_plugins()
 DASHBOARDS = sorted((charting.CHART / "dashboards").glob("*.json"))
 DESIGN_METRICS = {
     f"lorafleet_trainer_{name}"
@@ -123,6 +128,45 @@ def test_dashboard_model(path: Path) -> None:
             assert "$pod" in target["expr"], f"{panel['title']} ignores the pod filter"
             if path.name == "trainers.json":
                 assert "$pool" in target["expr"], f"{panel['title']} ignores the pool filter"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_grafana_dashboard_model_loads_it_without_losing_anything(path: Path) -> None:
+    # Grafana's schema-generated model (grafana-foundation-sdk) decodes the dashboard; a key it does
+    # not know, or a panel or query of the wrong shape, would be dropped or changed on the way back.
+    original = load(path)
+    model = dashboard_model.Dashboard.from_json(original)
+    assert [type(q).__name__ for p in model.panels or [] for q in p.targets or []] == ["Dataquery"] * sum(
+        len(p["targets"]) for p in original["panels"]
+    )
+    round_trip = json.loads(json.dumps(model, cls=encoder.JSONEncoder))
+    lost = lost_on_round_trip(original, round_trip)
+    assert not lost, f"Grafana's model drops or changes: {lost}"
+
+
+def lost_on_round_trip(original: Any, decoded: Any, path: str = "") -> list[str]:
+    """Paths of the original that the decoded copy lacks or changed (defaults it adds are fine)."""
+    if isinstance(original, dict):
+        if not isinstance(decoded, dict):
+            return [path]
+        return [
+            lost
+            for key, value in original.items()
+            for lost in (
+                [f"{path}/{key}"]
+                if key not in decoded
+                else lost_on_round_trip(value, decoded[key], f"{path}/{key}")
+            )
+        ]
+    if isinstance(original, list):
+        if not isinstance(decoded, list) or len(decoded) != len(original):
+            return [path]
+        return [
+            lost
+            for i, (a, b) in enumerate(zip(original, decoded, strict=True))
+            for lost in lost_on_round_trip(a, b, f"{path}/{i}")
+        ]
+    return [] if original == decoded else [path]
 
 
 def test_every_query_uses_design_metric_names() -> None:
