@@ -1,0 +1,81 @@
+"""Stored and exported adapters are plain PEFT adapters: PEFT loads them and gets the engine's logits."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+from tests.trainer.engine_helpers import samples
+
+from lorafleet_trainer import models, storage
+from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.ids import AdapterId
+
+A = AdapterId("team-a", "alice")
+LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("o_proj", "q_proj", "v_proj"))
+IDS = [12, 40, 7, 99, 100, 101, 3, 64, 250, 31]
+
+
+def _peft_logits(model_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    base, _ = models.load("builtin:tiny", model_dir)
+    with warnings.catch_warnings():
+        # PEFT 0.21 probes a transformers attribute that transformers 5.24 marks deprecated.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([IDS])).logits[0]
+
+
+def test_stored_and_exported_adapter_match_the_engine(
+    make_engine: Callable[..., Any], model_cache_dir: Path, tmp_path: Path
+) -> None:
+    engine = make_engine()
+    engine.init_adapter(A, LORA, 1)
+    for i in range(3):
+        engine.distill(A, samples(i))
+    ours = engine.logits(A, IDS)
+    base, _ = models.load("builtin:tiny", model_cache_dir)
+    with torch.no_grad():
+        plain = base(input_ids=torch.tensor([IDS])).logits[0]
+    assert float((ours - plain).abs().max()) > 1e-4  # the adapter changes the output
+
+    theirs = _peft_logits(model_cache_dir, engine.store.path(A))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    archive = zipfile.ZipFile(io.BytesIO(engine.export_zip(A)))
+    assert sorted(archive.namelist()) == [storage.ADAPTER_CONFIG, storage.ADAPTER_WEIGHTS]
+    config = json.loads(archive.read(storage.ADAPTER_CONFIG))
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
+    out = tmp_path / "exported"
+    archive.extractall(out)
+    assert torch.allclose(_peft_logits(model_cache_dir, out), ours, atol=1e-5)
+
+
+def test_builtin_generation_is_deterministic(model_cache_dir: Path, tmp_path: Path) -> None:
+    first = Path(models.resolve("builtin:tiny", model_cache_dir))
+    second = Path(models.resolve("builtin:tiny", tmp_path / "again"))
+    assert first != second
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    # A local directory loads through the same path as a builtin id.
+    model, tokenizer = models.load(str(second))
+    assert 3_000_000 < models.parameter_count(model) < 5_000_000
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_unknown_builtin_is_rejected(tmp_path: Path) -> None:
+    from lorafleet_trainer.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as err:
+        models.resolve("builtin:huge", tmp_path)
+    assert err.value.field == "base_model"
