@@ -1,0 +1,51 @@
+"""CUDA residency: in offload mode a step gives back every byte of GPU memory it took.
+
+Skipped without a CUDA device; the CPU path is covered by every other engine test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from tests.trainer.engine_helpers import max_diff, samples, stored_state
+
+from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.ids import AdapterId
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+LORA = LoraSpec(rank=4, alpha=8.0)
+A, B = AdapterId("gpu", "alice"), AdapterId("gpu", "bob")
+
+
+def test_offload_returns_gpu_memory_to_its_level_before_the_step(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine(device="cuda", gpu_residency="offload")
+    assert engine.device.type == "cuda"
+    for adapter in (A, B):
+        engine.init_adapter(adapter, LORA, 1)
+    for i in range(3):
+        for adapter in (A, B):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            step = engine.distill(adapter, samples(i))
+            torch.cuda.synchronize()
+            assert torch.cuda.memory_allocated() == before, (i, adapter, step.cache_hit)
+    stats = engine.stats()
+    assert stats.gpu_memory_peak_bytes > stats.gpu_memory_allocated_bytes
+    assert stats.host_pinned_bytes > 0 and stats.cache_hits == 4
+
+
+def test_cuda_and_cpu_train_alike(make_engine: Callable[..., Any]) -> None:
+    gpu = make_engine(device="cuda", gpu_residency="keep", root="keep")
+    cpu = make_engine(device="cpu", root="cpu")
+    for engine in (gpu, cpu):
+        engine.init_adapter(A, LORA, 1)
+        for i in range(2):
+            engine.distill(A, samples(i))
+    assert torch.cuda.memory_allocated() > 0  # keep: the base stays on the device
+    assert max_diff(stored_state(gpu.store, A), stored_state(cpu.store, A)) < 1e-3
