@@ -28,6 +28,12 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
+    def __post_init__(self) -> None:
+        # Direct construction normalises like from_dict does, so equal configs compare equal.
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], field: str = "lora") -> LoraSpec:
         d = v.require_mapping(d, field)
