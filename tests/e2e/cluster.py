@@ -47,8 +47,8 @@ def bin_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_BIN_DIR", REPO / "bin"))
 
 
-def missing_binaries(directory: Path) -> list[str]:
-    return [b for b in BINARIES if not os.access(directory / b, os.X_OK)]
+def missing_binaries(directory: Path, names: tuple[str, ...] = BINARIES) -> list[str]:
+    return [b for b in names if not os.access(directory / b, os.X_OK)]
 
 
 class ControlPlane:
@@ -173,6 +173,7 @@ class ControlPlane:
             with urllib.request.urlopen(self.server + path, context=self.ssl_context(), timeout=10) as resp:
                 body = resp.read().decode()
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the TLS socket; an unclosed one is a ResourceWarning (an error here)
             if exc.code == 404:
                 return None
             raise

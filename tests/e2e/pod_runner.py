@@ -28,6 +28,7 @@ import kubernetes
 from tests.e2e import kubeconfigs, pod_specs, processes
 
 VENV_BIN = Path(sys.executable).parent
+RUNNER_ANNOTATION = "e2e.lorafleet.io/runner"
 
 
 def _now() -> str:
@@ -37,14 +38,15 @@ def _now() -> str:
 class PodRunner:
     """Watches all namespaces and keeps one PodWorker per recognised, undeleted pod."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, venv_bin: Path = VENV_BIN) -> None:
+    def __init__(self, kubeconfig: Path, workdir: Path, venv_bin: Path = VENV_BIN, name: str = "") -> None:
         self.kubeconfig = kubeconfig
+        self.name = name
         self.endpoint = kubeconfigs.read_endpoint(kubeconfig)
         self.workdir = workdir
         self.venv_bin = venv_bin
         self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(kubeconfig)))
         self.workers: dict[str, PodWorker] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # PodWorker() allocates an address while _handle holds it
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch_loop, name="pod-runner-watch", daemon=True)
         # A random second octet keeps two runners on one shared machine off each other's addresses.
@@ -112,6 +114,9 @@ class PodRunner:
             self._drop(uid)
             return
         if pod_specs.program_of(pod) is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        # A pod may name the runner meant for it (the runner's own tests use a stand-in program).
+        if (pod["metadata"].get("annotations") or {}).get(RUNNER_ANNOTATION, "") != self.name:
             return
         with self.lock:
             if uid in self.workers or self.stopping.is_set():

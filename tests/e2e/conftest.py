@@ -1,0 +1,28 @@
+"""Fixtures of the end-to-end tests: one cluster for the whole session.
+
+`kube` is the KUBECONFIG cluster when that variable is set (the kind workflow), else a local control
+plane with the pod runner, torn down at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from tests.e2e import cluster
+from tests.e2e.kube import Kube
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    # An external cluster (KUBECONFIG) needs only the clients; the local one needs the whole set.
+    names = ("kubectl", "helm") if os.environ.get("KUBECONFIG") else cluster.BINARIES
+    missing = cluster.missing_binaries(cluster.bin_dir(), names)
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} in {cluster.bin_dir()}: run `make kube-clients tools`")
+    handle = Kube.start(tmp_path_factory.mktemp("e2e"))
+    try:
+        yield handle
+    finally:
+        handle.stop()

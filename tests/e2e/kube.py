@@ -1,0 +1,178 @@
+"""One handle on "the cluster" for the e2e tests and the demo, whichever cluster that is.
+
+With KUBECONFIG set (a kind cluster, say) it is used as it is and real kubelets run the pods.
+Otherwise the local control plane starts under a work directory, with the pod runner playing the
+kubelet. Either way the tests talk to it the way users do: the pinned `kubectl` and `helm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.e2e import cluster, pod_runner, processes
+
+
+class CommandError(RuntimeError):
+    """A kubectl or helm command failed; carries its stderr."""
+
+    def __init__(self, argv: Sequence[str], code: int, stdout: str, stderr: str) -> None:
+        super().__init__(f"{' '.join(argv)} exited {code}:\n{stderr.strip() or stdout.strip()}")
+        self.stdout, self.stderr, self.code = stdout, stderr, code
+
+
+class Kube:
+    """kubectl/helm against one kubeconfig, plus the local scaffolding when there is any."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, plane: cluster.ControlPlane | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.plane = plane
+        self.runner: pod_runner.PodRunner | None = None
+        self.bin = cluster.bin_dir()
+        self._forwards: dict[tuple[str, str, int], processes.Child] = {}
+        self._forward_urls: dict[tuple[str, str, int], str] = {}
+
+    @property
+    def local(self) -> bool:
+        """True on the local control plane (pods are local processes on loopback addresses)."""
+        return self.plane is not None
+
+    @classmethod
+    def start(cls, workdir: Path) -> Kube:
+        """The KUBECONFIG cluster if set, else a fresh local control plane with a pod runner."""
+        external = os.environ.get("KUBECONFIG")
+        if external:
+            return cls(Path(external), workdir)
+        plane = cluster.ControlPlane(workdir / "cluster").start()
+        kube = cls(plane.kubeconfig, workdir, plane)
+        try:
+            kube.runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
+        except BaseException:
+            plane.stop()
+            raise
+        return kube
+
+    def stop(self) -> None:
+        for forward in self._forwards.values():
+            forward.stop(grace=2)
+        self._forwards.clear()
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+        if self.plane is not None:
+            self.plane.stop()
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        # helm keeps caches and repository config under HOME by default; keep them in the work dir.
+        for var, sub in (
+            ("HELM_CACHE_HOME", "cache"),
+            ("HELM_CONFIG_HOME", "config"),
+            ("HELM_DATA_HOME", "data"),
+        ):
+            env[var] = str(self.workdir / "helm" / sub)
+        return env
+
+    def run(
+        self, tool: str, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bin / tool), *args]
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, text=True, env=self.env(), timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("kubectl", *args, **kwargs)
+
+    def helm(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("helm", *args, **kwargs)
+
+    def get(self, *args: str) -> Any:
+        """`kubectl get ... -o json`, decoded."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def exists(self, *args: str) -> bool:
+        return self.kubectl("get", *args, "--ignore-not-found", "-o", "name").stdout.strip() != ""
+
+    def apply(self, manifest: str | Path, namespace: str | None = None) -> str:
+        ns = ["-n", namespace] if namespace else []
+        if isinstance(manifest, Path):
+            return self.kubectl("apply", *ns, "-f", str(manifest)).stdout
+        return self.kubectl("apply", *ns, "-f", "-", input=manifest).stdout
+
+    def reach(self, namespace: str, pod: str, port: int) -> str:
+        """A base URL for a pod's port from this process, as the operator in the cluster sees it.
+
+        On the local control plane that is the pod's own loopback address; on a real cluster the pod
+        network is not routable from the test machine, so a `kubectl port-forward` stands in.
+        """
+        if self.local:
+            ip = self.get("pod", pod, "-n", namespace)["status"]["podIP"]
+            return f"http://{ip}:{port}"
+        key = (namespace, pod, port)
+        child = self._forwards.get(key)
+        if child is not None and child.alive():
+            return self._forward_urls[key]
+        local_port = processes.free_port()
+        child = processes.Child(
+            f"port-forward-{pod}",
+            [
+                str(self.bin / "kubectl"),
+                "port-forward",
+                "-n",
+                namespace,
+                f"pod/{pod}",
+                f"{local_port}:{port}",
+            ],
+            self.workdir / "port-forwards" / f"{namespace}-{pod}-{port}.log",
+            env=self.env(),
+        )
+        self._forwards[key] = child
+        self._forward_urls[key] = url = f"http://127.0.0.1:{local_port}"
+        processes.wait_until(
+            f"port-forward to {namespace}/{pod}:{port}", lambda: _connects(local_port), 30, child=child
+        )
+        return url
+
+    def pod_log(self, namespace: str, pod: str) -> str:
+        """A pod's container log: the runner's log file locally, `kubectl logs` on a real cluster."""
+        if self.runner is not None:
+            worker = self.runner.worker(namespace, pod)
+            if worker is None:
+                raise LookupError(f"the pod runner runs no pod {namespace}/{pod}")
+            return worker.log_path.read_text(errors="replace")
+        return self.kubectl("logs", "-n", namespace, pod, "--all-containers").stdout
+
+
+def _connects(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def eventually(what: str, check: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
+    """Poll check() until it returns something truthy and return that; fail naming what."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except Exception as exc:  # the object may not exist yet
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
