@@ -29,17 +29,17 @@ def test_cache_and_no_cache_train_identically(make_engine: Callable[..., Any]) -
     for engine in (cached, uncached):
         for adapter in (A, B):
             engine.init_adapter(adapter, LORA, 1)
-        # Round-robin so the shared slot swaps between adapters on every step.
+        # A twice then B: consecutive steps of one adapter and swaps of the shared slot.
         for step in range(3):
-            for adapter in (A, B):
+            for adapter in (A, A, B):
                 engine.distill(adapter, samples(step))
     for adapter in (A, B):
         with_cache = stored_state(cached.store, adapter)
         without = stored_state(uncached.store, adapter)
-        assert int(with_cache["step"][0]) == 3
+        assert int(with_cache["step"][0]) == (6 if adapter == A else 3)
         assert max_diff(with_cache, without) <= 1e-6
         entry = cached.cache.peek(adapter)
-        assert entry is not None and entry.version == 3
+        assert entry is not None and entry.version == (6 if adapter == A else 3)
         assert max_diff(entry.tensors, with_cache) == 0.0  # the entry is exactly what was stored
         # The weights really moved (B starts at zero), so the comparison is not vacuous.
         assert any(float(v.abs().max()) > 0 for k, v in with_cache.items() if ".lora_B." in k)
@@ -149,3 +149,20 @@ def test_snapshot_reuses_the_entry_buffers(make_engine: Callable[..., Any]) -> N
     assert again is entry and {k: t.data_ptr() for k, t in again.tensors.items()} == ptrs
     assert int(again.tensors["step"][0]) == 2 and again.version == 2
     assert torch.equal(again.tensors["step"], stored_state(engine.store, A)["step"])
+
+
+def test_consecutive_steps_skip_the_restore_copy(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine()
+    for adapter in (A, B):
+        engine.init_adapter(adapter, LORA, 1)
+    slot = engine._slot(LORA)
+    engine.distill(A, samples(0))  # miss: restored from storage
+    n = slot.restores
+    engine.distill(A, samples(1))  # the slot already holds A's cached version
+    assert slot.restores == n
+    engine.distill(B, samples(0))
+    engine.distill(A, samples(2))  # B took the slot in between: a real restore
+    assert slot.restores == n + 2
+    engine.evict(A)
+    engine.distill(A, samples(3))  # evicted: read from storage again, never trusted from the slot
+    assert slot.restores == n + 3

@@ -229,13 +229,21 @@ class TrainerEngine:
 
     # ---- training --------------------------------------------------------------------------
     def _restore(self, adapter: AdapterId, meta: AdapterMeta, slot: LoraSlot) -> bool:
+        """Put ``adapter``'s current state into ``slot``; True on a cache hit."""
+        wanted = (adapter, meta.version, meta.epoch)
         entry = self.cache.get(adapter)
         if entry is not None and entry.version == meta.version and entry.epoch == meta.epoch:
-            slot.load_flat(entry.tensors)
+            # The slot may still hold exactly this state from the adapter's previous step (not
+            # when offloading: the device copies were dropped after that step).
+            if slot.holds != wanted or self._residency.offloading:
+                slot.load_flat(entry.tensors)
+            slot.holds = wanted
             return True
         if entry is not None:
             self.cache.evict(adapter, "invalidated")
+        slot.holds = None
         slot.load_tensors(self.store.read_tensors(adapter))
+        slot.holds = wanted
         return False
 
     def _sync(self) -> None:
@@ -277,6 +285,7 @@ class TrainerEngine:
             hit = self._restore(adapter, meta, slot)
             self._sync()
             t1 = time.perf_counter()
+            slot.holds = None  # from here until the snapshot the slot is ahead of every copy
             metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device)
             self._sync()
             t2 = time.perf_counter()
@@ -286,7 +295,8 @@ class TrainerEngine:
             t3 = time.perf_counter()
             if self.cache.enabled:
                 try:
-                    self.cache.put(adapter, new.version, new.epoch, slot.flat())
+                    if self.cache.put(adapter, new.version, new.epoch, slot.flat()) is not None:
+                        slot.holds = (adapter, new.version, new.epoch)
                 except BaseException:
                     # Storage already holds the new version; a half-copied entry must not survive.
                     self.cache.evict(adapter, "invalidated")

@@ -84,9 +84,17 @@ def _build_tokenizer() -> Any:
     )
 
 
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    # Progress bars on stderr are noise in a server's log.
+    hf_logging.disable_progress_bar()
+
+
 def _generate(spec: BuiltinSpec, target: Path) -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    _quiet()
     config = Qwen2Config(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -138,10 +146,8 @@ def resolve(model_id: str, cache_dir: Path | None = None) -> str:
 def load(model_id: str, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` through ``from_pretrained`` for any kind of id, on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    # Progress bars on stderr are noise in a server's log.
-    hf_logging.disable_progress_bar()
+    _quiet()
     path = resolve(model_id, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -83,6 +83,10 @@ class LoraSlot:
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
         self._step = torch.zeros(1, dtype=torch.int64)
+        # (adapter, version, epoch) whose exact state the slot holds, or None when unknown/dirty.
+        # Lets consecutive steps of one adapter skip a restore copy that would change nothing.
+        self.holds: tuple[AdapterId, int, int] | None = None
+        self.restores = 0
 
     @property
     def state_bytes(self) -> int:
@@ -109,6 +113,7 @@ class LoraSlot:
     @torch.no_grad()
     def load_flat(self, source: Mapping[str, torch.Tensor]) -> None:
         """Copy a cache entry's state into the slot, in place."""
+        self.restores += 1
         for k in self.keys:
             self.params[k].data.copy_(source[f"w.{k}"], non_blocking=True)
             self._state(k)["exp_avg"].copy_(source[f"m.{k}"], non_blocking=True)
@@ -118,6 +123,7 @@ class LoraSlot:
     @torch.no_grad()
     def load_tensors(self, tensors: AdapterTensors) -> None:
         """Copy state read from storage into the slot, in place."""
+        self.restores += 1
         if sorted(tensors.weights) != self.keys:
             raise ValueError(f"stored tensors do not match slot {self.name} (LoRA layout differs)")
         for k in self.keys:
