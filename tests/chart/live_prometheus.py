@@ -90,6 +90,13 @@ class LivePrometheus:
         assert answer["status"] == "success", answer
         return list(answer["data"]["result"])
 
+    def query_range(self, promql: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """The result matrix of a range query (one entry per series, with its `values`)."""
+        params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        answer = self._get("/api/v1/query_range", params)
+        assert answer["status"] == "success", answer
+        return list(answer["data"]["result"])
+
     def finite_values(self, promql: str) -> list[float]:
         return [float(v) for v in (s["value"][1] for s in self.query(promql)) if math.isfinite(float(v))]
 

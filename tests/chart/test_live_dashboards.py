@@ -11,23 +11,18 @@ panels must return series for what this run exercises.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 from tests.chart import charting
 from tests.chart.live_prometheus import LivePrometheus
+from tests.chart.operator_side import OperatorSide
 from tests.trainer.service.live import LiveTrainer, start_trainer
-
-from lorafleet_operator.metrics import OperatorMetrics, serving
-from lorafleet_operator.trainers import TrainerClient
 
 T = TypeVar("T")
 TOKEN = "chart-live-token"
@@ -51,29 +46,6 @@ OPERATOR_LABELS = {"namespace": "lorafleet", "pod": "lorafleet-operator-0"}
 NOT_EXERCISED = {"Cache evictions on delete by outcome"}
 
 
-class OperatorSide:
-    """The operator's metrics server and trainer client, on an event loop of their own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="operator-side", daemon=True)
-        self.thread.start()
-        self.metrics = OperatorMetrics()
-        self.client = TrainerClient(self.metrics, token=TOKEN, timeout=120)
-        self.stack = contextlib.AsyncExitStack()
-        self.port: int = self.run(self.stack.enter_async_context(serving(self.metrics, "127.0.0.1", 0)))
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=180)
-
-    def close(self) -> None:
-        self.run(self.client.close())
-        self.run(self.stack.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
 @dataclass
 class Run:
     prometheus: LivePrometheus
@@ -94,7 +66,7 @@ def wait_for(what: str, check: Any, timeout: float = 60.0) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     workdir = tmp_path_factory.mktemp("chart-live")
     trainer = start_trainer(workdir / "trainer", token=TOKEN)
-    operator = OperatorSide()
+    operator = OperatorSide(TOKEN)
     prometheus = LivePrometheus(workdir / "prometheus", [charting.CHART / "alerts" / "lorafleet.rules.yaml"])
     try:
         prometheus.start(
