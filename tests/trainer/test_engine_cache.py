@@ -166,3 +166,19 @@ def test_consecutive_steps_skip_the_restore_copy(make_engine: Callable[..., Any]
     engine.evict(A)
     engine.distill(A, samples(3))  # evicted: read from storage again, never trusted from the slot
     assert slot.restores == n + 3
+
+
+def test_moving_back_to_a_pod_picks_up_training_done_elsewhere(make_engine: Callable[..., Any]) -> None:
+    first = make_engine(root="shared")
+    second = make_engine(root="shared")  # another pod on the same adapter store
+    first.init_adapter(A, LORA, 1)
+    first.distill(A, samples(0))
+    first.distill(A, samples(1))  # first pod: version 2, cached at epoch 1
+    assert second.init_adapter(A, LORA, 2).state.version == 2
+    for i in range(3):
+        second.distill(A, samples(10 + i))  # re-placed: version 5 at epoch 2
+    back = first.init_adapter(A, LORA, 3)  # placed back on the first pod
+    assert (back.state.version, back.state.epoch, back.state.cached) == (5, 3, False)
+    step = first.distill(A, samples(20))
+    assert step.version == 6 and not step.cache_hit
+    assert first.stats().evictions["invalidated"] == 1

@@ -72,6 +72,7 @@ class TrainerEngine:
         self._load_lock = threading.Lock()
         self._lock = threading.RLock()  # steps and every change of adapter state
         self._meta_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self._meta: dict[AdapterId, AdapterMeta] = {}
         self._counter_lock = threading.Lock()
         self._counts = {"hits": 0, "misses": 0, "tokens": 0, "ok": 0, "failed": 0}
@@ -153,13 +154,14 @@ class TrainerEngine:
 
     # ---- adapters --------------------------------------------------------------------------
     def _check_lora(self, lora: LoraSpec) -> None:
-        for i, module in enumerate(lora.target_modules):
-            if module not in self._linear_names:
-                raise InvalidInput(
-                    f"{module!r} is not a linear layer of {self.config.base_model}; "
-                    f"choose from {sorted(self._linear_names)}",
-                    field=f"lora.target_modules[{i}]",
-                )
+        # No index in the field: LoraSpec keeps modules sorted, not in the client's order.
+        unknown = [m for m in lora.target_modules if m not in self._linear_names]
+        if unknown:
+            raise InvalidInput(
+                f"{unknown} are not linear layers of {self.config.base_model}; "
+                f"choose from {sorted(self._linear_names)}",
+                field="lora.target_modules",
+            )
 
     def init_adapter(
         self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None = None
@@ -181,7 +183,10 @@ class TrainerEngine:
                 self._set_meta(meta)
                 self.cache.evict(adapter, "invalidated")  # a same-named adapter deleted elsewhere
                 return InitResult(True, self._state(meta))
-            meta = self._meta_for(adapter)
+            # Re-read rather than trust memory: while this pod did not own the adapter, another
+            # pod (an earlier epoch's placement) may have trained it further.
+            meta = self.store.read_meta(adapter)
+            self._set_meta(meta)
             if meta.lora != lora:
                 raise ConfigConflict(
                     f"adapter {adapter} exists with LoRA config {meta.lora.to_dict()}", field="lora"
@@ -255,7 +260,8 @@ class TrainerEngine:
     ) -> StepResult:
         """One SDPO step; returns once the new version is durable. Failures change nothing."""
         slots = self._require_ready()
-        batch = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions)
+        with self._tokenizer_lock:  # a fast tokenizer must not be borrowed by two threads at once
+            batch = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions)
         with self._lock:
             meta = self._meta_for(adapter)
             spec = meta.training.merged(training)

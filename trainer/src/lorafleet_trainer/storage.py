@@ -18,7 +18,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class AdapterTensors:
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _fsync_dir(path: Path) -> None:
