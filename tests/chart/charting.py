@@ -51,9 +51,12 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def template_args(
-    values_files: Sequence[Path] = (), sets: Sequence[str] = (), api_versions: Sequence[str] = ()
+    values_files: Sequence[Path] = (),
+    sets: Sequence[str] = (),
+    api_versions: Sequence[str] = (),
+    kube_version: str = KUBE_VERSION,
 ) -> list[str]:
-    args = ["template", "lf", str(CHART), "--namespace", "lorafleet", "--kube-version", KUBE_VERSION]
+    args = ["template", "lf", str(CHART), "--namespace", "lorafleet", "--kube-version", kube_version]
     for path in values_files:
         args += ["--values", str(path)]
     for item in sets:
@@ -64,10 +67,13 @@ def template_args(
 
 
 def render(
-    values_files: Sequence[Path] = (), sets: Sequence[str] = (), api_versions: Sequence[str] = ()
+    values_files: Sequence[Path] = (),
+    sets: Sequence[str] = (),
+    api_versions: Sequence[str] = (),
+    kube_version: str = KUBE_VERSION,
 ) -> list[dict[str, Any]]:
     """`helm template` of the chart (CRDs excluded, as helm does), parsed; fails with helm's stderr."""
-    done = helm(*template_args(values_files, sets, api_versions))
+    done = helm(*template_args(values_files, sets, api_versions, kube_version))
     if done.returncode != 0:
         raise AssertionError(f"helm template failed: {done.stderr}")
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -63,6 +63,25 @@ def test_rendered_objects_validate(name: str) -> None:
                 raise AssertionError(f"{where}: {error.message} at {list(error.path)}") from error
 
 
+@pytest.mark.parametrize("kube_version", ["1.29.0", "1.37.0"])
+def test_objects_also_validate_on_the_oldest_and_newest_supported_kubernetes(kube_version: str) -> None:
+    # Chart.yaml promises >=1.29 (CRD validation rules went GA there).
+    docs = charting.render(sets=["trainerPool.enabled=true", "rbac.scope=cluster"], kube_version=kube_version)
+    for doc in docs:
+        if doc["apiVersion"].startswith("lorafleet.io/"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            raise AssertionError(f"{doc['kind']}: {error.message} at {list(error.path)}") from error
+
+
+def test_kube_versions_below_the_floor_are_refused() -> None:
+    done = charting.helm(*charting.template_args(kube_version="1.28.0"))
+    assert done.returncode != 0
+    assert "kubeVersion" in done.stderr or "incompatible" in done.stderr, done.stderr
+
+
 def test_every_object_is_labelled_and_namespaced_by_the_release() -> None:
     docs = charting.render([], ["trainerPool.enabled=true", "prometheus.force=true"])
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
