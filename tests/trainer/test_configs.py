@@ -10,14 +10,15 @@ from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import InvalidInput
 
 
-def test_lora_round_trip_sorts_modules() -> None:
+def test_lora_round_trip_and_order_free_shape() -> None:
     spec = LoraSpec.from_dict({"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["v_proj", "q_proj"]})
-    assert spec.target_modules == ("q_proj", "v_proj")
-    assert spec.to_dict() == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    assert spec.target_modules == ("v_proj", "q_proj")
+    assert spec.to_dict() == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["v_proj", "q_proj"]}
+    assert LoraSpec(rank=4, alpha=8, dropout=0.1, target_modules=("v_proj", "q_proj")) == spec
     assert LoraSpec.from_dict(spec.to_dict()) == spec
     assert (
         spec.shape_key()
-        == LoraSpec.from_dict({**spec.to_dict(), "target_modules": ["v_proj", "q_proj"]}).shape_key()
+        == LoraSpec.from_dict({**spec.to_dict(), "target_modules": ["q_proj", "v_proj"]}).shape_key()
     )
     assert spec.shape_key() != LoraSpec.from_dict({**spec.to_dict(), "rank": 8}).shape_key()
 

@@ -98,7 +98,9 @@ def test_init_create_same_conflict_and_epochs(engine: TrainerEngine) -> None:
     assert engine.init_adapter(adapter, LORA, 4).state.epoch == 4
     with pytest.raises(InvalidInput) as err:
         engine.init_adapter(AdapterId("init", "two"), LoraSpec(target_modules=("q_proj", "nope")), 1)
-    assert err.value.field == "lora.target_modules" and "'nope'" in err.value.message
+    assert err.value.field == "lora.target_modules[1]" and "'nope'" in err.value.message
+    reordered = LoraSpec(rank=4, alpha=8.0, target_modules=("v_proj", "q_proj"))
+    assert not engine.init_adapter(adapter, reordered, 4).created  # same modules, other order
     with pytest.raises(AdapterNotFound):
         engine.get_adapter(AdapterId("init", "two"))
 

@@ -32,7 +32,7 @@ class LoraSpec:
         # Direct construction normalises like from_dict does, so equal configs compare equal.
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], field: str = "lora") -> LoraSpec:
@@ -53,8 +53,8 @@ class LoraSpec:
                 raise InvalidInput("must be a module name such as 'q_proj'", field=f"{mfield}[{i}]")
         if len(set(modules)) != len(modules):
             raise InvalidInput("must not repeat a module", field=mfield)
-        # Sorted so that the same set of modules always gives the same slot and stored config.
-        return cls(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(sorted(modules)))
+        # Kept in the client's order (so error indexes match the request); shape_key sorts.
+        return cls(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(modules))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,8 +65,8 @@ class LoraSpec:
         }
 
     def shape_key(self) -> tuple[Any, ...]:
-        """Adapters with equal keys can share one trainable slot (same modules, same tensors)."""
-        return (self.rank, self.alpha, self.dropout, self.target_modules)
+        """Equal keys mean the same LoRA config: same slot, same tensors. Module order is irrelevant."""
+        return (self.rank, self.alpha, self.dropout, tuple(sorted(self.target_modules)))
 
     @property
     def scaling(self) -> float:

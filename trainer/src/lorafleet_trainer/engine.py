@@ -154,14 +154,13 @@ class TrainerEngine:
 
     # ---- adapters --------------------------------------------------------------------------
     def _check_lora(self, lora: LoraSpec) -> None:
-        # No index in the field: LoraSpec keeps modules sorted, not in the client's order.
-        unknown = [m for m in lora.target_modules if m not in self._linear_names]
-        if unknown:
-            raise InvalidInput(
-                f"{unknown} are not linear layers of {self.config.base_model}; "
-                f"choose from {sorted(self._linear_names)}",
-                field="lora.target_modules",
-            )
+        for i, module in enumerate(lora.target_modules):
+            if module not in self._linear_names:
+                raise InvalidInput(
+                    f"{module!r} is not a linear layer of {self.config.base_model}; "
+                    f"choose from {sorted(self._linear_names)}",
+                    field=f"lora.target_modules[{i}]",
+                )
 
     def init_adapter(
         self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None = None
@@ -187,7 +186,7 @@ class TrainerEngine:
             # pod (an earlier epoch's placement) may have trained it further.
             meta = self.store.read_meta(adapter)
             self._set_meta(meta)
-            if meta.lora != lora:
+            if meta.lora.shape_key() != lora.shape_key():
                 raise ConfigConflict(
                     f"adapter {adapter} exists with LoRA config {meta.lora.to_dict()}", field="lora"
                 )
