@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.e2e
 RELEASE, NS = "lf", "lorafleet"
 SA = f"system:serviceaccount:{NS}:lf-lorafleet"
 SECRET = "lf-lorafleet-trainer-auth"
+MODES = ("enforce", "warn", "audit")
 
 
 class Cluster:
@@ -47,10 +49,12 @@ class Cluster:
         return done
 
     def helm_install(self, *sets: str) -> None:
-        args = ["upgrade", "--install", RELEASE, str(charting.CHART), "-n", NS, "--create-namespace"]
+        args = ["upgrade", "--install", RELEASE, str(charting.CHART), "-n", NS]
         for item in sets:
             args += ["--set", item]
-        self.run("helm", *args)
+        done = self.run("helm", *args)
+        # The API server warns through helm when a pod template would break the namespace's policy.
+        assert "PodSecurity" not in done.stderr, done.stderr
 
     def token(self) -> str:
         out = self.run("kubectl", "get", "secret", SECRET, "-n", NS, "-o", "jsonpath={.data.token}").stdout
@@ -69,6 +73,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         handle = Cluster(plane, workdir)
         handle.run("kubectl", "create", "namespace", "team-a")
+        # The release namespace enforces the restricted Pod Security Standard, as a careful cluster would.
+        handle.run("kubectl", "create", "namespace", NS)
+        handle.run(
+            "kubectl",
+            "label",
+            "namespace",
+            NS,
+            *(f"pod-security.kubernetes.io/{m}=restricted" for m in MODES),
+        )
         handle.helm_install("trainerPool.enabled=true", "trainerPool.gpu=false", "rbac.namespaces={team-a}")
         yield handle
     finally:
@@ -141,3 +154,45 @@ def test_service_account_may_do_nothing_else(
     cluster: Cluster, verb: str, resource: str, namespace: str | None
 ) -> None:
     assert not cluster.can(verb, resource, namespace)
+
+
+def test_operator_pod_is_admitted_under_the_restricted_pod_security_standard(cluster: Cluster) -> None:
+    # The ReplicaSet controller could only create the pod if PodSecurity admission let it in.
+    def operator_pods() -> list[str]:
+        out = cluster.run(
+            "kubectl", "get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=operator", "-o", "name"
+        )
+        return out.stdout.split()
+
+    deadline = time.monotonic() + 60
+    while not operator_pods() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert operator_pods(), cluster.run("kubectl", "get", "events", "-n", NS).stdout
+
+
+def test_helm_test_pod_is_admitted_under_the_restricted_pod_security_standard(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    manifest = cluster.run("helm", "get", "hooks", RELEASE, "-n", NS).stdout
+    path = tmp_path / "hooks.yaml"
+    path.write_text(manifest, encoding="utf-8")
+    done = cluster.run("kubectl", "create", "--dry-run=server", "-n", NS, "-f", str(path), check=False)
+    assert done.returncode == 0, done.stderr
+    assert "lf-lorafleet-test created (server dry run)" in done.stdout
+    assert "PodSecurity" not in done.stderr
+
+
+def test_an_unrestricted_pod_would_have_been_refused(cluster: Cluster, tmp_path: Path) -> None:
+    # The two tests above mean something only if the namespace really enforces the standard.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "unrestricted", "namespace": NS},
+        # Nothing privileged, just none of the restricted profile's settings (non-root, seccomp, drop ALL).
+        "spec": {"containers": [{"name": "c", "image": "x"}]},
+    }
+    path = tmp_path / "pod.yaml"
+    path.write_text(yaml.safe_dump(pod), encoding="utf-8")
+    done = cluster.run("kubectl", "create", "--dry-run=server", "-f", str(path), check=False)
+    assert done.returncode != 0
+    assert "violates PodSecurity" in done.stderr
