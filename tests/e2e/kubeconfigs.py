@@ -26,17 +26,28 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def write(path: Path, endpoint: Endpoint, user: dict[str, str], name: str = "lorafleet-e2e") -> Path:
-    """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data or token."""
+def write(
+    path: Path,
+    endpoint: Endpoint,
+    user: dict[str, str],
+    name: str = "lorafleet-e2e",
+    ca_file: Path | None = None,
+) -> Path:
+    """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data or token.
+
+    With ca_file the CA is written there and referenced by path, as a pod sees it (a mounted file).
+    """
+    cluster: dict[str, str] = {"server": endpoint.server}
+    if ca_file is not None:
+        ca_file.parent.mkdir(parents=True, exist_ok=True)
+        ca_file.write_bytes(endpoint.ca_pem)
+        cluster["certificate-authority"] = str(ca_file)
+    else:
+        cluster["certificate-authority-data"] = _b64(endpoint.ca_pem)
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {
-                "name": name,
-                "cluster": {"server": endpoint.server, "certificate-authority-data": _b64(endpoint.ca_pem)},
-            }
-        ],
+        "clusters": [{"name": name, "cluster": cluster}],
         "users": [{"name": name, "user": user}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
         "current-context": name,

@@ -209,8 +209,12 @@ class PodWorker:
                 f"TokenRequest for ServiceAccount {self.namespace}/{account} returned no token"
             )
         token = answer.status.token
+        # The CA as a file, like the service-account volume's ca.crt that an in-cluster client reads.
         return kubeconfigs.write(
-            self.dir / "serviceaccount.kubeconfig", self.runner.endpoint, kubeconfigs.token_user(token)
+            self.dir / "serviceaccount.kubeconfig",
+            self.runner.endpoint,
+            kubeconfigs.token_user(token),
+            ca_file=self.dir / "serviceaccount" / "ca.crt",
         )
 
     def _run(self) -> None:

@@ -105,7 +105,7 @@ def feedback_for(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def scenario(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     # Locally every pod shares the host's ports, so the operator gets free ones; kind keeps defaults.
-    metrics_port, health_port = (processes.free_port(), processes.free_port()) if kube.local else (8080, 8081)
+    metrics_port = processes.free_port() if kube.local else 8000
     kube.helm(
         "install",
         RELEASE,
@@ -115,8 +115,6 @@ def scenario(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         "--create-namespace",
         "--set",
         f"operator.metricsPort={metrics_port}",
-        "--set",
-        f"operator.healthPort={health_port}",
         "--wait",
         "--timeout",
         "5m",
@@ -149,10 +147,18 @@ def test_the_operator_runs_under_the_charts_service_account(scenario: Scenario) 
     assert can.stdout.strip() == "yes"
     cannot = kube.kubectl("auth", "can-i", "create", "clusterroles", "--as", subject, check=False)
     assert cannot.stdout.strip() == "no"
-    # The trainers' bearer token, as the chart generated it.
-    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
-    secret = kube.get("secret", env["LORAFLEET_OPERATOR_AUTH_SECRET_NAME"], "-n", NS)
-    scenario.token = base64.b64decode(secret["data"][env["LORAFLEET_OPERATOR_AUTH_SECRET_KEY"]]).decode()
+    # The trainers' bearer token, as the chart generated it: the Secret behind the operator's token file.
+    container = pod["spec"]["containers"][0]
+    token_file = next(
+        e["value"] for e in container["env"] if e["name"] == "LORAFLEET_OPERATOR_AUTH_TOKEN_FILE"
+    )
+    mount = next(
+        m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"].rstrip("/") + "/")
+    )
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    secret = kube.get("secret", volume["secret"]["secretName"], "-n", NS)
+    key = token_file.rsplit("/", 1)[1]
+    scenario.token = base64.b64decode(secret["data"][key]).decode()
     assert len(scenario.token) >= 16
 
 
@@ -324,10 +330,18 @@ def test_uninstall_leaves_nothing_behind(scenario: Scenario) -> None:
     kube.helm("uninstall", RELEASE, "--namespace", NS, "--wait", "--timeout", "2m")
     selector = f"app.kubernetes.io/instance={RELEASE}"
     kinds = "deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,roles,rolebindings"
-    eventually(
-        "the release's namespaced objects to go",
-        lambda: not kube.get(kinds, "-n", NS, "-l", selector)["items"],
-    )
+
+    def left_behind() -> list[str]:
+        # Objects the chart marks helm.sh/resource-policy=keep (the trainers' token) stay by design.
+        items = kube.get(kinds, "-n", NS, "-l", selector)["items"]
+        kept = [
+            i
+            for i in items
+            if (i["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep"
+        ]
+        return [f"{i['kind']}/{i['metadata']['name']}" for i in items if i not in kept]
+
+    eventually("the release's namespaced objects to go", lambda: not left_behind())
     assert not kube.get("clusterroles,clusterrolebindings", "-l", selector)["items"]
     assert not kube.get("pods,services", "-n", NS)["items"]
     if kube.runner is not None:
