@@ -7,137 +7,39 @@ from the chart with the chart's own ServiceAccount and RBAC, never as the admin.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from tests.e2e import processes
+from tests.e2e.fleet import EXAMPLES, POOL, RELEASE, Fleet, feedback_for
 from tests.e2e.kube import CommandError, Kube, eventually
-from tests.e2e.prometheus import Prometheus
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "lorafleet"
-EXAMPLES = REPO / "examples"
 NS = "lorafleet-e2e"
-RELEASE = "lorafleet"
-POOL = "demo"
 ADAPTERS = ("alice", "bob", "carol")
-TRAINER_PORT = 8080
 READY_TIMEOUT = "600s"  # the first trainer start generates builtin:tiny on a busy 2-core machine
 
 
-@dataclass
-class Scenario:
-    kube: Kube
-    prometheus: Prometheus
-    metrics_port: int
-    token: str = ""
-    operator_pod: str = ""
-    figures: dict[str, float] = field(default_factory=dict)
-
-    def adapter(self, name: str) -> dict[str, Any]:
-        return dict(self.kube.get("loraadapter", name, "-n", NS))
-
-    def trainer_url(self, pod: str) -> str:
-        return self.kube.reach(NS, pod, TRAINER_PORT)
-
-    def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def adapter_url(self, name: str) -> str:
-        """The adapter's trainer route, from its status.endpoint, reachable from this process."""
-        status = self.adapter(name)["status"]
-        endpoint = urllib.parse.urlsplit(status["endpoint"])
-        base = self.trainer_url(status["pod"])
-        if self.kube.local:
-            # Locally the test reaches the very address the operator published.
-            assert base == f"{endpoint.scheme}://{endpoint.netloc}", (base, status["endpoint"])
-        path = endpoint.path.rstrip("/")
-        route = f"/v1/adapters/{NS}/{name}"
-        return base + (path if path.endswith(route) else path + route)
-
-    def refresh_targets(self) -> None:
-        pods = self.kube.get("pods", "-n", NS, "-l", f"lorafleet.io/pool={POOL}")["items"]
-        targets = {}
-        for pod in pods:
-            if pod["status"].get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-                address = urllib.parse.urlsplit(self.trainer_url(pod["metadata"]["name"])).netloc
-                targets[address] = {"namespace": NS, "pod": pod["metadata"]["name"]}
-        self.prometheus.set_targets(targets)
-
-    def scraped(self, promql: str, since: float) -> float:
-        """A PromQL value from scrapes that all happened after `since` (unix time)."""
-        fresh = f'min(timestamp(up{{job="lorafleet-trainers"}})) > {since}'
-        eventually(
-            f"a scrape of every trainer after {since:.0f}", lambda: self.prometheus.query(fresh), timeout=60
-        )
-        value = self.prometheus.value(promql)
-        return 0.0 if value is None else value
-
-
-def feedback_for(name: str) -> dict[str, Any]:
-    path = EXAMPLES / "feedback" / f"{name}-1.json"
-    if not path.exists():
-        path = EXAMPLES / "feedback" / "alice-1.json"
-    return dict(json.loads(path.read_text()))
-
-
 @pytest.fixture(scope="module")
-def scenario(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    # Locally every pod shares the host's ports, so the operator gets free ones; kind keeps defaults.
-    metrics_port = processes.free_port() if kube.local else 8000
-    kube.helm(
-        "install",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--set",
-        f"operator.metricsPort={metrics_port}",
-        "--wait",
-        "--timeout",
-        "5m",
-        timeout=400,
-    )
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus")).start()
-    state = Scenario(kube, prometheus, metrics_port)
+def scenario(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet.install(kube, NS, tmp_path_factory.mktemp("fleet"))
     try:
-        yield state
+        yield fleet
     finally:
-        prometheus.stop()
-        print(f"\nscenario figures: {json.dumps(state.figures)}")
+        print(f"\nscenario figures: {json.dumps(fleet.figures)}")
         # Leave nothing behind for later tests even when a step above failed.
-        kube.kubectl("delete", "loraadapters,trainerpools", "--all", "-n", NS, "--timeout=120s", check=False)
-        kube.helm("uninstall", RELEASE, "--namespace", NS, "--wait", check=False)
+        fleet.uninstall()
 
 
-def test_the_operator_runs_under_the_charts_service_account(scenario: Scenario) -> None:
+def test_the_operator_runs_under_the_charts_service_account(scenario: Fleet) -> None:
     kube = scenario.kube
-    pods = kube.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=operator")["items"]
-    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-    pod = pods[0]
-    scenario.operator_pod = pod["metadata"]["name"]
+    pod = scenario.operator()
     account = pod["spec"]["serviceAccountName"]
     assert account not in ("", "default")
     subject = f"system:serviceaccount:{NS}:{account}"
@@ -147,23 +49,11 @@ def test_the_operator_runs_under_the_charts_service_account(scenario: Scenario) 
     assert can.stdout.strip() == "yes"
     cannot = kube.kubectl("auth", "can-i", "create", "clusterroles", "--as", subject, check=False)
     assert cannot.stdout.strip() == "no"
-    # The trainers' bearer token, as the chart generated it: the Secret behind the operator's token file.
-    container = pod["spec"]["containers"][0]
-    token_file = next(
-        e["value"] for e in container["env"] if e["name"] == "LORAFLEET_OPERATOR_AUTH_TOKEN_FILE"
-    )
-    mount = next(
-        m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"].rstrip("/") + "/")
-    )
-    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
-    secret = kube.get("secret", volume["secret"]["secretName"], "-n", NS)
-    key = token_file.rsplit("/", 1)[1]
-    scenario.token = base64.b64decode(secret["data"][key]).decode()
     assert len(scenario.token) >= 16
 
 
 @pytest.mark.parametrize("manifest", sorted((EXAMPLES / "invalid").glob("*.yaml")), ids=lambda p: p.stem)
-def test_invalid_manifests_are_rejected_by_the_api_server(scenario: Scenario, manifest: Path) -> None:
+def test_invalid_manifests_are_rejected_by_the_api_server(scenario: Fleet, manifest: Path) -> None:
     text = manifest.read_text()
     found = re.search(r"#\s*Rejected:\s*(\S+)", text)
     assert found, f"{manifest.name} must say which field it breaks in a '# Rejected: <field> ...' comment"
@@ -176,7 +66,7 @@ def test_invalid_manifests_are_rejected_by_the_api_server(scenario: Scenario, ma
     assert not scenario.kube.exists(obj["kind"].lower(), obj["metadata"]["name"], "-n", NS)
 
 
-def test_the_example_pool_and_adapters_become_ready(scenario: Scenario) -> None:
+def test_the_example_pool_and_adapters_become_ready(scenario: Fleet) -> None:
     kube = scenario.kube
     start = time.monotonic()
     kube.apply(EXAMPLES / "pool.yaml", namespace=NS)
@@ -201,7 +91,7 @@ def test_the_example_pool_and_adapters_become_ready(scenario: Scenario) -> None:
     scenario.refresh_targets()
 
 
-def test_kubectl_get_shows_the_printer_columns(scenario: Scenario) -> None:
+def test_kubectl_get_shows_the_printer_columns(scenario: Fleet) -> None:
     out = scenario.kube.kubectl("get", "loraadapters", "-n", NS).stdout.splitlines()
     assert out[0].split() == ["NAME", "POOL", "POD", "PHASE", "VERSION", "CACHED", "AGE"]
     rows = {line.split()[0]: line.split() for line in out[1:]}
@@ -209,7 +99,7 @@ def test_kubectl_get_shows_the_printer_columns(scenario: Scenario) -> None:
     assert all(row[1] == POOL and row[3] == "Ready" for row in rows.values())
 
 
-def test_changing_spec_lora_is_refused_by_the_cel_rule(scenario: Scenario) -> None:
+def test_changing_spec_lora_is_refused_by_the_cel_rule(scenario: Fleet) -> None:
     before = scenario.adapter("alice")["spec"]["lora"]
     patch = json.dumps({"spec": {"lora": {"rank": before["rank"] * 2}}})
     with pytest.raises(CommandError) as refused:
@@ -218,7 +108,7 @@ def test_changing_spec_lora_is_refused_by_the_cel_rule(scenario: Scenario) -> No
     assert scenario.adapter("alice")["spec"]["lora"] == before
 
 
-def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scenario: Scenario) -> None:
+def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scenario: Fleet) -> None:
     versions = {}
     for name in ADAPTERS:
         url = scenario.adapter_url(name)
@@ -245,10 +135,7 @@ def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scena
     hits_after = scenario.scraped("sum(lorafleet_trainer_cache_hits_total)", warm_end)
     assert reads_after == reads_before, "warm steps read adapter storage"
     assert hits_after - hits_before == 2 * len(ADAPTERS)
-    ratio = scenario.prometheus.value(
-        "sum(lorafleet_trainer_cache_hits_total) / "
-        "(sum(lorafleet_trainer_cache_hits_total) + sum(lorafleet_trainer_cache_misses_total))"
-    )
+    ratio = scenario.hit_ratio()
     assert ratio is not None and ratio > 0
     scenario.figures["cache_hit_ratio"] = round(ratio, 3)
     for name in ADAPTERS:
@@ -259,32 +146,24 @@ def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scena
         )
 
 
-def test_deleting_an_adapter_evicts_its_cache_entry(scenario: Scenario) -> None:
-    status = scenario.adapter("bob")["status"]
-    cache_url = scenario.trainer_url(status["pod"]) + "/v1/cache"
-
-    def cached_names() -> set[str]:
-        code, cache = scenario.call("GET", cache_url)
-        assert code == 200, cache
-        return {entry["adapter"] for entry in cache["entries"]}
-
-    assert any("bob" in entry for entry in cached_names())
+def test_deleting_an_adapter_evicts_its_cache_entry(scenario: Fleet) -> None:
+    pod = scenario.adapter("bob")["status"]["pod"]
+    others = {f"{NS}/{n}" for n in ADAPTERS if n != "bob" and scenario.adapter(n)["status"]["pod"] == pod}
+    assert f"{NS}/bob" in scenario.cached(pod)
     start = time.monotonic()
     scenario.kube.kubectl("delete", "loraadapter", "bob", "-n", NS, "--wait=false")
     eventually(
-        "bob's cache entry to leave its pod", lambda: not any("bob" in e for e in cached_names()), timeout=60
+        "bob's cache entry to leave its pod", lambda: f"{NS}/bob" not in scenario.cached(pod), timeout=60
     )
     scenario.figures["delete_to_evicted_s"] = round(time.monotonic() - start, 2)
     eventually(
         "the bob object to go", lambda: not scenario.kube.exists("loraadapter", "bob", "-n", NS), timeout=60
     )
-    assert (
-        any("alice" in e or "carol" in e for e in cached_names())
-        or status["pod"] != scenario.adapter("alice")["status"]["pod"]
-    )
+    # Only bob's entry went: the other adapters on that pod stay warm.
+    assert others <= scenario.cached(pod)
 
 
-def test_deleting_a_pod_places_its_adapters_again(scenario: Scenario) -> None:
+def test_deleting_a_pod_places_its_adapters_again(scenario: Fleet) -> None:
     before = scenario.adapter("alice")["status"]
     scenario.kube.kubectl("delete", "pod", before["pod"], "-n", NS)
 
@@ -306,7 +185,7 @@ def test_deleting_a_pod_places_its_adapters_again(scenario: Scenario) -> None:
     assert code == 200, step
 
 
-def test_the_operator_never_got_a_403(scenario: Scenario) -> None:
+def test_the_operator_never_got_a_403(scenario: Fleet) -> None:
     log = scenario.kube.pod_log(NS, scenario.operator_pod)
     assert log.strip(), "the operator wrote no log at all"
     assert not re.search(r"\b403\b|[Ff]orbidden", log), [line for line in log.splitlines() if "403" in line][
@@ -319,7 +198,7 @@ def test_the_operator_never_got_a_403(scenario: Scenario) -> None:
     assert 'code="403"' not in metrics
 
 
-def test_uninstall_leaves_nothing_behind(scenario: Scenario) -> None:
+def test_uninstall_leaves_nothing_behind(scenario: Fleet) -> None:
     kube = scenario.kube
     kube.kubectl("delete", "loraadapters", "--all", "-n", NS, "--timeout=120s")
     kube.kubectl("delete", "trainerpool", POOL, "-n", NS, "--timeout=120s")
