@@ -127,3 +127,13 @@ def test_ids_cannot_escape_the_root(bad: str) -> None:
         AdapterId("team-a", bad)
     with pytest.raises(InvalidInput):
         AdapterId(bad, "alice")
+
+
+def test_step_writes_link_the_unchanging_config(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.write(_meta(0), _tensors(0.0, 0), CONFIG)
+    inode = (store.path(A) / storage.ADAPTER_CONFIG).stat().st_ino
+    store.write(_meta(1), _tensors(1.0, 1))
+    assert (store.path(A) / storage.ADAPTER_CONFIG).stat().st_ino == inode
+    assert json.loads((store.path(A) / storage.ADAPTER_CONFIG).read_text()) == CONFIG
+    assert store.read_meta(A).version == 1

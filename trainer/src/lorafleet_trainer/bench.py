@@ -180,10 +180,7 @@ def measure_bandwidth(engine: Any, adapter: Any, rows: list[dict[str, float]]) -
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "ms (p50 unless noted)\n"
-        + f"{'mode':<11}{'step p50':>10}{'p95':>10}{'restore':>9}{'compute':>10}{'snapshot':>10}"
-    )
+    head = f"{'mode':<11}{'step p50':>10}{'p95':>10}{'restore':>9}{'compute':>10}{'snapshot':>10}"
     head += f"{'persist':>9}{'non-compute':>13}{'read B/step':>13}{'peak RSS MiB':>14}{'(r+s)/step':>12}"
     lines = ["times in ms, p50 unless p95", head, "-" * len(head)]
     for r in rows:

@@ -295,7 +295,7 @@ class TrainerEngine:
             self._sync()
             t2 = time.perf_counter()
             new = replace(meta, version=meta.version + 1)
-            self.store.write(new, slot.export(), adapter_config_dict(meta.lora, self.config.base_model))
+            self.store.write(new, slot.export())  # the adapter_config.json is linked, it never changes
             self._set_meta(new)
             t3 = time.perf_counter()
             if self.cache.enabled:

@@ -172,7 +172,8 @@ class AdapterStore:
         """Make ``meta`` (+ ``tensors``) the adapter's current version, atomically.
 
         With ``tensors=None`` only the metadata changes (e.g. a new epoch): the tensor files of the
-        current version are hard-linked into the new version directory, costing no copy.
+        current version are hard-linked into the new version directory, costing no copy. With
+        ``adapter_config=None`` the current version's (immutable after creation) config is linked.
         """
         aside = self._write_aside(meta, tensors, adapter_config)
         self._commit(meta.adapter, aside)
@@ -193,7 +194,11 @@ class AdapterStore:
                     os.link(current / name, aside / name)
             else:
                 if adapter_config is None:
-                    raise ValueError("writing tensors needs the PEFT adapter_config")
+                    os.link(self.path(adapter).resolve() / ADAPTER_CONFIG, aside / ADAPTER_CONFIG)
+                else:
+                    self._write_bytes(
+                        aside / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2, sort_keys=True).encode()
+                    )
                 self._write_bytes(
                     aside / ADAPTER_WEIGHTS,
                     st_save(
@@ -204,9 +209,6 @@ class AdapterStore:
                 opt.update({f"exp_avg_sq.{k}": t.contiguous() for k, t in tensors.exp_avg_sq.items()})
                 opt["step"] = torch.tensor([tensors.step], dtype=torch.int64)
                 self._write_bytes(aside / OPTIMIZER_STATE, st_save(opt))
-                self._write_bytes(
-                    aside / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2, sort_keys=True).encode()
-                )
             self._write_bytes(aside / META, json.dumps(meta.to_json(), indent=2, sort_keys=True).encode())
             _fsync_dir(aside)
         except BaseException as exc:
