@@ -70,11 +70,12 @@ def wait_ready(kube: Kube, show: Display) -> None:
     eventually("every example adapter to be Ready", all_ready, timeout=600, interval=1.0)
 
 
-def train(fleet: Fleet, show: Display, steps: int) -> dict[str, float]:
-    """steps rounds over every adapter; returns storage reads before/after the warm rounds."""
+def train(fleet: Fleet, show: Display, steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """steps rounds over every adapter; storage reads before/after the warm rounds, and versions."""
     total = steps * len(ADAPTERS)
     done = 0
     reads: dict[str, float] = {}
+    versions: dict[str, int] = {}
     urls = {name: fleet.adapter_url(name) for name in ADAPTERS}
     for round_ in range(steps):
         if round_ == 1:
@@ -88,6 +89,7 @@ def train(fleet: Fleet, show: Display, steps: int) -> dict[str, float]:
             if code != 200:
                 raise RuntimeError(f"distill {name}: {code} {step}")
             done += 1
+            versions[name] = int(step["version"])
             loss = step["metrics"].get("total_loss", float("nan"))
             ms = (time.monotonic() - began) * 1000
             show.progress(
@@ -96,7 +98,19 @@ def train(fleet: Fleet, show: Display, steps: int) -> dict[str, float]:
                 f"{name:<6} v{step['version']:<3} {step['cache']:<4} loss {loss:8.4f} {ms:6.0f} ms",
             )
     reads["after_warm"] = fleet.scraped("sum(lorafleet_trainer_storage_read_bytes_total)", time.time())
-    return reads
+    return reads, versions
+
+
+def wait_versions(fleet: Fleet, show: Display, versions: dict[str, int]) -> None:
+    """The operator copies each adapter's version into its status on its resync; wait for that."""
+
+    def reported() -> bool:
+        return all(fleet.adapter(n)["status"].get("version") == v for n, v in versions.items())
+
+    try:
+        eventually("status.version to catch up", reported, timeout=60, interval=1.0)
+    except AssertionError:
+        show.line("(the operator has not reported every status.version yet)")
 
 
 def evict(fleet: Fleet, show: Display) -> None:
@@ -141,8 +155,9 @@ def run(workdir: Path, steps: int) -> None:
         wait_ready(kube, show)
         fleet.refresh_targets()
         show.section(f"training: {steps} SDPO steps per adapter on the example feedback")
-        reads = train(fleet, show, steps)
+        reads, versions = train(fleet, show, steps)
         show.section("kubectl get trainerpools,loraadapters")
+        wait_versions(fleet, show, versions)
         for line in kube.kubectl("get", "trainerpools,loraadapters", "-n", NAMESPACE).stdout.splitlines():
             show.line(line)
         show.section("from Prometheus (scraping the trainer pods)")
