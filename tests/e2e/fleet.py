@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +27,7 @@ EXAMPLES = REPO / "examples"
 RELEASE = "lorafleet"
 POOL = "demo"
 TRAINER_PORT = 8080
+HELM_SET_ENV = "LORAFLEET_E2E_HELM_SET"  # comma-separated `--set` values added to every install
 
 
 def feedback_for(name: str) -> dict[str, Any]:
@@ -51,7 +53,9 @@ class Fleet:
         """`helm install` the chart and start Prometheus; the operator's port is free on this host."""
         # Locally every pod shares the host's ports, so the operator gets a free one; kind keeps the default.
         metrics_port = processes.free_port() if kube.local else 8000
-        values = [f"operator.metricsPort={metrics_port}", *extra_values]
+        # The kind workflow names its locally built images here (scripts/e2e-kind.sh).
+        from_env = [v for v in os.environ.get(HELM_SET_ENV, "").split(",") if v.strip()]
+        values = [f"operator.metricsPort={metrics_port}", *from_env, *extra_values]
         sets = [arg for value in values for arg in ("--set", value)]
         kube.helm(
             "install", RELEASE, str(CHART), "--namespace", namespace, "--create-namespace", *sets,
