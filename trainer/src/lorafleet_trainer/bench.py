@@ -5,7 +5,9 @@ Three modes train K adapters for S steps each, round-robin, on a builtin model:
 were persistent; ``persistent`` keeps the model but reads and writes each adapter's weights and
 AdamW state from storage every step (cache capacity 0); ``cached`` is the engine as shipped. Each
 mode runs in its own process, so its peak RSS is its own. The first round-robin pass warms every
-mode up (imports, allocator, first reads) and is not measured.
+mode up (imports, allocator, first reads) and is not measured. With ``--rounds N`` every mode runs
+N times in alternating order and its steps are pooled, so a busy moment on a shared host does not
+land on one mode only.
 
     python -m lorafleet_trainer.bench [--quick] [--json PATH] [--device auto|cpu|cuda] [--bandwidth]
 """
@@ -127,9 +129,15 @@ def run_mode(mode: str, plan: Plan, device: str, model_cache: Path | None, bandw
                     rows[-1]["overhead"] = total - result.timing_ms["compute"]
         if bandwidth and mode == "cached" and engine.device.type == "cuda":
             extra = measure_bandwidth(engine, adapters[0], rows)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    return {"samples": rows, "peak_rss_bytes": rss, "bandwidth": extra}
+
+
+def summarise(mode: str, model: str, rows: list[dict[str, float]], peak_rss: int) -> dict[str, Any]:
+    """One mode's row from its measured steps (pooled over rounds)."""
     row: dict[str, Any] = {
         "mode": mode,
-        "model": plan.model,
+        "model": model,
         "step_ms_p50": _percentile([r["step"] for r in rows], 50),
         "step_ms_p95": _percentile([r["step"] for r in rows], 95),
         "restore_ms_p50": _percentile([r["restore"] for r in rows], 50),
@@ -137,13 +145,12 @@ def run_mode(mode: str, plan: Plan, device: str, model_cache: Path | None, bandw
         "snapshot_ms_p50": _percentile([r["snapshot"] for r in rows], 50),
         "persist_ms_p50": _percentile([r["persist"] for r in rows], 50),
         "storage_read_bytes_per_step": statistics.fmean(r["read"] for r in rows),
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss,
     }
     # Everything but the SDPO compute: the part a persistent, cached trainer exists to shrink. Shown
     # in the table (not the JSON) because on a shared CPU the compute itself is the noisy part.
     row["overhead_ms_p50"] = _percentile([r["overhead"] for r in rows], 50)
-    return {"row": row, "bandwidth": extra}
+    return row
 
 
 def measure_bandwidth(engine: Any, adapter: Any, rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -215,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="torch CPU threads (on a shared host 1 avoids spinning against neighbours)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="run every mode this many times, order alternating (default 1 quick, 2 full)",
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -239,28 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         batch=base.batch,
         rank=base.rank,
     )
+    args.rounds = max(1, args.rounds or (1 if args.quick else 2))
     # Generate the builtin model once, before timing anything.
     from lorafleet_trainer import models
 
     models.resolve(plan.model, args.model_cache)
-    print(f"plan: {plan}  device: {args.device}  threads: {args.threads or 'torch default'}", flush=True)
-    rows: list[dict[str, Any]] = []
+    threads = args.threads or "torch default"
+    print(f"plan: {plan}  rounds: {args.rounds}  device: {args.device}  threads: {threads}", flush=True)
+    samples: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    peak: dict[str, int] = dict.fromkeys(MODES, 0)
     bandwidth: dict[str, Any] = {}
-    for mode in MODES:
-        cmd = [sys.executable, "-m", "lorafleet_trainer.bench", "--worker", mode, "--device", args.device]
-        cmd += ["--plan", json.dumps(plan.__dict__)]
-        if args.model_cache:
-            cmd += ["--model-cache", str(args.model_cache)]
-        if args.bandwidth:
-            cmd.append("--bandwidth")
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(out["row"])
-        bandwidth.update(out["bandwidth"])
-        print(f"  {mode}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    for rnd in range(args.rounds):
+        # Alternate the order so no mode always runs when the host happens to be busiest.
+        for mode in MODES if rnd % 2 == 0 else tuple(reversed(MODES)):
+            cmd = [sys.executable, "-m", "lorafleet_trainer.bench", "--worker", mode, "--device", args.device]
+            cmd += ["--plan", json.dumps(plan.__dict__)]
+            if args.model_cache:
+                cmd += ["--model-cache", str(args.model_cache)]
+            if args.bandwidth:
+                cmd.append("--bandwidth")
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            samples[mode].extend(out["samples"])
+            peak[mode] = max(peak[mode], out["peak_rss_bytes"])
+            bandwidth.update(out["bandwidth"])
+            print(f"  round {rnd + 1}: {mode} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = [summarise(m, plan.model, samples[m], peak[m]) for m in MODES]
     print(_table(rows))
     cached = next(r for r in rows if r["mode"] == "cached")
     for other in ("persistent", "recreate"):
