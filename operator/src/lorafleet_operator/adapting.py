@@ -3,7 +3,8 @@
 The adapter's status is the record of its placement. A placement is written (phase Placed, pod,
 epoch) before the trainer's init is called, so an operator that restarts at any point finds the
 placement and re-sends the same init (the trainer answers 200 for the same config) instead of
-placing the adapter a second time. Everything happens under the pool's lock.
+placing the adapter a second time. Only placement takes the pool's lock (and decides again under
+it), and so does initialisation; keeping a Ready adapter's status fresh runs unlocked.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from lorafleet_operator.placing import Move
 from lorafleet_operator.runtime import Retry, Runtime, announce
 
 
-async def reconcile(rt: Runtime, namespace: str, name: str, *, refresh: bool = False) -> None:
-    """Bring one adapter's placement and status up to date; ``refresh`` also polls its trainer state."""
+async def reconcile(
+    rt: Runtime, namespace: str, name: str, *, refresh: bool = False, body: dict[str, Any] | None = None
+) -> None:
+    """Bring one adapter's placement and status up to date; ``refresh`` also polls its trainer state.
+
+    ``body`` (the object as the caller just saw it) saves a read for the unlocked first pass; the
+    locked pass always reads the object again."""
     with rt.metrics.reconcile_duration.time():
-        body = await rt.kube.get_adapter(namespace, name)
+        if body is None:
+            body = await rt.kube.get_adapter(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
@@ -29,27 +36,23 @@ async def reconcile(rt: Runtime, namespace: str, name: str, *, refresh: bool = F
         except ValidationError as exc:
             await _write(rt, body, {"phase": "Failed"}, ("Placed", False, "InvalidSpec", str(exc)))
             return
+        if await _settle(rt, body, spec, refresh, may_place=False):
+            return
         async with rt.pool_lock(namespace, spec.pool):
             fresh = await rt.kube.get_adapter(namespace, name)
             if fresh is None or fresh["metadata"].get("deletionTimestamp"):
                 return
-            await _reconcile_locked(rt, fresh, spec, refresh)
+            await _settle(rt, fresh, spec, refresh, may_place=True)
 
 
-async def _reconcile_locked(
-    rt: Runtime, body: dict[str, Any], spec: adapters.AdapterSpec, refresh: bool
-) -> None:
+async def _settle(
+    rt: Runtime, body: dict[str, Any], spec: adapters.AdapterSpec, refresh: bool, *, may_place: bool
+) -> bool:
+    """Act on the adapter's placement; False when it needs (re)placement and ``may_place`` is off."""
     namespace = body["metadata"]["namespace"]
     status = body.get("status") or {}
-    pool_body = await rt.kube.get_pool(namespace, spec.pool)
-    if pool_body is None:
-        await _pending(rt, body, "PoolNotFound", f"TrainerPool {spec.pool} does not exist")
-    assert pool_body is not None
-    pool = pools.parse(pool_body)
-    pods = {
-        v.name: v
-        for v in (placing.view_pod(p, spec.pool) for p in await rt.kube.list_pool_pods(namespace, spec.pool))
-    }
+    views = (placing.view_pod(p, spec.pool) for p in await rt.kube.list_pool_pods(namespace, spec.pool))
+    pods = {v.name: v for v in views}
     current = pods.get(status.get("pod") or "")
     grace = datetime.timedelta(seconds=rt.settings.replace_grace_seconds)
     move, reason = placing.decide(
@@ -57,17 +60,24 @@ async def _reconcile_locked(
     )
     if move is Move.WAIT:
         await _write(rt, body, {}, ("Ready", False, "PodNotReady", reason))
-        return
+        return True
     if move is Move.KEEP and current is not None:
-        stale = status.get("phase") != "Ready" or status.get("observedGeneration") != body["metadata"].get(
-            "generation"
-        )
-        if stale:
+        generation = body["metadata"].get("generation")
+        if status.get("phase") != "Ready" or status.get("observedGeneration") != generation:
+            if not may_place:
+                return False  # a placement may be initialising it right now: decide under the lock
             await _initialize(rt, body, spec, status)
         elif refresh:
             await _refresh(rt, body, spec, status)
-        return
-    await _place(rt, body, spec, pool, pool_body, pods, move, reason)
+        return True
+    if not may_place:
+        return False
+    pool_body = await rt.kube.get_pool(namespace, spec.pool)
+    if pool_body is None:
+        await _pending(rt, body, "PoolNotFound", f"TrainerPool {spec.pool} does not exist")
+    assert pool_body is not None
+    await _place(rt, body, spec, pools.parse(pool_body), pool_body, pods, move, reason)
+    return True
 
 
 async def _place(

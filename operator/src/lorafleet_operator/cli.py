@@ -27,7 +27,7 @@ from lorafleet_operator.trainers import TrainerClient
 async def run(config: settings.OperatorSettings, token: str | None) -> bool:
     """Run until stopped; returns False when the Lease was lost."""
     metrics = OperatorMetrics()
-    api = kube.KubeApi(kube.connect(), relogin=kube.connect)
+    api = kube.KubeApi(kube.connect(), relogin=kube.connect, timeout=config.api_timeout_seconds)
     trainer_client = TrainerClient(metrics, token=token, timeout=config.trainer_timeout_seconds)
     rt = Runtime(config, api, trainer_client, metrics)
     stop_flag = asyncio.Event()

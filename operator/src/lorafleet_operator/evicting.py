@@ -25,6 +25,8 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status = body.get("status") or {}
+    if meta.get("uid") and meta["uid"] in rt.released:
+        return
     try:
         spec = adapters.parse_spec(body)
         delete_weights = spec.deletion_policy == "Delete" or rt.settings.delete_stored_weights
@@ -41,7 +43,7 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
         if status.get("pod"):
             announce(body, "CacheGone", f"Pod {status['pod']} is gone; its cache went with it")
         rt.metrics.evictions.labels(outcome="pod_gone").inc()
-        rt.metrics.set_phase(namespace, name, None)
+        _done(rt, meta)
         return
     try:
         if delete_weights:
@@ -63,14 +65,20 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
                 message=f"Released after {timeout:g}s without a successful eviction: {exc}",
             )
             rt.metrics.evictions.labels(outcome="timeout").inc()
-            rt.metrics.set_phase(namespace, name, None)
+            _done(rt, meta)
             return
         remaining = timeout - elapsed.total_seconds()
         delay = max(0.1, min(rt.settings.pending_backoff_seconds, remaining))
         raise Retry(f"eviction failed: {exc}", delay=delay) from exc
     announce(body, "Evicted", message)
     rt.metrics.evictions.labels(outcome=outcome).inc()
-    rt.metrics.set_phase(namespace, name, None)
+    _done(rt, meta)
+
+
+def _done(rt: Runtime, meta: dict[str, Any]) -> None:
+    rt.metrics.set_phase(meta["namespace"], meta["name"], None)
+    if meta.get("uid"):
+        rt.released.add(meta["uid"])
 
 
 async def _target(

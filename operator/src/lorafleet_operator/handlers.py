@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from lorafleet_operator import adapting, evicting, names, pooling
+from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime
 from lorafleet_operator.settings import OperatorSettings
 
@@ -55,50 +56,65 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.resume(*POOL, registry=registry)
     @kopf.on.create(*POOL, registry=registry)
     @kopf.on.update(*POOL, field="spec", registry=registry)
-    async def pool_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-        await pooling.sync_pool(memo.runtime, namespace or "", name)
+    async def pool_changed(namespace: str | None, name: str, retry: int, memo: Any, **_: Any) -> None:
+        try:
+            await pooling.sync_pool(memo.runtime, namespace or "", name)
+        except ApiError as exc:
+            memo.runtime.metrics.reconcile_errors.inc()
+            raise kopf.TemporaryError(str(exc), delay=backoff(memo.runtime.settings, retry)) from exc
 
     @kopf.timer(*POOL, interval=resync, registry=registry)
     async def pool_resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-        await pooling.sync_pool(memo.runtime, namespace or "", name)
+        with contextlib.suppress(ApiError):  # the next tick tries again
+            await pooling.sync_pool(memo.runtime, namespace or "", name)
 
     @kopf.on.event("", "v1", "pods", labels={names.POOL_LABEL: kopf.PRESENT}, registry=registry)
     async def pod_event(
         type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
     ) -> None:
         # A pod vanished, failed or changed readiness: fix the pool now and move or place the
-        # adapters this affects, rather than waiting for the next resync.
+        # adapters this affects, rather than waiting for the next resync. Other pod updates
+        # (annotations, probes' timestamps) change nothing here and are skipped.
         rt: Runtime = memo.runtime
+        if not rt.pod_changed(body, deleted=type == "DELETED"):
+            return
         pool = labels[names.POOL_LABEL]
-        await pooling.sync_pool(rt, namespace or "", pool)
         pod = body.get("metadata", {}).get("name")
-        for adapter in await rt.kube.list_pool_adapters(namespace or "", pool):
-            status = adapter.get("status") or {}
-            if status.get("pod") in (None, pod) or status.get("phase") == "Pending":
-                # A Pending adapter stays Pending here; its own handler and timer retry it.
-                with contextlib.suppress(Retry):
-                    await adapting.reconcile(rt, namespace or "", adapter["metadata"]["name"])
+        with contextlib.suppress(ApiError):
+            await pooling.sync_pool(rt, namespace or "", pool, ensure_service=False)
+            for adapter in await rt.kube.list_pool_adapters(namespace or "", pool):
+                status = adapter.get("status") or {}
+                if status.get("pod") in (None, pod) or status.get("phase") == "Pending":
+                    # A Pending adapter stays Pending here; its own handler and timer retry it.
+                    with contextlib.suppress(Retry, ApiError):
+                        await adapting.reconcile(
+                            rt, namespace or "", adapter["metadata"]["name"], body=adapter
+                        )
 
     @kopf.on.resume(*ADAPTER, registry=registry)
     @kopf.on.create(*ADAPTER, registry=registry)
     @kopf.on.update(*ADAPTER, field="spec", registry=registry)
-    async def adapter_changed(namespace: str | None, name: str, retry: int, memo: Any, **_: Any) -> None:
+    async def adapter_changed(
+        namespace: str | None, name: str, body: kopf.Body, retry: int, memo: Any, **_: Any
+    ) -> None:
         rt: Runtime = memo.runtime
         try:
-            await adapting.reconcile(rt, namespace or "", name)
+            await adapting.reconcile(rt, namespace or "", name, body=dict(body))
         except Retry as exc:
-            rt.metrics.reconcile_errors.inc()
             raise kopf.TemporaryError(str(exc), delay=exc.delay or backoff(rt.settings, retry)) from exc
+        except ApiError as exc:
+            rt.metrics.reconcile_errors.inc()
+            raise kopf.TemporaryError(str(exc), delay=backoff(rt.settings, retry)) from exc
 
     @kopf.timer(*ADAPTER, interval=resync, registry=registry)
-    async def adapter_resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    async def adapter_resync(namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
         # The next tick retries; the create handler keeps its own backoff.
-        with contextlib.suppress(Retry):
-            await adapting.reconcile(memo.runtime, namespace or "", name, refresh=True)
+        with contextlib.suppress(Retry, ApiError):
+            await adapting.reconcile(memo.runtime, namespace or "", name, refresh=True, body=dict(body))
 
     @kopf.on.delete(*ADAPTER, registry=registry)
     async def adapter_deleted(body: kopf.Body, runtime: datetime.timedelta, memo: Any, **_: Any) -> None:
         try:
             await evicting.release(memo.runtime, dict(body), runtime)
-        except Retry as exc:
-            raise kopf.TemporaryError(str(exc), delay=exc.delay or 1.0) from exc
+        except (Retry, ApiError) as exc:
+            raise kopf.TemporaryError(str(exc), delay=getattr(exc, "delay", None) or 1.0) from exc

@@ -77,9 +77,10 @@ def _spill(data: str | bytes | None, scratch: list[str]) -> str | None:
 class KubeApi:
     """Typed-enough access to the few resources the operator manages."""
 
-    def __init__(self, info: Any, *, relogin: Callable[[], Any] | None = None) -> None:
+    def __init__(self, info: Any, *, relogin: Callable[[], Any] | None = None, timeout: float = 30.0) -> None:
         """``info`` is a kopf ConnectionInfo; ``relogin`` returns a fresh one after a 401."""
         self._relogin = relogin
+        self._timeout = timeout
         self._scratch: list[str] = []
         self._client = self._make_client(info)
 
@@ -93,7 +94,7 @@ class KubeApi:
             headers=headers,
             auth=auth,
             verify=_ssl_context(info, self._scratch),
-            timeout=httpx.Timeout(30.0),
+            timeout=httpx.Timeout(self._timeout),
         )
 
     async def close(self) -> None:
@@ -119,10 +120,15 @@ class KubeApi:
         return response.json() if response.content else {}
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await self._client.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise ApiError(0, f"{method} {path}: {exc!r}") from exc
+        # Reads are safe to repeat, so one that times out or loses its connection is tried again.
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                return await self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt + 1 == attempts:
+                    raise ApiError(0, f"{method} {path}: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     # ---- pods and services -------------------------------------------------------------------
 

@@ -16,7 +16,11 @@ from lorafleet_operator.runtime import Runtime, announce
 logger = logging.getLogger(__name__)
 
 
-async def sync_pool(rt: Runtime, namespace: str, name: str) -> None:
+async def sync_pool(rt: Runtime, namespace: str, name: str, *, ensure_service: bool = True) -> None:
+    """Create missing pods, delete failed and surplus ones, then write the status.
+
+    ``ensure_service`` also (re)creates the headless Service; pod events skip it, the periodic
+    resync does it."""
     body = await rt.kube.get_pool(namespace, name)
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         return  # owner references let Kubernetes remove the pods and the Service
@@ -45,7 +49,8 @@ async def sync_pool(rt: Runtime, namespace: str, name: str) -> None:
             continue  # a terminating pod of this name must go before its successor can be created
         if await rt.kube.create_pod(building.build_pod(pool, ordinal, rt.settings)):
             announce(body, "PodCreated", f"Created pod {names.pod_name(name, ordinal)}")
-    await rt.kube.create_service(building.build_service(pool, rt.settings))
+    if ensure_service:
+        await rt.kube.create_service(building.build_service(pool, rt.settings))
     await _write_status(rt, body, views, replicas)
 
 

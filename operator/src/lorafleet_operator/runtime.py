@@ -15,10 +15,9 @@ from typing import Any, cast
 
 import kopf
 
-from lorafleet_operator import statuses
+from lorafleet_operator import names, placing, statuses
 from lorafleet_operator.kube import KubeApi
 from lorafleet_operator.metrics import OperatorMetrics
-from lorafleet_operator.placing import PodView
 from lorafleet_operator.settings import OperatorSettings
 from lorafleet_operator.trainers import TrainerClient
 
@@ -41,11 +40,16 @@ class Runtime:
     _locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
     # When this operator first saw a pod not Ready (for pods whose Ready condition has no time).
     _unready: dict[str, datetime.datetime] = dataclasses.field(default_factory=dict)
+    # Adapters (by uid) whose deletion this process finished: a stale event that replays the
+    # deletion handler must not send a second eviction.
+    released: set[str] = dataclasses.field(default_factory=set)
+    # The last seen (uid, ready, failed) of each trainer pod, to skip pod events that change neither.
+    _pods: dict[tuple[str, str], tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, pool), asyncio.Lock())
 
-    def unready_since(self, pod: PodView | None) -> datetime.datetime | None:
+    def unready_since(self, pod: placing.PodView | None) -> datetime.datetime | None:
         """Remember when ``pod`` was first seen not Ready; forget it once it is Ready again."""
         if pod is None:
             return None
@@ -55,15 +59,26 @@ class Runtime:
             return None
         return self._unready.setdefault(key, self.clock())
 
+    def pod_changed(self, pod: Mapping[str, Any], *, deleted: bool) -> bool:
+        """Whether this pod event matters for placement: new, gone, or readiness/failure changed."""
+        meta = pod.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if deleted:
+            self._pods.pop(key, None)
+            return True
+        view = placing.view_pod(pod, (meta.get("labels") or {}).get(names.POOL_LABEL, ""))
+        state = (view.uid, view.ready, view.failed, view.terminating, view.ip)
+        if self._pods.get(key) == state:
+            return False
+        self._pods[key] = state
+        return True
+
     async def close(self) -> None:
         await self.trainers.close()
         await self.kube.close()
 
 
 def announce(body: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
-    """Post a Kubernetes Event on ``body`` (kopf queues it; it posts plain dict bodies too)."""
-    target = cast(kopf.Body, body)
-    if warning:
-        kopf.warn(target, reason=reason, message=message)
-    else:
-        kopf.info(target, reason=reason, message=message)
+    """Post a Kubernetes Event on ``body``. kopf.event (not kopf.info) so that kopf's posting level,
+    which only silences kopf's own log-derived Events, never drops LoraFleet's."""
+    kopf.event(cast(kopf.Body, body), type="Warning" if warning else "Normal", reason=reason, message=message)

@@ -36,6 +36,8 @@ class OperatorSettings(BaseSettings):
     pending_backoff_seconds: float = Field(default=2.0, gt=0)
     pending_backoff_max_seconds: float = Field(default=60.0, gt=0)
     trainer_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Per-request timeout of Kubernetes API calls (watches are kopf's and not affected).
+    api_timeout_seconds: float = Field(default=30.0, gt=0)
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=8000, ge=0, le=65535)
     # The bearer token for the trainer API; the same token the pools' auth Secrets hold.

@@ -1,0 +1,204 @@
+"""Fixtures of the operator's handler tests: kmock as the API server, real trainer-shaped HTTP servers.
+
+- ``cluster``: kmock's KubernetesEmulator with the discovery kopf needs (our two resources with a
+  status subresource, pods, services, events, namespaces, CRDs, leases).
+- ``trainers``: the recording trainer app (tests/operator/harness.py) on 127.0.0.10.. (one address
+  per pod ordinal, one port): the other side of the operator's real HTTP client, not a mock of it.
+- ``kubelet``: marks new pods Running and Ready with their ordinal's IP.
+- ``operator``: runs the whole kopf operator with LoraFleet's handlers in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import kmock
+import kopf
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from tests.operator.harness import (
+    ADAPTERS,
+    EVENTS,
+    MAX_PODS,
+    PODS,
+    POOLS,
+    SERVICES,
+    TOKEN,
+    Kubelet,
+    Trainers,
+    free_port,
+    ip_of,
+    trainer_app,
+)
+
+from lorafleet_operator import handlers, kube
+from lorafleet_operator.kube import KubeApi
+from lorafleet_operator.metrics import OperatorMetrics
+from lorafleet_operator.runtime import Runtime
+from lorafleet_operator.settings import OperatorSettings
+from lorafleet_operator.trainers import TrainerClient
+
+
+@pytest.fixture
+async def trainers() -> AsyncIterator[Trainers]:
+    state = Trainers(port=free_port())
+    runner = web.AppRunner(trainer_app(state), access_log=None)
+    await runner.setup()
+    for ordinal in range(MAX_PODS):
+        await web.TCPSite(runner, ip_of(ordinal), state.port).start()
+    yield state
+    await runner.cleanup()
+
+
+RV = "/metadata/resourceVersion"
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus two API-server behaviours kopf relies on: ``metadata.generateName``
+    (kopf posts Events with it) and a ``resourceVersion`` that changes with every write (kopf
+    waits for the version it wrote to come back through the watch before acting again)."""
+
+    versions = itertools.count(1000)
+
+    async def _handle(self, request: kmock.Request) -> web.StreamResponse:
+        data = request.data
+        version = str(next(self.versions))
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:8]}"
+            meta["resourceVersion"] = version
+        elif request.action == kmock.action.UPDATE and isinstance(data, dict):
+            data.setdefault("metadata", {})["resourceVersion"] = version
+        elif request.action == kmock.action.UPDATE and isinstance(data, list):
+            # kmock answers a failed JSON-patch "test" with 500 (a real server: 409, and kopf
+            # re-reads); without that recovery a stale test would block kopf forever, so the
+            # optimistic-concurrency check is left to the e2e tests on a real API server.
+            data[:] = [op for op in data if not (op.get("op") == "test" and op.get("path") == RV)]
+            data.append({"op": "replace", "path": RV, "value": version})
+        return await super()._handle(request)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with Emulator() as emulator, kmock.Server(emulator):
+        _declare(emulator)
+        yield emulator
+
+
+def _declare(kmock: kmock.KubernetesEmulator) -> None:
+    verbs = {"list", "watch", "get", "create", "patch", "update", "delete"}
+    kmock.resources[POOLS] = kmock.ResourceInfo(
+        kind="TrainerPool", namespaced=True, verbs=verbs, subresources={"status"}
+    )
+    kmock.resources[ADAPTERS] = kmock.ResourceInfo(
+        kind="LoraAdapter", namespaced=True, verbs=verbs, subresources={"status"}
+    )
+    kmock.resources[PODS] = kmock.ResourceInfo(
+        kind="Pod", namespaced=True, verbs=verbs, subresources={"status"}
+    )
+    kmock.resources[SERVICES] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=verbs)
+    kmock.resources[EVENTS] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=verbs)
+    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=verbs)
+    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=verbs
+    )
+    kmock.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
+        kind="Lease", namespaced=True, verbs=verbs
+    )
+
+
+@pytest.fixture
+async def kubelet(cluster: kmock.KubernetesEmulator) -> AsyncIterator[Kubelet]:
+    kubelet = Kubelet(cluster)
+    task = asyncio.create_task(kubelet.run())
+    yield kubelet
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def settings(trainers: Trainers, tmp_path: Path) -> OperatorSettings:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    return OperatorSettings(
+        trainer_port=trainers.port,
+        resync_seconds=2.0,
+        replace_grace_seconds=1.0,
+        eviction_timeout_seconds=1.5,
+        pending_backoff_seconds=0.2,
+        pending_backoff_max_seconds=0.5,
+        trainer_timeout_seconds=2.0,
+        api_timeout_seconds=2.0,
+        auth_token_file=token_file,
+        leader_election=False,
+    )
+
+
+@pytest.fixture
+async def operator(
+    cluster: kmock.KubernetesEmulator,
+    kubelet: Kubelet,
+    settings: OperatorSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Runtime]:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.url).rstrip("/")}}],
+                "users": [{"name": "test", "user": {"token": "kube-token"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+                "current-context": "kmock",
+            }
+        ),
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    metrics = OperatorMetrics(CollectorRegistry())
+    rt = Runtime(
+        settings,
+        KubeApi(kube.connect(), timeout=settings.api_timeout_seconds),
+        TrainerClient(metrics, token=settings.auth_token(), timeout=settings.trainer_timeout_seconds),
+        metrics,
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, settings)
+
+    @kopf.on.startup(registry=registry)
+    def quick_exit(settings: kopf.OperatorSettings, **_: object) -> None:
+        # Tests stop the operator after every scenario; do not linger over idle workers.
+        settings.queueing.exit_timeout = 0.5
+        settings.queueing.idle_timeout = 0.5
+        settings.background.instant_exit_timeout = 0.1
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=True,
+            memo=kopf.Memo(runtime=rt),
+            stop_flag=stop,
+            ready_flag=ready,
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        yield rt
+    finally:
+        stop.set()
+        # kopf ends its root task by cancelling it once the stop flag is seen.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        await rt.close()

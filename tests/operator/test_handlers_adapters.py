@@ -1,0 +1,230 @@
+"""LoraAdapter handlers against kmock with real trainer-shaped HTTP servers: placement, re-placement,
+Pending, deletion with eviction, and restart safety."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import kmock
+from tests.operator.harness import (
+    ADAPTERS,
+    EVENTS,
+    NS,
+    PODS,
+    POOLS,
+    TOKEN,
+    Kubelet,
+    Trainers,
+    adapter_manifest,
+    create,
+    delete,
+    eventually,
+    ip_of,
+    live,
+    patch,
+    pool_manifest,
+)
+
+from lorafleet_operator.runtime import Runtime
+
+
+def statuses(cluster: kmock.KubernetesEmulator) -> dict[str, dict[str, Any]]:
+    return {name: obj.get("status") or {} for name, obj in live(cluster, ADAPTERS).items()}
+
+
+def all_ready(cluster: kmock.KubernetesEmulator, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    found = statuses(cluster)
+    ok = all(found.get(n, {}).get("phase") == "Ready" for n in names)
+    return found if ok else None
+
+
+def events(cluster: kmock.KubernetesEmulator, reason: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in live(cluster, EVENTS).values()
+        if e.get("reason") == reason and (name is None or e.get("involvedObject", {}).get("name") == name)
+    ]
+
+
+async def pool_ready(cluster: kmock.KubernetesEmulator, name: str, replicas: int) -> None:
+    await eventually(
+        lambda: (live(cluster, POOLS)[name].get("status") or {}).get("readyReplicas") == replicas,
+        what=f"{replicas} ready pods",
+    )
+
+
+async def test_ten_adapters_spread_five_five_and_a_new_pod_gets_only_new_ones(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+    await pool_ready(cluster, "demo", 2)
+    first = [f"a{i}" for i in range(10)]
+    for name in first:
+        await create(cluster, ADAPTERS, adapter_manifest(name))
+    found = await eventually(lambda: all_ready(cluster, first), timeout=20, what="10 Ready adapters")
+    assert Counter(found[n]["pod"] for n in first) == {"demo-0": 5, "demo-1": 5}
+    for name in first:
+        status = found[name]
+        ordinal = int(status["pod"].rsplit("-", 1)[1])
+        assert status["endpoint"] == f"http://{ip_of(ordinal)}:{trainers.port}"
+        assert status["epoch"] == 1
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Ready"]["status"] == "True"
+        assert conditions["Placed"]["reason"] == "Placed"
+        inits = trainers.inits(name)
+        assert inits, name
+        assert {(c.ip, c.body["epoch"]) for c in inits} == {(ip_of(ordinal), 1)}
+        assert inits[0].body["lora"] == {
+            "rank": 8,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "target_modules": ["q_proj"],
+        }
+        assert inits[0].auth == f"Bearer {TOKEN}"
+
+    # A third pod: warm caches stay where they are, new adapters go to the empty pod.
+    await patch(cluster, POOLS, "demo", {"spec": {"replicas": 3}})
+    await pool_ready(cluster, "demo", 3)
+    later = ["b0", "b1", "b2"]
+    for name in later:
+        await create(cluster, ADAPTERS, adapter_manifest(name))
+    found = await eventually(lambda: all_ready(cluster, first + later), timeout=20, what="new adapters Ready")
+    assert {found[n]["pod"] for n in later} == {"demo-2"}
+    assert Counter(found[n]["pod"] for n in first) == {"demo-0": 5, "demo-1": 5}
+    assert {
+        c.path.rsplit("/", 1)[1] for c in trainers.calls if c.ip == ip_of(2) and c.method == "PUT"
+    } == set(later)
+    pool_status = await eventually(
+        lambda: (
+            (s := live(cluster, POOLS)["demo"]["status"])
+            and [p["adapters"] for p in s["pods"]] == [5, 5, 3]
+            and s
+        ),
+        what="per-pod adapter counts",
+    )
+    assert pool_status["pods"][2]["cacheBytes"] == 3000
+
+
+async def test_deleting_a_pod_replaces_its_adapters_with_epoch_two(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+    await pool_ready(cluster, "demo", 2)
+    names = [f"a{i}" for i in range(4)]
+    for name in names:
+        await create(cluster, ADAPTERS, adapter_manifest(name))
+    found = await eventually(lambda: all_ready(cluster, names), what="4 Ready")
+    moved = sorted(n for n in names if found[n]["pod"] == "demo-0")
+    stayed = sorted(n for n in names if found[n]["pod"] == "demo-1")
+    assert len(moved) == 2 and len(stayed) == 2
+
+    kubelet.held.add("demo-0")  # the replacement pod does not become Ready in this test
+    await delete(cluster, PODS, "demo-0")
+    found = await eventually(
+        lambda: (
+            (s := statuses(cluster))
+            and all(s[n].get("epoch") == 2 and s[n].get("phase") == "Ready" for n in moved)
+            and s
+        ),
+        what="re-placed with epoch 2",
+    )
+    assert {found[n]["pod"] for n in moved} == {"demo-1"}
+    assert all(found[n]["epoch"] == 1 and found[n]["pod"] == "demo-1" for n in stayed)
+    for name in moved:
+        assert [c.body["epoch"] for c in trainers.inits(name) if c.ip == ip_of(1)] == [2]
+        (event,) = await eventually(
+            lambda n=name: events(cluster, "Rescheduled", n), what="Rescheduled event"
+        )
+        assert "epoch 2" in event["message"] and event["type"] == "Warning"
+    assert operator.metrics.reschedules._value.get() == 2
+
+
+async def test_no_ready_pod_leaves_adapter_pending_until_one_is_ready(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    kubelet.held.add("demo-0")
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    status = await eventually(
+        lambda: statuses(cluster).get("alice", {}).get("phase") == "Pending" and statuses(cluster)["alice"],
+        what="Pending",
+    )
+    placed = {c["type"]: c for c in status["conditions"]}["Placed"]
+    assert (placed["status"], placed["reason"]) == ("False", "NoReadyPod")
+    assert "no Ready pod" in placed["message"]
+    assert trainers.inits("alice") == []
+    kubelet.held.discard("demo-0")
+    status = await eventually(lambda: all_ready(cluster, ["alice"]), what="placed once a pod is Ready")
+    assert status["alice"]["pod"] == "demo-0" and status["alice"]["epoch"] == 1
+
+
+async def test_missing_pool_is_pending_with_reason(
+    cluster: kmock.KubernetesEmulator, operator: Runtime
+) -> None:
+    await create(cluster, ADAPTERS, adapter_manifest("orphan", pool="nope"))
+    status = await eventually(
+        lambda: statuses(cluster).get("orphan", {}).get("conditions") and statuses(cluster)["orphan"],
+        what="status",
+    )
+    assert status["phase"] == "Pending"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Placed"] == "PoolNotFound"
+
+
+async def test_delete_sends_one_eviction_to_the_holding_pod(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+    await pool_ready(cluster, "demo", 2)
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    await create(cluster, ADAPTERS, adapter_manifest("carol", deletionPolicy="Delete"))
+    found = await eventually(lambda: all_ready(cluster, ["alice", "carol"]), what="Ready")
+    holder = ip_of(int(found["alice"]["pod"].rsplit("-", 1)[1]))
+    await delete(cluster, ADAPTERS, "alice")
+    await eventually(lambda: "alice" not in live(cluster, ADAPTERS), what="alice gone")
+    evictions = trainers.of("DELETE", f"/v1/adapters/{NS}/alice/cache")
+    assert [c.ip for c in evictions] == [holder]
+    await eventually(lambda: events(cluster, "Evicted", "alice"), what="Evicted event")
+    # deletionPolicy: Delete removes the stored adapter instead (one call, no separate eviction).
+    await delete(cluster, ADAPTERS, "carol")
+    await eventually(lambda: "carol" not in live(cluster, ADAPTERS), what="carol gone")
+    assert len(trainers.of("DELETE", f"/v1/adapters/{NS}/carol")) == 1
+    assert trainers.of("DELETE", f"/v1/adapters/{NS}/carol/cache") == []
+    assert operator.metrics.evictions.labels(outcome="evicted")._value.get() == 1
+    assert operator.metrics.evictions.labels(outcome="deleted")._value.get() == 1
+
+
+async def test_delete_with_the_pod_gone_releases_at_once(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready")
+    # Stop the operator's view of the pod: it is deleted and its replacement never becomes Ready.
+    kubelet.held.add("demo-0")
+    await patch(cluster, POOLS, "demo", {"spec": {"replicas": 0}})
+    await eventually(lambda: "demo-0" not in live(cluster, PODS), what="pod gone")
+    await delete(cluster, ADAPTERS, "alice")
+    await eventually(lambda: "alice" not in live(cluster, ADAPTERS), timeout=5, what="alice released")
+    assert trainers.of("DELETE", "/cache") == []
+    (event,) = await eventually(lambda: events(cluster, "CacheGone", "alice"), what="CacheGone event")
+    assert "demo-0 is gone" in event["message"]
+
+
+async def test_delete_with_a_failing_trainer_releases_after_the_timeout(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready")
+    trainers.failing.add(ip_of(0))
+    loop_time = __import__("asyncio").get_running_loop().time
+    started = loop_time()
+    await delete(cluster, ADAPTERS, "alice")
+    await eventually(
+        lambda: "alice" not in live(cluster, ADAPTERS), timeout=10, what="released after timeout"
+    )
+    assert loop_time() - started >= operator.settings.eviction_timeout_seconds
+    assert len(trainers.of("DELETE", "/alice/cache")) >= 2  # it retried before giving up
+    (event,) = await eventually(lambda: events(cluster, "EvictionTimedOut", "alice"), what="timeout event")
+    assert event["type"] == "Warning" and "503" in event["message"]
