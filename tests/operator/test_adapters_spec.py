@@ -16,6 +16,7 @@ def test_init_request_is_snake_case_with_epoch() -> None:
     assert adapters.init_request(spec, 3) == {
         "lora": {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj"]},
         "epoch": 3,
+        "cache": {"pinned": False},
         "training": {"learning_rate": 1e-4, "teacher_top_k": 20},
     }
 
@@ -24,6 +25,8 @@ def test_defaults_and_no_training_key_when_unset() -> None:
     spec = adapters.parse_spec({"spec": {"pool": "demo"}})
     assert spec.deletion_policy == "Retain" and spec.cache.pinned is False
     assert "training" not in adapters.init_request(spec, 1)
+    pinned = adapters.parse_spec({"spec": {"pool": "demo", "cache": {"pinned": True}}})
+    assert adapters.init_request(pinned, 1)["cache"] == {"pinned": True}
 
 
 def test_bad_spec_names_the_field() -> None:

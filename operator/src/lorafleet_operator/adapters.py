@@ -51,10 +51,12 @@ def parse_spec(body: dict[str, Any]) -> AdapterSpec:
 
 
 def init_request(spec: AdapterSpec, epoch: int) -> dict[str, Any]:
-    """The body of ``PUT /v1/adapters/{ns}/{name}``: snake_case, training fields only when set."""
+    """The body of ``PUT /v1/adapters/{ns}/{name}``: snake_case, training fields only when set (the
+    trainer's own defaults fill the rest), and the cache pinning from ``spec.cache``."""
     body: dict[str, Any] = {
         "lora": spec.lora.model_dump(by_alias=False),
         "epoch": epoch,
+        "cache": {"pinned": spec.cache.pinned},
     }
     training = spec.training.model_dump(by_alias=False, exclude_none=True)
     if training:
