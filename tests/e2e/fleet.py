@@ -46,6 +46,7 @@ class Fleet:
     metrics_port: int
     token: str = ""
     operator_pod: str = ""
+    targets: int = 0  # trainer pods Prometheus was last pointed at
     figures: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -153,12 +154,18 @@ class Fleet:
                 address = urllib.parse.urlsplit(self.trainer_url(pod["metadata"]["name"])).netloc
                 targets[address] = {"namespace": self.namespace, "pod": pod["metadata"]["name"]}
         self.prometheus.set_targets(targets)
+        self.targets = len(targets)
 
     def scraped(self, promql: str, since: float) -> float:
         """A PromQL value from scrapes of every trainer that all happened after `since` (unix time)."""
-        fresh = f'min(timestamp(up{{job="lorafleet-trainers"}})) > {since}'
+        # Prometheus picks up file_sd changes asynchronously: a target it has not discovered yet would
+        # be missing from both the freshness check and the sum, so count the fresh targets too.
+        up = 'up{job="lorafleet-trainers"}'
+        fresh = f"count(timestamp({up}) > {since}) == {self.targets}"
         eventually(
-            f"a scrape of every trainer after {since:.0f}", lambda: self.prometheus.query(fresh), timeout=60
+            f"a scrape of all {self.targets} trainers after {since:.0f}",
+            lambda: self.prometheus.query(fresh),
+            timeout=60,
         )
         value = self.prometheus.value(promql)
         return 0.0 if value is None else value
