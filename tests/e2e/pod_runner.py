@@ -64,7 +64,9 @@ class PodRunner:
             self.workers.clear()
         for worker in workers:
             worker.stop()
-        self.thread.join(timeout=40)
+        # The watch thread notices `stopping` at its next event or its 20 s watch timeout; waiting
+        # for that would only slow teardown. It starts no processes, so it may outlive stop().
+        self.thread.join(timeout=1)
 
     def allocate_ip(self) -> str:
         with self.lock:
