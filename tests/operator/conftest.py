@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import kmock
@@ -86,11 +86,23 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+@contextlib.asynccontextmanager
+async def emulator() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with Emulator() as handler, kmock.Server(handler):
+        _declare(handler)
+        yield handler
+
+
 @pytest.fixture
 async def cluster() -> AsyncIterator[kmock.KubernetesEmulator]:
-    async with Emulator() as emulator, kmock.Server(emulator):
-        _declare(emulator)
-        yield emulator
+    async with emulator() as handler:
+        yield handler
+
+
+@pytest.fixture
+def spare_cluster() -> Callable[[], contextlib.AbstractAsyncContextManager[kmock.KubernetesEmulator]]:
+    """Another emulator, for a test that moves the cluster's state to a fresh API server."""
+    return emulator
 
 
 def _declare(kmock: kmock.KubernetesEmulator) -> None:
@@ -142,63 +154,80 @@ def settings(trainers: Trainers, tmp_path: Path) -> OperatorSettings:
     )
 
 
+OperatorStarter = Callable[..., contextlib.AbstractAsyncContextManager[Runtime]]
+
+
 @pytest.fixture
-async def operator(
+def start_operator(
     cluster: kmock.KubernetesEmulator,
     kubelet: Kubelet,
     settings: OperatorSettings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[Runtime]:
+) -> OperatorStarter:
+    """Starts a whole operator (fresh registry, clients and memory) each time it is entered,
+    against ``cluster`` or another emulator passed as ``api``."""
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.url).rstrip("/")}}],
-                "users": [{"name": "test", "user": {"token": "kube-token"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
-                "current-context": "kmock",
-            }
-        ),
-        encoding="utf-8",
-    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    metrics = OperatorMetrics(CollectorRegistry())
-    rt = Runtime(
-        settings,
-        KubeApi(kube.connect(), timeout=settings.api_timeout_seconds),
-        TrainerClient(metrics, token=settings.auth_token(), timeout=settings.trainer_timeout_seconds),
-        metrics,
-    )
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry, settings)
 
-    @kopf.on.startup(registry=registry)
-    def quick_exit(settings: kopf.OperatorSettings, **_: object) -> None:
-        # Tests stop the operator after every scenario; do not linger over idle workers.
-        settings.queueing.exit_timeout = 0.5
-        settings.queueing.idle_timeout = 0.5
-        settings.background.instant_exit_timeout = 0.1
-
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        kopf.operator(
-            registry=registry,
-            standalone=True,
-            clusterwide=True,
-            memo=kopf.Memo(runtime=rt),
-            stop_flag=stop,
-            ready_flag=ready,
+    @contextlib.asynccontextmanager
+    async def started(api: kmock.KubernetesEmulator | None = None) -> AsyncIterator[Runtime]:
+        server = str((api or cluster).url).rstrip("/")
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+                    "users": [{"name": "test", "user": {"token": "kube-token"}}],
+                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+                    "current-context": "kmock",
+                }
+            ),
+            encoding="utf-8",
         )
-    )
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
+        metrics = OperatorMetrics(CollectorRegistry())
+        rt = Runtime(
+            settings,
+            KubeApi(kube.connect(), timeout=settings.api_timeout_seconds),
+            TrainerClient(metrics, token=settings.auth_token(), timeout=settings.trainer_timeout_seconds),
+            metrics,
+        )
+        registry = kopf.OperatorRegistry()
+        handlers.register(registry, settings)
+
+        @kopf.on.startup(registry=registry)
+        def quick_exit(settings: kopf.OperatorSettings, **_: object) -> None:
+            # Tests stop the operator after every scenario; do not linger over idle workers.
+            settings.queueing.exit_timeout = 0.5
+            settings.queueing.idle_timeout = 0.5
+            settings.background.instant_exit_timeout = 0.1
+
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=True,
+                memo=kopf.Memo(runtime=rt),
+                stop_flag=stop,
+                ready_flag=ready,
+            )
+        )
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            yield rt
+        finally:
+            stop.set()
+            # kopf ends its root task by cancelling it once the stop flag is seen.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+            await rt.close()
+
+    return started
+
+
+@pytest.fixture
+async def operator(start_operator: OperatorStarter) -> AsyncIterator[Runtime]:
+    async with start_operator() as rt:
         yield rt
-    finally:
-        stop.set()
-        # kopf ends its root task by cancelling it once the stop flag is seen.
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
-        await rt.close()

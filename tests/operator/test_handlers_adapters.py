@@ -3,6 +3,7 @@ Pending, deletion with eviction, and restart safety."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -228,3 +229,54 @@ async def test_delete_with_a_failing_trainer_releases_after_the_timeout(
     assert len(trainers.of("DELETE", "/alice/cache")) >= 2  # it retried before giving up
     (event,) = await eventually(lambda: events(cluster, "EvictionTimedOut", "alice"), what="timeout event")
     assert event["type"] == "Warning" and "503" in event["message"]
+
+
+async def test_restart_places_nothing_twice_and_loses_no_deletion(
+    cluster: kmock.KubernetesEmulator, start_operator: Any, spare_cluster: Any, trainers: Trainers
+) -> None:
+    names = ["a0", "a1", "a2"]
+    async with start_operator():
+        await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+        await pool_ready(cluster, "demo", 2)
+        for name in names:
+            await create(cluster, ADAPTERS, adapter_manifest(name))
+        before = await eventually(lambda: all_ready(cluster, names), what="Ready before restart")
+    # The cluster state moves to a fresh emulator (kmock was seen to stop answering requests once
+    # the first operator's watchers had gone); the restarted operator finds what the first left.
+    async with spare_cluster() as restarted:
+        for key, obj in list(cluster.objects.items()):
+            if not obj.deleted:
+                restarted.objects[key] = dict(obj.raw)
+        # While no operator runs, an adapter is deleted: its finalizer keeps it until one is back.
+        await delete(restarted, ADAPTERS, "a2")
+        assert "a2" in live(restarted, ADAPTERS)
+        inits_before = len(trainers.of("PUT"))
+        async with start_operator(restarted) as second:
+            await eventually(
+                lambda: "a2" not in live(restarted, ADAPTERS), what="deletion done after restart"
+            )
+            ready = second.metrics.adapters.labels(phase="Ready")
+            await eventually(lambda: ready._value.get() == 2, what="resumed")
+            await asyncio.sleep(2 * second.settings.resync_seconds)  # let the timers look again
+        after = statuses(restarted)
+    for name in ["a0", "a1"]:
+        assert (after[name]["pod"], after[name]["epoch"]) == (before[name]["pod"], before[name]["epoch"])
+    assert len(trainers.of("PUT")) == inits_before  # nothing placed or initialised again
+    assert len(trainers.of("DELETE", f"/v1/adapters/{NS}/a2/cache")) == 1
+
+
+async def test_trainer_refusing_the_config_fails_the_adapter(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    # The store already holds "alice" with another shape (e.g. created by an earlier object).
+    trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": {"rank": 64}, "epoch": 1, "version": 9}}
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    status = await eventually(
+        lambda: statuses(cluster).get("alice", {}).get("phase") == "Failed" and statuses(cluster)["alice"],
+        what="Failed",
+    )
+    initialized = {c["type"]: c for c in status["conditions"]}["Initialized"]
+    assert (initialized["status"], initialized["reason"]) == ("False", "InitRejected")
+    assert "409" in initialized["message"] and "lora" in initialized["message"]
+    await eventually(lambda: events(cluster, "InitRejected", "alice"), what="InitRejected event")

@@ -149,8 +149,8 @@ async def _initialize(
     except trainers.TrainerError as exc:
         if exc.status in (409, 422):
             # The trainer refuses this config (e.g. stored weights of another shape): retrying cannot help.
-            await _write(rt, body, {"phase": "Failed"}, ("Initialized", False, "InitRejected", exc.message))
-            announce(body, "InitRejected", warning=True, message=exc.message)
+            await _write(rt, body, {"phase": "Failed"}, ("Initialized", False, "InitRejected", str(exc)))
+            announce(body, "InitRejected", warning=True, message=str(exc))
             return
         await _write(rt, body, {}, ("Initialized", False, "TrainerUnavailable", exc.message))
         raise Retry(f"init on {status['pod']} failed: {exc}") from exc
