@@ -1,0 +1,72 @@
+"""Leader election: the pure Lease claim rules, and two replicas contending for one Lease on kmock."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import kmock
+import kopf
+
+from lorafleet_operator import leading
+from lorafleet_operator.kube import KubeApi
+
+T0 = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+
+
+def held_by(holder: str, renewed: datetime.datetime, duration: int = 15) -> dict[str, Any]:
+    stamp = renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {
+        "metadata": {"name": "op", "namespace": "ops", "resourceVersion": "7"},
+        "spec": {"holderIdentity": holder, "renewTime": stamp, "leaseDurationSeconds": duration},
+    }
+
+
+def test_claim_a_free_lease() -> None:
+    body = leading.claim(None, "me", T0, 15)
+    assert body is not None
+    assert body["spec"]["holderIdentity"] == "me"
+    assert body["spec"]["leaseDurationSeconds"] == 15
+    assert body["spec"]["leaseTransitions"] == 0
+
+
+def test_a_valid_lease_of_another_holder_is_respected() -> None:
+    lease = held_by("other", T0)
+    assert leading.claim(lease, "me", T0 + datetime.timedelta(seconds=10), 15) is None
+
+
+def test_an_expired_lease_is_taken_over_keeping_the_resource_version() -> None:
+    lease = held_by("other", T0)
+    body = leading.claim(lease, "me", T0 + datetime.timedelta(seconds=16), 15)
+    assert body is not None
+    assert body["spec"]["holderIdentity"] == "me"
+    assert body["spec"]["leaseTransitions"] == 1
+    # The update carries the version it read, so a concurrent taker gets a conflict.
+    assert body["metadata"]["resourceVersion"] == "7"
+
+
+def test_the_holder_renews() -> None:
+    body = leading.claim(held_by("me", T0), "me", T0 + datetime.timedelta(seconds=5), 15)
+    assert body is not None and body["spec"]["renewTime"].startswith("2026-01-01T12:00:05")
+
+
+async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEmulator) -> None:
+    info = kopf.ConnectionInfo(server=str(cluster.url).rstrip("/"))
+    first_api, second_api = KubeApi(info), KubeApi(info)
+    first_has, second_has = asyncio.Event(), asyncio.Event()
+    options = {"namespace": "ops", "name": "lorafleet-operator", "duration": 1.0}
+    first = asyncio.create_task(leading.hold(first_api, identity="first", acquired=first_has, **options))
+    await asyncio.wait_for(first_has.wait(), 5)
+    second = asyncio.create_task(leading.hold(second_api, identity="second", acquired=second_has, **options))
+    await asyncio.sleep(1.5)
+    assert not second_has.is_set()  # the first keeps renewing
+    first.cancel()  # the leader dies without releasing
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.wait_for(second_has.wait(), 5)
+    lease = await second_api.get_lease("ops", "lorafleet-operator")
+    assert lease is not None and lease["spec"]["holderIdentity"] == "second"
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    await first_api.close()
+    await second_api.close()
