@@ -280,3 +280,54 @@ async def test_trainer_refusing_the_config_fails_the_adapter(
     assert (initialized["status"], initialized["reason"]) == ("False", "InitRejected")
     assert "409" in initialized["message"] and "lora" in initialized["message"]
     await eventually(lambda: events(cluster, "InitRejected", "alice"), what="InitRejected event")
+
+
+async def test_scale_down_replaces_adapters_of_removed_pods(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+    await pool_ready(cluster, "demo", 2)
+    names = ["a0", "a1", "a2", "a3"]
+    for name in names:
+        await create(cluster, ADAPTERS, adapter_manifest(name))
+    before = await eventually(lambda: all_ready(cluster, names), what="Ready")
+    moved = [n for n in names if before[n]["pod"] == "demo-1"]
+    await patch(cluster, POOLS, "demo", {"spec": {"replicas": 1}})
+    after = await eventually(
+        lambda: (
+            (s := statuses(cluster))
+            and all(s[n].get("pod") == "demo-0" and s[n]["phase"] == "Ready" for n in names)
+            and s
+        ),
+        what="all on demo-0",
+    )
+    assert sorted(n for n in names if after[n]["epoch"] == 2) == sorted(moved)
+    assert "demo-1" not in live(cluster, PODS)
+
+
+async def test_pod_not_ready_beyond_the_grace_period_moves_its_adapters(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2))
+    await pool_ready(cluster, "demo", 2)
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    first = (await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready"))["alice"]
+    ordinal = int(first["pod"].rsplit("-", 1)[1])
+    not_ready = {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    await kubelet.patch(NS, first["pod"], not_ready)
+    # Within the grace period the adapter waits where its cache is warm...
+    waiting = await eventually(
+        lambda: (
+            (s := statuses(cluster)["alice"])
+            and {c["type"]: c["reason"] for c in s["conditions"]}["Ready"] == "PodNotReady"
+            and s
+        ),
+        what="PodNotReady",
+    )
+    assert waiting["pod"] == first["pod"] and waiting["epoch"] == 1
+    # ...and after it, moves to the other pod with the next epoch.
+    moved = await eventually(
+        lambda: (s := statuses(cluster)["alice"]) and s.get("epoch") == 2 and s["phase"] == "Ready" and s,
+        what="moved after grace",
+    )
+    assert moved["pod"] == f"demo-{1 - ordinal}"
