@@ -70,6 +70,8 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> web.StreamResponse:
         data = request.data
         version = str(next(self.versions))
+        if request.method == kmock.method.PUT and request.resource is not None and request.name:
+            return self._replace(request, version)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -84,6 +86,22 @@ class Emulator(kmock.KubernetesEmulator):
             data[:] = [op for op in data if not (op.get("op") == "test" and op.get("path") == RV)]
             data.append({"op": "replace", "path": RV, "value": version})
         return await super()._handle(request)
+
+    def _replace(self, request: kmock.Request, version: str) -> web.StreamResponse:
+        """PUT (kmock has none), with the API server's optimistic concurrency: 409 on a stale
+        resourceVersion. Used for Leases only, which nothing watches, so no watch event is sent."""
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return web.json_response({"kind": "Status", "code": 404, "message": "not found"}, status=404)
+        stored = self.objects[key].raw.get("metadata", {}).get("resourceVersion")
+        sent = (request.data.get("metadata") or {}).get("resourceVersion")
+        if sent != stored:
+            message = f"the object has been modified ({sent} != {stored})"
+            return web.json_response({"kind": "Status", "code": 409, "message": message}, status=409)
+        body = dict(request.data)
+        body["metadata"] = {**body["metadata"], "resourceVersion": version}
+        self.objects[key] = body
+        return web.json_response(body)
 
 
 @contextlib.asynccontextmanager

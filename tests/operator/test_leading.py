@@ -70,3 +70,21 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
     await asyncio.gather(second, return_exceptions=True)
     await first_api.close()
     await second_api.close()
+
+
+async def test_a_stale_update_loses(cluster: kmock.KubernetesEmulator) -> None:
+    api = KubeApi(kopf.ConnectionInfo(server=str(cluster.url).rstrip("/")))
+    first = leading.claim(None, "a", T0, 15)
+    assert first is not None
+    first["metadata"] = {"namespace": "ops", "name": "l"}
+    assert await api.create_lease(first)
+    read = await api.get_lease("ops", "l")
+    assert read is not None
+    renewed = leading.claim(read, "a", T0 + datetime.timedelta(seconds=1), 15)
+    assert renewed is not None and await api.replace_lease(renewed)
+    # A contender still holding the older version cannot overwrite the renewal.
+    stale = leading.claim(read, "b", T0 + datetime.timedelta(seconds=30), 15)
+    assert stale is not None and not await api.replace_lease(stale)
+    final = await api.get_lease("ops", "l")
+    assert final is not None and final["spec"]["holderIdentity"] == "a"
+    await api.close()

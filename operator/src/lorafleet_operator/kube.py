@@ -7,7 +7,7 @@ Helm chart grants is exactly this list. Calls made here:
 - services (core/v1): create
 - trainerpools.lorafleet.io: get; trainerpools/status: patch
 - loraadapters.lorafleet.io: list, get; loraadapters/status: patch
-- leases.coordination.k8s.io (the operator's namespace): get, create, patch
+- leases.coordination.k8s.io (the operator's namespace): get, create, update
 
 kopf itself additionally needs: list/watch/patch on trainerpools and loraadapters (it adds the
 finalizer and keeps its progress in annotations), list/watch on pods, create on events (core/v1 and
@@ -226,19 +226,11 @@ class KubeApi:
         return await self._create(self._lease(lease["metadata"]["namespace"]), lease)
 
     async def replace_lease(self, lease: dict[str, Any]) -> bool:
-        """Update a lease; False when someone else changed it first (resourceVersion conflict).
-
-        A merge patch that carries ``metadata.resourceVersion`` is checked against the stored
-        version by the API server, exactly like a PUT, and needs only the ``patch`` verb."""
+        """Update (PUT) a lease; False when someone else changed it first: the body carries the
+        resourceVersion it was read at, and the API server answers 409 when that is stale."""
         meta = lease["metadata"]
-        body = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "spec": lease["spec"]}
         try:
-            await self._call(
-                "PATCH",
-                self._lease(meta["namespace"], meta["name"]),
-                json=body,
-                headers={"Content-Type": MERGE_PATCH},
-            )
+            await self._call("PUT", self._lease(meta["namespace"], meta["name"]), json=lease)
         except Conflict:
             return False
         return True
