@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -94,18 +95,31 @@ class Fleet:
         secret = self.kube.get("secret", volume["secret"]["secretName"], "-n", self.namespace)
         return base64.b64decode(secret["data"][token_file.rsplit("/", 1)[1]]).decode()
 
-    def uninstall(self) -> None:
+    def uninstall(self, timeout: float = 90) -> None:
+        """Delete the custom resources (the operator still runs to release their finalizers), then
+        `helm uninstall`. Bounded: a broken operator must not hang a teardown."""
         self.prometheus.stop()
-        self.kube.kubectl(
-            "delete",
-            "loraadapters,trainerpools",
-            "--all",
-            "-n",
-            self.namespace,
-            "--timeout=120s",
+        ns = ("-n", self.namespace)
+        self.kube.kubectl("delete", "loraadapters,trainerpools", "--all", *ns, "--wait=false", check=False)
+        try:
+            eventually(
+                "the custom resources to go",
+                lambda: not self.kube.get("loraadapters,trainerpools", *ns)["items"],
+                timeout=timeout,
+                interval=1.0,
+            )
+        except AssertionError as exc:
+            print(f"teardown: {exc}", file=sys.stderr)
+        self.kube.helm(
+            "uninstall",
+            RELEASE,
+            *ns,
+            "--wait",
+            "--timeout",
+            f"{int(timeout)}s",
             check=False,
+            timeout=timeout + 30,
         )
-        self.kube.helm("uninstall", RELEASE, "--namespace", self.namespace, "--wait", check=False)
 
     def adapter(self, name: str) -> dict[str, Any]:
         return dict(self.kube.get("loraadapter", name, "-n", self.namespace))
