@@ -41,7 +41,8 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
     target = await _target(rt, namespace, status, pool, delete_weights)
     if target is None:
         if status.get("pod"):
-            announce(body, "CacheGone", f"Pod {status['pod']} is gone; its cache went with it")
+            kept = " (no Ready pod to delete the stored weights; they are kept)" if delete_weights else ""
+            announce(body, "CacheGone", f"Pod {status['pod']} is gone; its cache went with it{kept}")
         rt.metrics.evictions.labels(outcome="pod_gone").inc()
         _done(rt, meta)
         return
@@ -92,7 +93,8 @@ async def _target(
         if pod is not None:
             view = placing.view_pod(pod, pool)
             same = not status.get("podUID") or not view.uid or view.uid == status["podUID"]
-            if same and view.ip and not view.failed:
+            # A terminating pod takes its cache with it; calling it would only delay namespace deletion.
+            if same and view.ip and not view.failed and not view.terminating:
                 return trainers.endpoint(view.ip, rt.settings.trainer_port)
     if delete_weights and pool:
         for pod in await rt.kube.list_pool_pods(namespace, pool):
