@@ -237,7 +237,9 @@ def start_operator(
             yield rt
         finally:
             stop.set()
-            # kopf ends its root task by cancelling it once the stop flag is seen.
+            # kopf ends its root task by cancelling it once the stop flag is seen. It also waits
+            # up to 5 s for, then cancels, every task started after it in this loop (kmock's
+            # watch-stream tasks among them): that is most of each handler test's teardown time.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
             await rt.close()

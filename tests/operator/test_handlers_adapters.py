@@ -241,8 +241,9 @@ async def test_restart_places_nothing_twice_and_loses_no_deletion(
         for name in names:
             await create(cluster, ADAPTERS, adapter_manifest(name))
         before = await eventually(lambda: all_ready(cluster, names), what="Ready before restart")
-    # The cluster state moves to a fresh emulator (kmock was seen to stop answering requests once
-    # the first operator's watchers had gone); the restarted operator finds what the first left.
+    # The cluster state moves to a fresh emulator: when kopf stops in this event loop it cancels
+    # every task started after it, kmock's own request tasks included, and that emulator was seen
+    # to stop answering. The restarted operator finds exactly what the first one left behind.
     async with spare_cluster() as restarted:
         for key, obj in list(cluster.objects.items()):
             if not obj.deleted:
