@@ -67,3 +67,10 @@ def test_cli_exits_2_on_bad_settings() -> None:
     )
     assert result.returncode == 2
     assert "LORAFLEET_OPERATOR_RESYNC_SECONDS" in result.stderr
+
+
+def test_pending_backoff_doubles_up_to_the_maximum() -> None:
+    from lorafleet_operator import handlers
+
+    config = settings.OperatorSettings(pending_backoff_seconds=2, pending_backoff_max_seconds=30)
+    assert [handlers.backoff(config, retry) for retry in range(6)] == [2, 4, 8, 16, 30, 30]
