@@ -51,7 +51,7 @@ def samples(m: TrainerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def test_engine_stats_are_read_at_scrape_time_under_design_names() -> None:
     source = Source()
-    m = TrainerMetrics(source, queue_depth=lambda: 3)
+    m = TrainerMetrics(source, queue_depth=lambda: 3, busy=lambda: True)
     got = samples(m)
     assert got[(PREFIX + "cache_hits_total", ())] == 11
     assert got[(PREFIX + "cache_misses_total", ())] == 12
@@ -64,6 +64,7 @@ def test_engine_stats_are_read_at_scrape_time_under_design_names() -> None:
     assert got[(PREFIX + "host_pinned_bytes", ())] == 19
     assert got[(PREFIX + "gpu_memory_peak_bytes", ())] == 0
     assert got[(PREFIX + "queue_depth", ())] == 3
+    assert got[(PREFIX + "step_running", ())] == 1
     reasons = {dict(k[1])["reason"]: v for k, v in got.items() if k[0] == PREFIX + "cache_evictions_total"}
     assert reasons == {"lru": 1, "explicit": 2, "invalidated": 0, "deleted": 4}
     source.current = Stats(cache_hits=99)

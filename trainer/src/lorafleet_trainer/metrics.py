@@ -87,7 +87,9 @@ class EngineCollector(Collector):
 class TrainerMetrics:
     """The registry behind ``/metrics`` and the service-side instruments that feed it."""
 
-    def __init__(self, source: StatsSource, queue_depth: Callable[[], int]) -> None:
+    def __init__(
+        self, source: StatsSource, queue_depth: Callable[[], int], busy: Callable[[], bool] = lambda: False
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         common: dict[str, Any] = {"namespace": NAMESPACE, "subsystem": SUBSYSTEM, "registry": self.registry}
         self.step_duration = Histogram(
@@ -109,6 +111,9 @@ class TrainerMetrics:
         self.steps = Counter("steps", "Distill requests by outcome.", labelnames=["outcome"], **common)
         self.queue_depth = Gauge("queue_depth", "Writes waiting for the step worker.", **common)
         self.queue_depth.set_function(lambda: float(queue_depth()))
+        # Beside the depth (which counts only waiting writes): whether the worker is busy now.
+        self.step_running = Gauge("step_running", "1 while a write runs on the step worker.", **common)
+        self.step_running.set_function(lambda: 1.0 if busy() else 0.0)
         # Create every labelled child up front so each series exists from the first scrape.
         for label in CACHE_LABELS:
             self.step_duration.labels(cache=label)

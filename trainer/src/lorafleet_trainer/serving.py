@@ -78,7 +78,7 @@ class TrainerService:
         self.engine = engine
         self.default_training = default_training
         self.queue = StepQueue(max_queue)
-        self.metrics = TrainerMetrics(engine, lambda: self.queue.depth)
+        self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)
