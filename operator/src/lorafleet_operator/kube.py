@@ -16,6 +16,8 @@ events.k8s.io), list/watch on customresourcedefinitions and namespaces.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import ssl
 import tempfile
@@ -54,13 +56,23 @@ def _ssl_context(info: Any, scratch: list[str]) -> ssl.SSLContext | bool:
     if info.ca_path:
         context.load_verify_locations(cafile=os.fsdecode(info.ca_path))
     elif info.ca_data:
-        data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        context.load_verify_locations(cadata=data)
+        context.load_verify_locations(cadata=pem_text(info.ca_data))
     cert = info.certificate_path or _spill(info.certificate_data, scratch)
     key = info.private_key_path or _spill(info.private_key_data, scratch)
     if cert:
         context.load_cert_chain(os.fsdecode(cert), os.fsdecode(key) if key else None)
     return context
+
+
+def pem_text(data: str | bytes) -> str:
+    """PEM text from a kubeconfig's ``*-data`` field, which holds base64 of the PEM file."""
+    text = data.decode("ascii") if isinstance(data, bytes) else data
+    if "-----BEGIN" in text:
+        return text
+    try:
+        return base64.b64decode(text, validate=True).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ApiError(0, "kubeconfig certificate data is neither PEM nor base64 of PEM") from exc
 
 
 def _spill(data: str | bytes | None, scratch: list[str]) -> str | None:
@@ -69,7 +81,7 @@ def _spill(data: str | bytes | None, scratch: list[str]) -> str | None:
         return None
     fd, path = tempfile.mkstemp(prefix="lorafleet-kube-", suffix=".pem")
     with os.fdopen(fd, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.write(pem_text(data).encode("ascii"))
     scratch.append(path)
     return path
 
