@@ -32,6 +32,7 @@ def test_pod_identity_labels_and_owner() -> None:
     assert meta["namespace"] == "team-a"
     assert meta["labels"][names.POOL_LABEL] == "qwen"
     assert meta["labels"][names.ORDINAL_LABEL] == "2"
+    assert meta["labels"][names.RESIDENCY_LABEL] == "offload"  # the GPU-memory alert selects on it
     (owner,) = meta["ownerReferences"]
     assert owner == {
         "apiVersion": "lorafleet.io/v1alpha1",

@@ -29,6 +29,7 @@ def labels(pool: Pool, ordinal: int | None = None) -> dict[str, str]:
     }
     if ordinal is not None:
         result[names.ORDINAL_LABEL] = str(ordinal)
+        result[names.RESIDENCY_LABEL] = pool.spec.gpu_residency
     return result
 
 

@@ -15,6 +15,8 @@ ADAPTER_KIND = "LoraAdapter"
 
 POOL_LABEL = f"{GROUP}/pool"
 ORDINAL_LABEL = f"{GROUP}/ordinal"
+# Lets Prometheus tell offload pods (GPU memory must fall back after each step) from keep pods.
+RESIDENCY_LABEL = "lorafleet.io/gpu-residency"
 FINALIZER = f"{GROUP}/finalizer"
 MANAGED_BY = "lorafleet-operator"
 CONTAINER = "trainer"
