@@ -153,3 +153,20 @@ def test_sigterm_finishes_the_running_step_refuses_waiting_ones_and_exits(
         assert restarted.client().get("/v1/adapters/q/term").json()["version"] == 1
     finally:
         restarted.stop()
+
+
+def test_reads_answer_while_a_step_runs(small_queue: live.LiveTrainer) -> None:
+    url = init(small_queue, "reader")
+    c = small_queue.client()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(post, small_queue, url, SLOW)
+        wait_running(small_queue)
+        state = c.get("/v1/adapters/q/reader")
+        cache = c.get("/v1/cache")
+        # Answered before the step finished: the worker is still busy with it.
+        assert small_queue.metrics()[RUNNING] == 1
+        assert not running.done()
+        assert state.status_code == 200 and state.json()["version"] == 0
+        assert cache.status_code == 200
+        assert running.result().status_code == 200
+    assert c.get("/v1/adapters/q/reader").json()["version"] == 1
