@@ -251,3 +251,18 @@ def test_auth_is_required_on_v1_and_probes_stay_open(trainer: live.LiveTrainer, 
                 assert c.get(probe).status_code == 200
     assert snapshot(trainer) == before
     assert not (trainer.storage / "team-a" / "carol").exists()
+
+
+def test_init_can_pin_and_unpin_the_cache_entry(trainer: live.LiveTrainer) -> None:
+    c = trainer.client()
+    body = {**payloads.init_body(), "cache": {"pinned": True}}
+    assert c.put("/v1/adapters/team-a/pinned", json=body).status_code == 201
+    assert c.post("/v1/adapters/team-a/pinned/distill", json=payloads.distill_body()).status_code == 200
+
+    def pinned() -> bool:
+        entries = {e["adapter"]: e for e in c.get("/v1/cache").json()["entries"]}
+        return bool(entries["team-a/pinned"]["pinned"])
+
+    assert pinned()
+    assert c.put("/v1/adapters/team-a/pinned", json={**body, "cache": {"pinned": False}}).status_code == 200
+    assert not pinned()
