@@ -172,7 +172,7 @@ def ready_status(ordinal: int, ready: bool = True) -> dict[str, Any]:
     }
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
     """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
