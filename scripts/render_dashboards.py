@@ -129,7 +129,7 @@ def trainer_panels() -> list[Panel]:
         ),
         Panel(
             "GPU memory allocated and reserved",
-            "CUDA memory per pod; in offload mode, allocated falls back to the base model after each step.",
+            "CUDA memory per pod; offload mode returns allocated to its pre-step level after each step.",
             "bytes",
             (
                 Query(
