@@ -52,6 +52,10 @@ class Campaign:
         return self.killed_before_write + self.killed_after_write + self.answered_before_kill
 
 
+def body(seed: int) -> dict[str, Any]:
+    return {"samples": step_samples(seed), "training": TRAINING}
+
+
 def _stored_version(server: live.LiveTrainer) -> int:
     r = server.client().get(ROUTE)
     assert r.status_code == 200, r.text
@@ -59,7 +63,7 @@ def _stored_version(server: live.LiveTrainer) -> int:
 
 
 def _step(client: httpx.Client, seed: int) -> httpx.Response:
-    return client.post(f"{ROUTE}/distill", json={"samples": step_samples(seed), "training": TRAINING})
+    return client.post(f"{ROUTE}/distill", json=body(seed))
 
 
 def _start(workdir: Path, model_cache: Path) -> live.LiveTrainer:

@@ -1,0 +1,75 @@
+"""Full disk: a step that cannot persist answers 507 and changes nothing; freed space heals it.
+
+The trainer's storage is a small tmpfs. After a few good steps the disk is filled so that the
+next version cannot be written: the step must answer 507 with a clear error, the adapter must stay
+at its version in the API, on disk and in the cache, and its files stay whole. Once the filler is
+removed the next steps succeed, and the weights equal a replay of only the answered steps (the
+failed step left no trace, not even in the optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.reliability import disk, killing, replay, stored
+from tests.trainer.service import live, payloads
+
+
+@pytest.fixture
+def small_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
+    workdir = tmp_path / "trainer"
+    try:
+        with disk.small_tmpfs(workdir / "adapters", 4 << 20) as storage:
+            server = live.start_trainer(workdir, token=killing.TOKEN, model_cache_dir=model_cache)
+            try:
+                yield server, storage
+            finally:
+                server.stop()
+    except disk.CannotMount as exc:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {exc}")
+
+
+def _cached_version(server: live.LiveTrainer) -> int | None:
+    entries = server.client().get("/v1/cache").json()["entries"]
+    found = [e["version"] for e in entries if e["adapter"] == f"{killing.NAMESPACE}/{killing.NAME}"]
+    return found[0] if found else None
+
+
+def test_full_disk_fails_the_step_with_507_and_changes_nothing(
+    small_trainer: tuple[live.LiveTrainer, Path], tmp_path: Path, model_cache: Path
+) -> None:
+    server, storage = small_trainer
+    client = server.client()
+    assert client.put(killing.ROUTE, json=payloads.init_body(epoch=1)).status_code in (200, 201)
+    applied: list[int] = []
+    for seed in range(3):
+        r = client.post(f"{killing.ROUTE}/distill", json=killing.body(seed))
+        assert r.status_code == 200, r.text
+        applied.append(seed)
+    version_bytes = disk.tree_bytes((storage / killing.NAMESPACE / killing.NAME).resolve())
+    before = {p: p.read_bytes() for p in (storage / killing.NAMESPACE / killing.NAME).resolve().iterdir()}
+
+    disk.fill(storage, leave_free=version_bytes // 3)
+    for seed in (100, 101):  # twice: a second failure must not differ from the first
+        r = client.post(f"{killing.ROUTE}/distill", json=killing.body(seed))
+        assert r.status_code == 507, r.text
+        assert "space" in r.json()["error"]
+        assert client.get(killing.ROUTE).json()["version"] == len(applied)
+        assert _cached_version(server) in (None, len(applied))
+        stored.assert_whole(storage, killing.NAMESPACE, killing.NAME, len(applied))
+        current = (storage / killing.NAMESPACE / killing.NAME).resolve()
+        assert {p: p.read_bytes() for p in current.iterdir()} == before
+
+    disk.unfill(storage)
+    for seed in (3, 4):
+        r = client.post(f"{killing.ROUTE}/distill", json=killing.body(seed))
+        assert r.status_code == 200, r.text
+        applied.append(seed)
+        assert r.json()["version"] == len(applied)
+    stored.assert_whole(storage, killing.NAMESPACE, killing.NAME, len(applied))
+    diff = replay.max_difference(
+        replay.stored_tensors(storage), replay.replay(tmp_path / "replay", model_cache, applied)
+    )
+    assert diff < replay.TOLERANCE, f"after the failed steps the weights differ from the replay by {diff}"
