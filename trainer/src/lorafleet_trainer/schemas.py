@@ -66,7 +66,10 @@ class InitRequest(BaseModel):
     model_config = _REQUEST
 
     lora: Lora
-    epoch: int = Field(0, ge=0, description="placement epoch; cached state of an older epoch is dropped")
+    # le: the CRD stores the epoch as an int64; a larger one could never be matched again.
+    epoch: int = Field(
+        0, ge=0, le=2**63 - 1, description="placement epoch; cached state of an older epoch is dropped"
+    )
     training: Training | None = Field(None, description="the adapter's default training settings")
     cache: CacheOptions | None = None
 
