@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from tests.chart import charting, svg_panels
-from tests.chart.live_prometheus import LivePrometheus
 from tests.chart.operator_side import OperatorSide
+from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service.live import LiveTrainer, start_trainer
 
 OUT = charting.CHART / "dashboards" / "previews"
@@ -78,7 +78,7 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template)
 
 
-def draw(prometheus: LivePrometheus, start: float, end: float, note: str) -> None:
+def draw(prometheus: Prometheus, start: float, end: float, note: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     # The operator's reconcile loop does not run here (no API server), so only the Trainers
     # dashboard is drawn; the Operator panels are checked by test_live_dashboards.py.
@@ -105,15 +105,15 @@ def main() -> int:
         capacity = int(one * 3.5)
         trainer = start_trainer(workdir / "trainer", token=TOKEN, args=["--cache-capacity", str(capacity)])
         operator = OperatorSide(TOKEN)
-        prometheus = LivePrometheus(
-            workdir / "prometheus", [charting.CHART / "alerts" / "lorafleet.rules.yaml"]
-        )
+        prometheus = Prometheus(workdir / "prometheus", [charting.CHART / "alerts" / "lorafleet.rules.yaml"])
         try:
             prometheus.start(
-                {
-                    "lorafleet-trainer": (f"127.0.0.1:{trainer.port}", LABELS["lorafleet-trainer"]),
-                    "lorafleet-operator": (f"127.0.0.1:{operator.port}", LABELS["lorafleet-operator"]),
-                }
+                static_jobs(
+                    {
+                        "lorafleet-trainer": (f"127.0.0.1:{trainer.port}", LABELS["lorafleet-trainer"]),
+                        "lorafleet-operator": (f"127.0.0.1:{operator.port}", LABELS["lorafleet-operator"]),
+                    }
+                )
             )
             time.sleep(5)
             start = time.time()

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 from tests.chart import charting
-from tests.chart.live_prometheus import LivePrometheus
 from tests.chart.operator_side import OperatorSide
+from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service.live import LiveTrainer, start_trainer
 
 T = TypeVar("T")
@@ -48,7 +48,7 @@ NOT_EXERCISED = {"Cache evictions on delete by outcome"}
 
 @dataclass
 class Run:
-    prometheus: LivePrometheus
+    prometheus: Prometheus
     trainer: LiveTrainer
     operator_url: str
     caches: list[str]
@@ -67,13 +67,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     workdir = tmp_path_factory.mktemp("chart-live")
     trainer = start_trainer(workdir / "trainer", token=TOKEN)
     operator = OperatorSide(TOKEN)
-    prometheus = LivePrometheus(workdir / "prometheus", [charting.CHART / "alerts" / "lorafleet.rules.yaml"])
+    prometheus = Prometheus(workdir / "prometheus", [charting.CHART / "alerts" / "lorafleet.rules.yaml"])
     try:
         prometheus.start(
-            {
-                "lorafleet-trainer": (f"127.0.0.1:{trainer.port}", TRAINER_LABELS),
-                "lorafleet-operator": (f"127.0.0.1:{operator.port}", OPERATOR_LABELS),
-            }
+            static_jobs(
+                {
+                    "lorafleet-trainer": (f"127.0.0.1:{trainer.port}", TRAINER_LABELS),
+                    "lorafleet-operator": (f"127.0.0.1:{operator.port}", OPERATOR_LABELS),
+                }
+            )
         )
         wait_for(
             "both targets up",
