@@ -3,16 +3,12 @@ DESIGN.md answers a PromQL query with at least one series."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import time
-import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
+from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service import live, payloads
 
 METRICS = [
@@ -42,48 +38,15 @@ METRICS = [
 ]
 
 
-def query(port: int, promql: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    answer = httpx.get(url, timeout=10).json()
-    assert answer["status"] == "success", answer
-    return list(answer["data"]["result"])
-
-
 @pytest.fixture
-def prometheus(tmp_path: Path, trainer: live.LiveTrainer) -> Any:
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    if not Path(binary).exists():
-        pytest.fail("prometheus is not installed (Debian package `prometheus`; `make system-deps`)")
-    config = {
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "trainer",
-                "scrape_timeout": "1s",
-                "static_configs": [{"targets": [f"127.0.0.1:{trainer.port}"]}],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    port = live.free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    yield port
-    process.terminate()
-    process.wait(30)
-    log.close()
+def prometheus(tmp_path: Path, trainer: live.LiveTrainer) -> Iterator[Prometheus]:
+    server = Prometheus(tmp_path / "prometheus")
+    server.start(static_jobs({"trainer": (f"127.0.0.1:{trainer.port}", {})}))
+    yield server
+    server.stop()
 
 
-def test_prometheus_scrapes_every_trainer_metric(trainer: live.LiveTrainer, prometheus: int) -> None:
+def test_prometheus_scrapes_every_trainer_metric(trainer: live.LiveTrainer, prometheus: Prometheus) -> None:
     c = trainer.client()
     assert c.put("/v1/adapters/prom/one", json=payloads.init_body()).status_code == 201
     for _ in range(2):
@@ -91,16 +54,12 @@ def test_prometheus_scrapes_every_trainer_metric(trainer: live.LiveTrainer, prom
     deadline = time.monotonic() + 60
     missing = METRICS
     while True:
-        try:
-            missing = [m for m in METRICS if not query(prometheus, m)]
-        except httpx.TransportError:
-            pass  # not listening yet
-        else:
-            if not missing and query(prometheus, 'up{job="trainer"} == 1'):
-                steps = query(prometheus, 'lorafleet_trainer_steps_total{outcome="ok"}')
-                if float(steps[0]["value"][1]) >= 2:
-                    break
+        missing = [m for m in METRICS if not prometheus.query(m)]
+        if not missing and prometheus.query('up{job="trainer"} == 1'):
+            steps = prometheus.query('lorafleet_trainer_steps_total{outcome="ok"}')
+            if float(steps[0]["value"][1]) >= 2:
+                break
         assert time.monotonic() < deadline, f"no series for {missing}"
         time.sleep(0.5)
-    hits = query(prometheus, "lorafleet_trainer_cache_hits_total")
+    hits = prometheus.query("lorafleet_trainer_cache_hits_total")
     assert float(hits[0]["value"][1]) >= 1
