@@ -1,14 +1,36 @@
-"""Suite-wide collection order: the end-to-end tests run last.
+"""Suite-wide fixtures and collection order.
 
-They start a control plane, trainers and an operator, so a failure in a fast unit test shows up
-minutes earlier, and `-x` stops before the expensive part.
+The end-to-end tests run last: they start a control plane, trainers and an operator, so a failure
+in a fast unit test shows up minutes earlier, and `-x` stops before the expensive part. `kube` is
+the one cluster they share, the e2e scenario and the control-plane faults of tests/reliability
+alike: the KUBECONFIG cluster when that variable is set (the kind workflow), else a local control
+plane with the pod runner, torn down at the end of the session.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
+from tests.e2e import cluster
+from tests.e2e.kube import Kube
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A stable sort keeps each group's own order.
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    # An external cluster (KUBECONFIG) needs only the clients; the local one needs the whole set.
+    names = ("kubectl", "helm") if os.environ.get("KUBECONFIG") else cluster.BINARIES
+    missing = cluster.missing_binaries(cluster.bin_dir(), names)
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)} in {cluster.bin_dir()}: run `make kube-clients tools`")
+    handle = Kube.start(tmp_path_factory.mktemp("e2e"))
+    try:
+        yield handle
+    finally:
+        handle.stop()

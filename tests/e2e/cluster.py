@@ -11,6 +11,7 @@ tests/e2e/pod_runner.py plays the kubelet for LoraFleet's pods. Usable from the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -19,8 +20,10 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -61,6 +64,7 @@ class ControlPlane:
         self.children: list[processes.Child] = []
         self.pki: pki.Pki | None = None
         self.server = ""
+        self.etcd_port = 0
 
     def start(self, timeout: float = 120.0) -> ControlPlane:
         missing = missing_binaries(self.bin)
@@ -71,6 +75,7 @@ class ControlPlane:
         logs = self.workdir / "logs"
         try:
             etcd_port, peer_port, api_port = (processes.free_port() for _ in range(3))
+            self.etcd_port = etcd_port
             etcd = self._spawn("etcd", self._etcd_args(etcd_port, peer_port), logs)
             processes.wait_until("etcd health", lambda: _etcd_healthy(etcd_port), timeout, child=etcd)
             self.server = f"https://127.0.0.1:{api_port}"
@@ -160,6 +165,24 @@ class ControlPlane:
             "--leader-elect=false",
             "--v=1",
         ]
+
+    def restart(self, name: str, *, down: float = 0.0, timeout: float = 120.0) -> float:
+        """kill -9 one component (`etcd` or `kube-apiserver`), leave it down for ``down`` seconds,
+        start it again with the same flags, data and port; returns seconds until it is healthy."""
+        old = next(c for c in self.children if c.name == name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.pid, signal.SIGKILL)
+        old.popen.wait(timeout=30)
+        time.sleep(down)
+        start = time.monotonic()
+        new = processes.Child(name, old.argv, old.log_path)
+        self.children[self.children.index(old)] = new
+        if name == "etcd":
+            check: Callable[[], object] = lambda: _etcd_healthy(self.etcd_port)  # noqa: E731
+        else:
+            check = lambda: self.get("/readyz", raw=True)  # noqa: E731
+        processes.wait_until(f"{name} to be healthy again", check, timeout, child=new)
+        return time.monotonic() - start
 
     def ssl_context(self) -> ssl.SSLContext:
         assert self.pki is not None, "the control plane is not started"

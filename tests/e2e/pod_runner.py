@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import urllib.request
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import urllib3
 from tests.e2e import kubeconfigs, pod_specs, processes
 
 VENV_BIN = Path(sys.executable).parent
@@ -79,6 +81,14 @@ class PodRunner:
             return next(
                 (w for w in self.workers.values() if (w.namespace, w.name) == (namespace, name)), None
             )
+
+    def kill(self, namespace: str, name: str, *, restart: bool) -> None:
+        """kill -9 a pod's process. ``restart``: the worker starts it again, as a kubelet restarts a
+        crashed container; otherwise it stays down, as on a node that is gone."""
+        worker = self.worker(namespace, name)
+        if worker is None:
+            raise LookupError(f"the pod runner runs no pod {namespace}/{name}")
+        worker.kill(restart=restart)
 
     def _watch_loop(self) -> None:
         while not self.stopping.is_set():
@@ -159,6 +169,7 @@ class PodWorker:
         self.ready = False
         self.restarts = 0
         self.error: str | None = None
+        self.unsent: dict[str, Any] | None = None  # a status the API server has not taken yet
         # The process is forked from this thread, so its parent-death signal lives as long as it.
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
 
@@ -168,6 +179,16 @@ class PodWorker:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=60)
+
+    def kill(self, *, restart: bool) -> None:
+        child = self.child
+        if child is None or not child.alive():
+            raise RuntimeError(f"pod {self.namespace}/{self.name} has no running process to kill")
+        if not restart:
+            self.stopping.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.popen.wait(timeout=30)
 
     def _prepare(self) -> pod_specs.LocalPlan:
         plan = pod_specs.plan(
@@ -220,12 +241,19 @@ class PodWorker:
         )
 
     def _run(self) -> None:
-        try:
-            plan = self._prepare()
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            self._patch_status(phase="Pending", ready=False, message=self.error)
-            return
+        while True:
+            try:
+                plan = self._prepare()
+                break
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                # The control plane is down: a kubelet keeps trying to set the pod up.
+                print(f"pod-runner: preparing {self.name} again after {exc!r}", file=sys.stderr)
+                if self.stopping.wait(1.0):
+                    return
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._patch_status(phase="Pending", ready=False, message=self.error)
+                return
         policy = self.pod["spec"].get("restartPolicy", "Always")
         started = _now()
         while not self.stopping.is_set():
@@ -233,6 +261,8 @@ class PodWorker:
             self.ready = False
             self._patch_status(phase="Running", ready=False, started=started)
             while not self.stopping.wait(0.5) and self.child.alive():
+                if self.unsent is not None:
+                    self._send_status(self.unsent)
                 ready = plan.readiness is None or self._probe(*plan.readiness)
                 if ready != self.ready:
                     self.ready = ready
@@ -300,5 +330,17 @@ class PodWorker:
                 }
             ],
         }
-        with contextlib.suppress(kubernetes.client.ApiException):  # 404: the pod is already gone
+        self._send_status(status)
+
+    def _send_status(self, status: dict[str, Any]) -> None:
+        """Patch the pod's status; while the API server is unreachable, keep the latest status
+        and send it on a later tick, as a kubelet does. The pod's process keeps running."""
+        try:
             self.runner.api.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
+        except kubernetes.client.ApiException as exc:
+            self.unsent = None if exc.status == 404 else status  # 404: the pod is already gone
+        except Exception as exc:  # connection refused or reset: the control plane is down
+            self.unsent = status
+            print(f"pod-runner: status of {self.name} not sent yet: {exc!r}", file=sys.stderr)
+        else:
+            self.unsent = None
