@@ -9,7 +9,7 @@ from typing import Any
 import kmock
 import kopf
 
-from lorafleet_operator import leading
+from lorafleet_operator import cli, leading
 from lorafleet_operator.kube import KubeApi
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
@@ -88,3 +88,13 @@ async def test_a_stale_update_loses(cluster: kmock.KubernetesEmulator) -> None:
     final = await api.get_lease("ops", "l")
     assert final is not None and final["spec"]["holderIdentity"] == "a"
     await api.close()
+
+
+def test_a_restarted_container_takes_its_own_lease_back_at_once() -> None:
+    # The pod's name is the identity, so the same pod's next process is the holder already.
+    identity = cli.lease_identity("lorafleet-operator-7d9c-abcde")
+    assert identity == "lorafleet-operator-7d9c-abcde"
+    body = leading.claim(held_by(identity, T0), identity, T0 + datetime.timedelta(seconds=1), 15)
+    assert body is not None and body["spec"]["holderIdentity"] == identity
+    # Outside a pod every process is its own holder, so two never share a Lease.
+    assert cli.lease_identity(None) != cli.lease_identity(None)

@@ -24,6 +24,13 @@ from lorafleet_operator.runtime import Runtime
 from lorafleet_operator.trainers import TrainerClient
 
 
+def lease_identity(pod_name: str | None) -> str:
+    """Who holds the Lease: the pod's name in a cluster, so a restarted container (its previous
+    process is dead by then) takes its own Lease back at once instead of waiting a whole lease
+    duration; outside a cluster the host name plus a random suffix, unique per process."""
+    return pod_name or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
 async def run(config: settings.OperatorSettings, token: str | None) -> bool:
     """Run until stopped; returns False when the Lease was lost."""
     metrics = OperatorMetrics()
@@ -35,7 +42,7 @@ async def run(config: settings.OperatorSettings, token: str | None) -> bool:
     try:
         async with serving(metrics, config.metrics_host, config.metrics_port):
             if config.leader_election:
-                identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+                identity = lease_identity(os.environ.get("POD_NAME"))
                 acquired = asyncio.Event()
                 holder = asyncio.create_task(
                     leading.hold(
