@@ -7,9 +7,13 @@ the plain ``make test`` keeps only the fast, scaled-down versions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.e2e.fleet import Fleet
+from tests.e2e.kube import Kube
+from tests.reliability.fleetstate import CLAIM, FAULTS_NAMESPACE, POOL, POOL_MANIFEST, Faulty
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,3 +45,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generated builtin:tiny for the session, shared by every trainer and replay engine."""
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def faulty(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
+    """One release of the chart with the durable pool, shared by the control-plane fault tests
+    and the hostile manifests; the operator kills they made are printed at the end."""
+    fleet = Fleet.install(kube, FAULTS_NAMESPACE, tmp_path_factory.mktemp("faults"))
+    state = Faulty(fleet)
+    try:
+        kube.apply(POOL_MANIFEST, namespace=FAULTS_NAMESPACE)
+        kube.kubectl(
+            "wait", f"trainerpool/{POOL}", "-n", FAULTS_NAMESPACE,
+            "--for=jsonpath={.status.readyReplicas}=2", "--timeout=600s", timeout=620,
+        )  # fmt: skip
+        yield state
+    finally:
+        for kill in state.kills:
+            print(f"operator kill: {kill}")
+        fleet.uninstall()
+        kube.kubectl(
+            "delete", "pvc", CLAIM, "-n", FAULTS_NAMESPACE, "--ignore-not-found", "--wait=false", check=False
+        )
