@@ -126,21 +126,24 @@ class Faulty:
         return dict(step)
 
     def kill_operator_when(
-        self, stage: str, predicate: Callable[[Adapters], bool], timeout: float = 180
+        self, stage: str, names: list[str], predicate: Callable[[Adapters], bool], timeout: float = 180
     ) -> Adapters:
         """Poll the adapters; the moment ``predicate`` holds, kill -9 the operator. Returns the
-        adapters as they were at the kill and logs the kill under ``stage``."""
+        adapters as they were at the kill and logs the kill under ``stage``, with where the
+        adapters ``names`` stood at that moment."""
         start = time.monotonic()
         while True:
             seen = self.adapters()
             if predicate(seen):
                 break
             if time.monotonic() - start > timeout:
-                raise AssertionError(f"{stage}: the moment to kill the operator never came: {summary(seen)}")
+                raise AssertionError(f"{stage}: the moment to kill the operator never came: {seen}")
             time.sleep(0.05)
         pod = self.fleet.operator()["metadata"]["name"]
         faults.crash_container(self.fleet.kube, self.ns, pod)
-        self.kills.append({"stage": stage, "after_s": round(time.monotonic() - start, 2), **summary(seen)})
+        self.kills.append(
+            {"stage": stage, "after_s": round(time.monotonic() - start, 2), **summary(seen, names)}
+        )
         self._killed_at = time.monotonic()
         return seen
 
@@ -197,12 +200,14 @@ class Faulty:
             assert not left, f"{pod} still caches {sorted(left)}"
 
 
-def summary(seen: Adapters) -> dict[str, int]:
-    """Counts of the adapters by how far they got: placed, Ready, being deleted."""
-    statuses = [a.get("status") or {} for a in seen.values()]
+def summary(seen: Adapters, names: list[str]) -> dict[str, int]:
+    """Where the adapters ``names`` stand: how many exist, are placed, Ready, being deleted."""
+    present = [seen[n] for n in names if n in seen]
+    statuses = [a.get("status") or {} for a in present]
     return {
-        "adapters": len(seen),
+        "of": len(names),
+        "exist": len(present),
         "placed": sum(1 for s in statuses if s.get("pod")),
         "ready": sum(1 for s in statuses if s.get("phase") == "Ready"),
-        "deleting": sum(1 for a in seen.values() if a["metadata"].get("deletionTimestamp")),
+        "deleting": sum(1 for a in present if a["metadata"].get("deletionTimestamp")),
     }

@@ -56,7 +56,7 @@ def _placement(faulty: Faulty, prefix: str, rounds: int, per_round: int, seed: i
         target = rng.randrange(1, per_round)  # kill once this many are placed
         faulty.apply(names)
         at_kill = faulty.kill_operator_when(
-            "placement", lambda seen, n=names, t=target: _names(seen, n, _placed) >= t
+            "placement", names, lambda seen, n=names, t=target: _names(seen, n, _placed) >= t
         )
         assert _names(at_kill, names, _ready) < per_round, "every adapter was Ready before the kill"
         seen = faulty.wait_ready(names)
@@ -97,7 +97,9 @@ def _lose_the_busiest_pod(faulty: Faulty, names: list[str], rng: random.Random) 
         return bool(adapter["status"]["epoch"] > before[_name(adapter)])
 
     faults.lose_pod(faulty.fleet.kube, faulty.ns, victim)
-    at_kill = faulty.kill_operator_when("re-placement", lambda seen: _names(seen, moved, has_moved) >= target)
+    at_kill = faulty.kill_operator_when(
+        "re-placement", moved, lambda seen: _names(seen, moved, has_moved) >= target
+    )
     settled = _names(at_kill, moved, lambda a: _ready(a) and has_moved(a))
     assert settled < len(moved), "every adapter had moved before the kill"
     expected = {n: before[n] + (1 if n in moved else 0) for n in names}
@@ -132,11 +134,16 @@ def _deletion(faulty: Faulty, prefix: str, rounds: int, per_round: int, seed: in
             faulty.train(name)
         for name in names:
             assert f"{faulty.ns}/{name}" in faulty.fleet.cached(seen[name]["status"]["pod"])
-        target = rng.randrange(0, per_round)  # kill once this many are gone
-        faulty.delete(names)
-        faulty.kill_operator_when(
-            "deletion", lambda seen, n=names, t=target: sum(1 for x in n if x not in seen) >= t
+        # One delete at a time from a thread, so the kill falls among deletions still to come,
+        # in flight and done; the operator evicts in well under a second otherwise.
+        target = rng.randrange(1, per_round)  # kill once this many are gone
+        deleter = threading.Thread(target=lambda n=names: [faulty.delete([x]) for x in n], name="deleter")
+        deleter.start()
+        at_kill = faulty.kill_operator_when(
+            "deletion", names, lambda seen, n=names, t=target: sum(1 for x in n if x not in seen) >= t
         )
+        deleter.join(timeout=120)
+        assert sum(1 for n in names if n not in at_kill) < per_round, "every adapter was gone before the kill"
         faulty.wait_gone(names)  # an adapter with a finalizer left behind would never go
         faulty.settled()
         faulty.assert_evicted(names)
