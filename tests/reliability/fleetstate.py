@@ -131,6 +131,8 @@ class Faulty:
         """Poll the adapters; the moment ``predicate`` holds, kill -9 the operator. Returns the
         adapters as they were at the kill and logs the kill under ``stage``, with where the
         adapters ``names`` stood at that moment."""
+        # Looked up first: between the poll that sees the moment and the kill there is no API call.
+        pod = self.fleet.operator()["metadata"]["name"]
         start = time.monotonic()
         while True:
             seen = self.adapters()
@@ -139,7 +141,6 @@ class Faulty:
             if time.monotonic() - start > timeout:
                 raise AssertionError(f"{stage}: the moment to kill the operator never came: {seen}")
             time.sleep(0.05)
-        pod = self.fleet.operator()["metadata"]["name"]
         faults.crash_container(self.fleet.kube, self.ns, pod)
         self.kills.append(
             {"stage": stage, "after_s": round(time.monotonic() - start, 2), **summary(seen, names)}
