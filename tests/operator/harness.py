@@ -96,7 +96,11 @@ def trainer_app(state: Trainers) -> web.Application:
         previous = known.get(key(request))
         if previous is not None and previous["lora"] != body["lora"]:
             return web.json_response({"error": "lora: differs from the stored adapter"}, status=409)
-        known[key(request)] = {"lora": body["lora"], "epoch": body["epoch"], "version": 0}
+        if previous is not None and body["epoch"] < previous["epoch"]:
+            message = f"epoch: epoch {body['epoch']} is older than the adapter's epoch {previous['epoch']}"
+            return web.json_response({"error": message}, status=409)
+        version = previous["version"] if previous is not None else 0
+        known[key(request)] = {"lora": body["lora"], "epoch": body["epoch"], "version": version}
         return web.json_response({"epoch": body["epoch"]}, status=200 if previous else 201)
 
     async def get_state(request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ from tests.operator.harness import (
     pool_manifest,
 )
 
+from lorafleet_operator import adapters
 from lorafleet_operator.runtime import Runtime
 
 
@@ -281,6 +282,28 @@ async def test_trainer_refusing_the_config_fails_the_adapter(
     assert (initialized["status"], initialized["reason"]) == ("False", "InitRejected")
     assert "409" in initialized["message"] and "lora" in initialized["message"]
     await eventually(lambda: events(cluster, "InitRejected", "alice"), what="InitRejected event")
+
+
+async def test_recreated_adapter_takes_over_its_retained_weights_with_the_next_epoch(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    # An earlier "alice" (deleted with Retain) was trained at epoch 3; the store kept it.
+    manifest = adapter_manifest("alice")
+    lora = adapters.init_request(adapters.parse_spec(manifest), 1)["lora"]
+    trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": lora, "epoch": 3, "version": 9}}
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, manifest)
+    status = await eventually(
+        lambda: statuses(cluster).get("alice", {}).get("phase") == "Ready" and statuses(cluster)["alice"],
+        what="Ready",
+    )
+    assert status["epoch"] == 4 and status["pod"] == "demo-0"
+    # Refused at epoch 1, then placed again with the epoch after the stored one, once.
+    assert [c.body["epoch"] for c in trainers.inits("alice")] == [1, 4]
+    assert trainers.adapters[ip_of(0)][(NS, "alice")]["version"] == 9  # the weights were kept
+    placed = {c["type"]: c for c in status["conditions"]}["Placed"]
+    assert placed["reason"] == "EpochAdvanced" and "epoch 3" in placed["message"]
+    await eventually(lambda: events(cluster, "EpochAdvanced", "alice"), what="EpochAdvanced event")
 
 
 async def test_scale_down_replaces_adapters_of_removed_pods(

@@ -122,6 +122,27 @@ def test_chaos_killed_operator_during_replacement(faulty: Faulty) -> None:
     _replacement(faulty, "cmove", rounds=4, seed=15)
 
 
+def test_recreated_adapter_takes_over_its_retained_weights(faulty: Faulty) -> None:
+    # Trained, then moved once by a pod loss: the claim holds it at epoch 2.
+    name = "retained"
+    faulty.apply([name])
+    faulty.wait_ready([name])
+    _wait_two_ready_pods(faulty)
+    faults.lose_pod(faulty.fleet.kube, faulty.ns, faulty.adapters()[name]["status"]["pod"])
+    seen = faulty.wait_ready([name], beyond={name: 1})
+    version = faulty.train(name)["version"]
+    epoch = seen[name]["status"]["epoch"]
+    # Deleted with the default deletionPolicy (Retain) and applied again under the same name.
+    faulty.delete([name])
+    faulty.wait_gone([name])
+    faulty.apply([name])
+    seen = faulty.wait_ready([name])
+    assert seen[name]["status"]["epoch"] == epoch + 1, seen[name]["status"]
+    code, state = faulty.fleet.call("GET", faulty.fleet.adapter_url(name))
+    assert code == 200 and state["version"] == version, state
+    assert faulty.train(name)["version"] == version + 1
+
+
 # ---- killed operator during deletion -------------------------------------------------------------
 
 

@@ -140,13 +140,23 @@ async def _place(
 
 
 async def _initialize(
-    rt: Runtime, body: dict[str, Any], spec: adapters.AdapterSpec, status: dict[str, Any]
+    rt: Runtime,
+    body: dict[str, Any],
+    spec: adapters.AdapterSpec,
+    status: dict[str, Any],
+    *,
+    may_advance: bool = True,
 ) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     request = adapters.init_request(spec, int(status.get("epoch") or 1))
     try:
         code = await rt.trainers.init(status["endpoint"], namespace, name, request)
     except trainers.TrainerError as exc:
+        if exc.status == 409 and exc.field == "epoch" and may_advance:
+            advanced = await _advance_epoch(rt, body, status)
+            if advanced is not None:
+                await _initialize(rt, body, spec, advanced, may_advance=False)
+                return
         if exc.status in (409, 422):
             # The trainer refuses this config (e.g. stored weights of another shape): retrying cannot help.
             await _write(rt, body, {"phase": "Failed"}, ("Initialized", False, "InitRejected", str(exc)))
@@ -162,6 +172,27 @@ async def _initialize(
         ("Initialized", True, done, f"trainer answered {code} for epoch {request['epoch']}"),
         ("Ready", True, "Initialized", f"ready on pod {status['pod']}"),
     )
+
+
+async def _advance_epoch(rt: Runtime, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored adapter has a newer epoch than this object: it was trained under an earlier
+    object of the same name (deleted with ``deletionPolicy: Retain``, then re-created). Take over
+    the retained weights by placing again, on the same pod, with the epoch after the stored one;
+    the status is written before the init as for any placement. None when the trainer does not
+    show a newer stored epoch (then the refusal stands)."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        state = await rt.trainers.state(status["endpoint"], namespace, name)
+    except trainers.TrainerError:
+        return None
+    stored = int((state or {}).get("epoch") or 0)
+    if stored < int(status.get("epoch") or 1):
+        return None
+    epoch = stored + 1
+    message = f"the stored adapter was at epoch {stored}; taken over with epoch {epoch}"
+    advanced = await _write(rt, body, {"epoch": epoch}, ("Placed", True, "EpochAdvanced", message))
+    announce(body, "EpochAdvanced", f"Resumed the retained adapter on pod {status['pod']}: {message}")
+    return advanced
 
 
 async def _refresh(

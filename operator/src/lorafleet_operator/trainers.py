@@ -15,12 +15,14 @@ from lorafleet_operator.metrics import OperatorMetrics
 
 
 class TrainerError(Exception):
-    """The trainer answered with an error; ``status`` is its HTTP code."""
+    """The trainer answered with an error; ``status`` is its HTTP code, ``field`` the request
+    field its error names (trainer errors read ``"<field>: <message>"``), or ""."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str = "") -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.field = field
 
 
 class TrainerUnavailable(TrainerError):
@@ -59,7 +61,9 @@ class TrainerClient:
                 message = str(response.json().get("error", response.text))
             except ValueError:
                 message = response.text
-            raise TrainerError(response.status_code, f"{method} {url}: {message}")
+            field, sep, _ = message.partition(": ")
+            named = field if sep and " " not in field else ""
+            raise TrainerError(response.status_code, f"{method} {url}: {message}", named)
         return response
 
     @staticmethod
