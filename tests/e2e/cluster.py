@@ -74,18 +74,17 @@ class ControlPlane:
         self.pki = keys = pki.generate(self.workdir / "pki")
         logs = self.workdir / "logs"
         try:
-            etcd_port, peer_port, api_port = (processes.free_port() for _ in range(3))
-            self.etcd_port = etcd_port
-            etcd = self._spawn("etcd", self._etcd_args(etcd_port, peer_port), logs)
-            processes.wait_until("etcd health", lambda: _etcd_healthy(etcd_port), timeout, child=etcd)
+            self.etcd_port, peer_port, api_port = (processes.free_port() for _ in range(3))
+            etcd = self._spawn("etcd", self._etcd_args(self.etcd_port, peer_port), logs)
+            processes.wait_until("etcd health", self._health_check("etcd"), timeout, child=etcd)
             self.server = f"https://127.0.0.1:{api_port}"
-            api = self._spawn("kube-apiserver", self._apiserver_args(keys, etcd_port, api_port), logs)
+            api = self._spawn("kube-apiserver", self._apiserver_args(keys, self.etcd_port, api_port), logs)
             endpoint = kubeconfigs.Endpoint(self.server, keys.ca_cert.read_bytes())
             kubeconfigs.write(
                 self.kubeconfig, endpoint, kubeconfigs.client_cert_user(keys.admin_cert, keys.admin_key)
             )
             processes.wait_until(
-                "kube-apiserver /readyz", lambda: self.get("/readyz", raw=True), timeout, child=api
+                "kube-apiserver /readyz", self._health_check("kube-apiserver"), timeout, child=api
             )
             kcm_config = kubeconfigs.write(
                 self.workdir / "controller-manager.kubeconfig",
@@ -177,12 +176,14 @@ class ControlPlane:
         start = time.monotonic()
         new = processes.Child(name, old.argv, old.log_path)
         self.children[self.children.index(old)] = new
-        if name == "etcd":
-            check: Callable[[], object] = lambda: _etcd_healthy(self.etcd_port)  # noqa: E731
-        else:
-            check = lambda: self.get("/readyz", raw=True)  # noqa: E731
-        processes.wait_until(f"{name} to be healthy again", check, timeout, child=new)
+        processes.wait_until(f"{name} to be healthy again", self._health_check(name), timeout, child=new)
         return time.monotonic() - start
+
+    def _health_check(self, name: str) -> Callable[[], object]:
+        """How start() and restart() tell that etcd or the API server serves."""
+        if name == "etcd":
+            return lambda: _etcd_healthy(self.etcd_port)
+        return lambda: self.get("/readyz", raw=True)
 
     def ssl_context(self) -> ssl.SSLContext:
         assert self.pki is not None, "the control plane is not started"

@@ -140,9 +140,10 @@ class Fleet:
             with exc:
                 return exc.code, json.loads(exc.read() or b"null")
 
-    def adapter_url(self, name: str) -> str:
-        """The adapter's trainer route, from its status.endpoint, reachable from this process."""
-        status = self.adapter(name)["status"]
+    def adapter_url(self, name: str, status: dict[str, Any] | None = None) -> str:
+        """The adapter's trainer route, from its status.endpoint (read now unless ``status`` is
+        given), reachable from this process."""
+        status = status if status is not None else self.adapter(name)["status"]
         endpoint = urllib.parse.urlsplit(status["endpoint"])
         base = self.trainer_url(status["pod"])
         if self.kube.local and base != f"{endpoint.scheme}://{endpoint.netloc}":

@@ -201,17 +201,16 @@ def live(cluster: kmock.KubernetesEmulator, resource: str, namespace: str = NS) 
     }
 
 
+def _metadata(name: str) -> dict[str, Any]:
+    """Metadata of a custom resource as the emulator would hold it after a create."""
+    return {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1, "resourceVersion": "1"}
+
+
 def pool_manifest(name: str = "demo", replicas: int = 2, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": names.API_VERSION,
         "kind": names.POOL_KIND,
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "uid": f"uid-{name}",
-            "generation": 1,
-            "resourceVersion": "1",
-        },
+        "metadata": _metadata(name),
         "spec": {"baseModel": "builtin:tiny", "replicas": replicas, "gpu": False, **spec},
     }
 
@@ -220,13 +219,7 @@ def adapter_manifest(name: str, pool: str = "demo", **spec: Any) -> dict[str, An
     return {
         "apiVersion": names.API_VERSION,
         "kind": names.ADAPTER_KIND,
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "uid": f"uid-{name}",
-            "generation": 1,
-            "resourceVersion": "1",
-        },
+        "metadata": _metadata(name),
         "spec": {
             "pool": pool,
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj"]},

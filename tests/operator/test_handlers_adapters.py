@@ -35,6 +35,12 @@ def statuses(cluster: kmock.KubernetesEmulator) -> dict[str, dict[str, Any]]:
     return {name: obj.get("status") or {} for name, obj in live(cluster, ADAPTERS).items()}
 
 
+def in_phase(cluster: kmock.KubernetesEmulator, name: str, phase: str) -> dict[str, Any] | None:
+    """The adapter's status once it is in ``phase``, else None."""
+    status = statuses(cluster).get(name, {})
+    return status if status.get("phase") == phase else None
+
+
 def all_ready(cluster: kmock.KubernetesEmulator, names: list[str]) -> dict[str, dict[str, Any]] | None:
     found = statuses(cluster)
     ok = all(found.get(n, {}).get("phase") == "Ready" for n in names)
@@ -148,10 +154,7 @@ async def test_no_ready_pod_leaves_adapter_pending_until_one_is_ready(
     kubelet.held.add("demo-0")
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
-    status = await eventually(
-        lambda: statuses(cluster).get("alice", {}).get("phase") == "Pending" and statuses(cluster)["alice"],
-        what="Pending",
-    )
+    status = await eventually(lambda: in_phase(cluster, "alice", "Pending"), what="Pending")
     placed = {c["type"]: c for c in status["conditions"]}["Placed"]
     assert (placed["status"], placed["reason"]) == ("False", "NoReadyPod")
     assert "no Ready pod" in placed["message"]
@@ -274,10 +277,7 @@ async def test_trainer_refusing_the_config_fails_the_adapter(
     trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": {"rank": 64}, "epoch": 1, "version": 9}}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
-    status = await eventually(
-        lambda: statuses(cluster).get("alice", {}).get("phase") == "Failed" and statuses(cluster)["alice"],
-        what="Failed",
-    )
+    status = await eventually(lambda: in_phase(cluster, "alice", "Failed"), what="Failed")
     initialized = {c["type"]: c for c in status["conditions"]}["Initialized"]
     assert (initialized["status"], initialized["reason"]) == ("False", "InitRejected")
     assert "409" in initialized["message"] and "lora" in initialized["message"]
@@ -293,10 +293,7 @@ async def test_recreated_adapter_takes_over_its_retained_weights_with_the_next_e
     trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": lora, "epoch": 3, "version": 9}}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, manifest)
-    status = await eventually(
-        lambda: statuses(cluster).get("alice", {}).get("phase") == "Ready" and statuses(cluster)["alice"],
-        what="Ready",
-    )
+    status = await eventually(lambda: in_phase(cluster, "alice", "Ready"), what="Ready")
     assert status["epoch"] == 4 and status["pod"] == "demo-0"
     # Refused at epoch 1, then placed again with the epoch after the stored one, once.
     assert [c.body["epoch"] for c in trainers.inits("alice")] == [1, 4]

@@ -188,7 +188,7 @@ class Faulty:
             pod = pods.get(status["pod"])
             assert pod is not None, f"{name} is on {status['pod']}, which is not a Ready pod of {POOL}"
             assert pod["metadata"]["uid"] == status["podUID"], f"{name} names an earlier {status['pod']}"
-            code, state = self.fleet.call("GET", self.fleet.adapter_url(name))
+            code, state = self.fleet.call("GET", self.fleet.adapter_url(name, status))
             assert code == 200 and state["epoch"] == epoch, (name, code, state)
             finalizers = seen[name]["metadata"].get("finalizers") or []
             assert finalizers == ["lorafleet.io/finalizer"], (name, finalizers)

@@ -222,13 +222,9 @@ def _pod_loss(faulty: Faulty, name: str, moments: list[str], seed: int) -> colle
         client.join(timeout=180)
         assert not client.is_alive()
 
-        def moved(b: dict[str, Any] = before) -> dict[str, Any] | None:
-            status = fleet.adapter(name)["status"]
-            placed = status.get("phase") == "Ready" and status["epoch"] > b["epoch"]
-            return status if placed and status["podUID"] != b["podUID"] else None
-
-        status = eventually(f"{name} to be placed again with a higher epoch", moved, timeout=300)
-        code, state = fleet.call("GET", fleet.adapter_url(name))
+        status = faulty.wait_ready([name], beyond={name: before["epoch"]})[name]["status"]
+        assert status["podUID"] != before["podUID"], status
+        code, state = fleet.call("GET", fleet.adapter_url(name, status))
         assert code == 200 and state["epoch"] == status["epoch"], state
         durable = int(state["version"])
         if answer.get("code") == 200:
