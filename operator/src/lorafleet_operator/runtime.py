@@ -43,7 +43,8 @@ class Runtime:
     # Adapters (by uid) whose deletion this process finished: a stale event that replays the
     # deletion handler must not send a second eviction.
     released: set[str] = dataclasses.field(default_factory=set)
-    # The last seen (uid, ready, failed) of each trainer pod, to skip pod events that change neither.
+    # The last seen placement-relevant state of each trainer pod (see pod_changed), to skip pod
+    # events that change none of it.
     _pods: dict[tuple[str, str], tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
