@@ -186,10 +186,28 @@ def test_deleting_a_pod_places_its_adapters_again(scenario: Fleet) -> None:
     assert code == 200, step
 
 
+# Where a refusal shows in the operator's log: httpx's response line, an ApiError ("403: GET ..."),
+# and the API server's message ("... is forbidden: ..."). A bare 403 is not enough: log timestamps
+# carry milliseconds (",403 INFO").
+DENIED = re.compile(r'"HTTP/[\d.]+ 403\b|(?<![\d,.:])\b403: |forbidden', re.IGNORECASE)
+
+
+def test_the_denial_pattern_tells_refusals_from_timestamps() -> None:
+    url = "https://127.0.0.1:33155/apis/lorafleet.io/v1alpha1/namespaces/lorafleet-e2e/loraadapters/carol"
+    allowed = f'2026-11-27 05:10:29,403 INFO httpx: HTTP Request: GET {url}/status "HTTP/1.1 200 OK"'
+    refused = [
+        f'2026-11-27 05:10:29,118 INFO httpx: HTTP Request: PATCH {url}/status "HTTP/1.1 403 Forbidden"',
+        f"2026-11-27 05:10:29,403 ERROR kopf: 403: PATCH {url}: loraadapters.lorafleet.io is not allowed",
+        '2026-11-27 05:10:29,403 ERROR kopf: pods is Forbidden: User "system:serviceaccount:x" cannot list',
+    ]
+    assert not DENIED.search(allowed)
+    assert all(DENIED.search(line) for line in refused)
+
+
 def test_the_operator_never_got_a_403(scenario: Fleet) -> None:
     log = scenario.kube.pod_log(NS, scenario.operator_pod)
     assert log.strip(), "the operator wrote no log at all"
-    denied = [line for line in log.splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+    denied = [line for line in log.splitlines() if DENIED.search(line)]
     assert not denied, denied[:5]
     url = scenario.kube.reach(NS, scenario.operator_pod, scenario.metrics_port) + "/metrics"
     with urllib.request.urlopen(url, timeout=10) as resp:
