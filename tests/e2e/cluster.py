@@ -11,7 +11,6 @@ tests/e2e/pod_runner.py plays the kubelet for LoraFleet's pods. Usable from the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -169,9 +168,7 @@ class ControlPlane:
         """kill -9 one component (`etcd` or `kube-apiserver`), leave it down for ``down`` seconds,
         start it again with the same flags, data and port; returns seconds until it is healthy."""
         old = next(c for c in self.children if c.name == name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(old.pid, signal.SIGKILL)
-        old.popen.wait(timeout=30)
+        old.kill()
         time.sleep(down)
         start = time.monotonic()
         new = processes.Child(name, old.argv, old.log_path)

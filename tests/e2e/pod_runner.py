@@ -12,12 +12,10 @@ Deleting the pod stops the process. Product code does not know this exists.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import json
 import os
 import random
-import signal
 import sys
 import threading
 import urllib.request
@@ -186,9 +184,7 @@ class PodWorker:
             raise RuntimeError(f"pod {self.namespace}/{self.name} has no running process to kill")
         if not restart:
             self.stopping.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.popen.wait(timeout=30)
+        child.kill()
 
     def _prepare(self) -> pod_specs.LocalPlan:
         plan = pod_specs.plan(

@@ -76,10 +76,14 @@ class Child:
             try:
                 self.popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=grace)
+                self.kill(grace)
         return self.popen.returncode
+
+    def kill(self, timeout: float = 30.0) -> int:
+        """SIGKILL the process group at once (a crash, not a shutdown) and reap it; the exit code."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        return self.popen.wait(timeout=timeout)
 
     def __repr__(self) -> str:
         return f"Child({self.name!r}, pid={self.popen.pid}, alive={self.alive()})"
