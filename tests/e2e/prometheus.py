@@ -106,21 +106,25 @@ class Prometheus:
             body = reply.read()
         return body if raw else json.loads(body)
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """The result of an instant query; a PromQL error raises naming the query."""
+    def _result(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The ``data.result`` of a query API call; a PromQL error raises naming the query."""
         try:
-            answer = self._get("/api/v1/query", {"query": promql})
+            answer = self._get(path, params)
         except urllib.error.HTTPError as error:
-            raise AssertionError(f"PromQL {promql!r} was refused: {error.read().decode()}") from error
+            raise AssertionError(
+                f"PromQL {params['query']!r} was refused: {error.read().decode()}"
+            ) from error
         assert answer["status"] == "success", answer
         return list(answer["data"]["result"])
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query."""
+        return self._result("/api/v1/query", {"query": promql})
 
     def query_range(self, promql: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
         """The result matrix of a range query (one entry per series, with its `values`)."""
         params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
-        answer = self._get("/api/v1/query_range", params)
-        assert answer["status"] == "success", answer
-        return list(answer["data"]["result"])
+        return self._result("/api/v1/query_range", params)
 
     def value(self, promql: str) -> float | None:
         """The single value of a query that yields one series (None when it yields none)."""
