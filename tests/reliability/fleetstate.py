@@ -162,15 +162,17 @@ class Faulty:
         wanted = set(names)
         beyond = beyond or {}
 
-        def ready() -> Adapters | None:
+        def all_ready() -> Adapters | None:
             seen = self.adapters()
             for n in wanted:
-                status = seen.get(n, {}).get("status") or {}
-                if status.get("phase") != "Ready" or int(status.get("epoch") or 0) <= beyond.get(n, 0):
+                adapter = seen.get(n, {})
+                if not ready(adapter) or int(adapter["status"].get("epoch") or 0) <= beyond.get(n, 0):
                     return None
             return seen
 
-        found: Adapters = eventually(f"{sorted(wanted)} to be Ready", ready, timeout=timeout, interval=0.5)
+        found: Adapters = eventually(
+            f"{sorted(wanted)} to be Ready", all_ready, timeout=timeout, interval=0.5
+        )
         return found
 
     def wait_gone(self, names: Iterable[str], timeout: float = 180) -> None:
@@ -201,14 +203,25 @@ class Faulty:
             assert not left, f"{pod} still caches {sorted(left)}"
 
 
+def placed(adapter: dict[str, Any]) -> bool:
+    return bool((adapter.get("status") or {}).get("pod"))
+
+
+def ready(adapter: dict[str, Any]) -> bool:
+    return (adapter.get("status") or {}).get("phase") == "Ready"
+
+
+def count(seen: Adapters, names: Iterable[str], test: Callable[[dict[str, Any]], bool]) -> int:
+    """How many of the adapters ``names`` exist in ``seen`` and pass ``test``."""
+    return sum(1 for n in names if n in seen and test(seen[n]))
+
+
 def summary(seen: Adapters, names: list[str]) -> dict[str, int]:
     """Where the adapters ``names`` stand: how many exist, are placed, Ready, being deleted."""
-    present = [seen[n] for n in names if n in seen]
-    statuses = [a.get("status") or {} for a in present]
     return {
         "of": len(names),
-        "exist": len(present),
-        "placed": sum(1 for s in statuses if s.get("pod")),
-        "ready": sum(1 for s in statuses if s.get("phase") == "Ready"),
-        "deleting": sum(1 for a in present if a["metadata"].get("deletionTimestamp")),
+        "exist": count(seen, names, lambda _: True),
+        "placed": count(seen, names, placed),
+        "ready": count(seen, names, ready),
+        "deleting": count(seen, names, lambda a: bool(a["metadata"].get("deletionTimestamp"))),
     }

@@ -26,25 +26,14 @@ from tests.e2e import faults
 from tests.e2e.fleet import feedback_for
 from tests.e2e.kube import CommandError, Kube, eventually
 from tests.reliability import stored
-from tests.reliability.fleetstate import CLAIM, Adapters, Faulty, adapter_manifest
+from tests.reliability.fleetstate import CLAIM, Faulty, adapter_manifest, count, placed, ready
+from tests.trainer.service import live
 
 pytestmark = pytest.mark.e2e
 
 
-def _names(seen: Adapters, names: list[str], test: Callable[[dict[str, Any]], bool]) -> int:
-    return sum(1 for n in names if n in seen and test(seen[n]))
-
-
-def _placed(adapter: dict[str, Any]) -> bool:
-    return bool((adapter.get("status") or {}).get("pod"))
-
-
 def _name(adapter: dict[str, Any]) -> str:
     return str(adapter["metadata"]["name"])
-
-
-def _ready(adapter: dict[str, Any]) -> bool:
-    return (adapter.get("status") or {}).get("phase") == "Ready"
 
 
 # ---- killed operator during placement ------------------------------------------------------------
@@ -57,9 +46,9 @@ def _placement(faulty: Faulty, prefix: str, rounds: int, per_round: int, seed: i
         target = rng.randrange(1, per_round)  # kill once this many are placed
         faulty.apply(names)
         at_kill = faulty.kill_operator_when(
-            "placement", names, lambda seen, n=names, t=target: _names(seen, n, _placed) >= t
+            "placement", names, lambda seen, n=names, t=target: count(seen, n, placed) >= t
         )
-        assert _names(at_kill, names, _ready) < per_round, "every adapter was Ready before the kill"
+        assert count(at_kill, names, ready) < per_round, "every adapter was Ready before the kill"
         seen = faulty.wait_ready(names)
         faulty.settled()
         faulty.assert_placed_once(seen, {n: 1 for n in names})
@@ -99,9 +88,9 @@ def _lose_the_busiest_pod(faulty: Faulty, names: list[str], rng: random.Random) 
 
     faults.lose_pod(faulty.fleet.kube, faulty.ns, victim)
     at_kill = faulty.kill_operator_when(
-        "re-placement", moved, lambda seen: _names(seen, moved, has_moved) >= target
+        "re-placement", moved, lambda seen: count(seen, moved, has_moved) >= target
     )
-    settled = _names(at_kill, moved, lambda a: _ready(a) and has_moved(a))
+    settled = count(at_kill, moved, lambda a: ready(a) and has_moved(a))
     assert settled < len(moved), "every adapter had moved before the kill"
     expected = {n: before[n] + (1 if n in moved else 0) for n in names}
     seen = faulty.wait_ready(names, beyond={n: before[n] for n in moved})
@@ -185,8 +174,8 @@ def test_chaos_killed_operator_during_deletion(faulty: Faulty) -> None:
 
 def _step_running(faulty: Faulty, pod: str) -> bool:
     with urllib.request.urlopen(faulty.fleet.trainer_url(pod) + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return any(line.split() == ["lorafleet_trainer_step_running", "1.0"] for line in text.splitlines())
+        samples = live.parse_metrics(resp.read().decode())
+    return samples[("lorafleet_trainer_step_running", ())] == 1
 
 
 def _pod_loss(faulty: Faulty, name: str, moments: list[str], seed: int) -> collections.Counter[str]:
@@ -251,15 +240,14 @@ def _wait_for_stored_version(faulty: Faulty, name: str, version: int) -> None:
     if claims is None:
         raise RuntimeError("watching the claim for a new version needs the local control plane")
     meta = claims / faulty.ns / name / "lorafleet.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(meta.read_text())["version"] >= version:
-                return
-        except (OSError, ValueError):  # the symlink is being swapped
-            pass
-        time.sleep(0.001)
-    raise AssertionError(f"version {version} of {name} never reached the claim")
+    # Polled every millisecond, so the pod is lost the instant the new version is durable; a read
+    # that fails while the version symlink is swapped is tried again.
+    eventually(
+        f"version {version} of {name} to reach the claim",
+        lambda: json.loads(meta.read_text())["version"] >= version,
+        timeout=120,
+        interval=0.001,
+    )
 
 
 def _claim_dir(kube: Kube) -> Path | None:

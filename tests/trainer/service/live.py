@@ -24,6 +24,18 @@ from prometheus_client.parser import text_string_to_metric_families
 READY_TIMEOUT = 240.0
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, keyed by (name, sorted labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,14 +69,9 @@ class LiveTrainer:
         self.clients.append(c)
         return c
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def metrics(self) -> Samples:
         """Every sample of /metrics, keyed by (name, sorted labels)."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=30).text
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return parse_metrics(httpx.get(f"{self.base_url}/metrics", timeout=30).text)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
