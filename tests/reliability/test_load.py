@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tests.reliability import killing, load
-from tests.trainer.service import live
+from tests.trainer.service import live, payloads
 
 # Beyond the cache budget a trainer may hold: one slot's working tensors, the step's activations,
 # allocator slack and the HTTP layer's buffers. Stated, not derived: the test shows it holds.
@@ -38,13 +38,8 @@ def adapter_bytes(tmp_path: Path, model_cache: Path) -> Iterator[int]:
     (probe,) = _trainers(tmp_path / "probe", model_cache, 1 << 30, count=1)
     try:
         c = probe.client()
-        c.put(
-            f"/v1/adapters/{load.NAMESPACE}/probe",
-            json={
-                "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                "epoch": 1,
-            },
-        )
+        # The same init body as load.init_all, so the probe has the loaded adapters' shape.
+        c.put(f"/v1/adapters/{load.NAMESPACE}/probe", json=payloads.init_body(1))
         assert c.post(f"/v1/adapters/{load.NAMESPACE}/probe/distill", json=killing.body(0)).status_code == 200
         size = int(c.get(f"/v1/adapters/{load.NAMESPACE}/probe").json()["cache_bytes"])
         assert size > 0
