@@ -47,9 +47,22 @@ def wait_depth(server: live.LiveTrainer, depth: int) -> None:
     wait_metric(server, DEPTH, depth)
 
 
-def wait_running(server: live.LiveTrainer) -> None:
-    """Until the worker runs a step (the only one sent so far, so its order is settled)."""
+def start_slow(pool: ThreadPoolExecutor, server: live.LiveTrainer, url: str) -> Future[httpx.Response]:
+    """Send the SLOW step and wait until the worker runs it (the only one sent so far, so its order
+    is settled); the worker stays busy with it while the test queues more."""
+    running = pool.submit(post, server, url, SLOW)
     wait_metric(server, RUNNING, 1)
+    return running
+
+
+def enqueue(
+    pool: ThreadPoolExecutor, server: live.LiveTrainer, url: str, body: dict[str, Any], depth: int
+) -> Future[httpx.Response]:
+    """Send a step and wait until the queue holds ``depth`` waiting steps, so it is queued before
+    anything sent after it."""
+    waiting = pool.submit(post, server, url, body)
+    wait_depth(server, depth)
+    return waiting
 
 
 def init(server: live.LiveTrainer, name: str) -> str:
@@ -63,10 +76,8 @@ def test_a_full_queue_answers_429_and_accepted_steps_apply_exactly_once(
 ) -> None:
     url = init(small_queue, "burst")
     with ThreadPoolExecutor(max_workers=10) as pool:
-        running = pool.submit(post, small_queue, url, SLOW)
-        wait_running(small_queue)
-        waiting = pool.submit(post, small_queue, url, LIGHT)
-        wait_depth(small_queue, 1)
+        running = start_slow(pool, small_queue, url)
+        waiting = enqueue(pool, small_queue, url, LIGHT, depth=1)
         burst = [pool.submit(post, small_queue, url, LIGHT) for _ in range(6)]
         answers = [f.result() for f in [running, waiting, *burst]]
     codes = [r.status_code for r in answers]
@@ -88,12 +99,10 @@ def test_a_full_queue_answers_429_and_accepted_steps_apply_exactly_once(
 def test_steps_for_one_adapter_keep_their_arrival_order(small_queue: live.LiveTrainer) -> None:
     url = init(small_queue, "ordered")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        first = pool.submit(post, small_queue, url, SLOW)
-        wait_running(small_queue)
-        later: list[Future[httpx.Response]] = []
-        for i in range(2):
-            later.append(pool.submit(post, small_queue, url, payloads.distill_body(n=1 + i)))
-            wait_depth(small_queue, i + 1)  # queued before the next one is sent
+        first = start_slow(pool, small_queue, url)
+        later = [
+            enqueue(pool, small_queue, url, payloads.distill_body(n=1 + i), depth=i + 1) for i in range(2)
+        ]
         versions = [f.result().json()["version"] for f in [first, *later]]
     assert versions == [1, 2, 3]
 
@@ -111,8 +120,7 @@ def _send_and_hang_up(server: live.LiveTrainer, path: str, body: bytes) -> socke
 def test_a_client_that_leaves_while_queued_never_runs_its_step(small_queue: live.LiveTrainer) -> None:
     url = init(small_queue, "leaver")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        running = pool.submit(post, small_queue, url, SLOW)
-        wait_running(small_queue)
+        running = start_slow(pool, small_queue, url)
         cancelled_before = small_queue.metrics()[
             ("lorafleet_trainer_steps_total", (("outcome", "cancelled"),))
         ]
@@ -133,10 +141,8 @@ def test_sigterm_finishes_the_running_step_refuses_waiting_ones_and_exits(
     try:
         url = init(server, "term")
         with ThreadPoolExecutor(max_workers=2) as pool:
-            running = pool.submit(post, server, url, SLOW)
-            wait_running(server)
-            waiting = pool.submit(post, server, url, LIGHT)
-            wait_depth(server, 1)
+            running = start_slow(pool, server, url)
+            waiting = enqueue(pool, server, url, LIGHT, depth=1)
             server.process.terminate()
             first, second = running.result(), waiting.result()
         assert first.status_code == 200 and first.json()["version"] == 1
@@ -159,8 +165,7 @@ def test_reads_answer_while_a_step_runs(small_queue: live.LiveTrainer) -> None:
     url = init(small_queue, "reader")
     c = small_queue.client()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        running = pool.submit(post, small_queue, url, SLOW)
-        wait_running(small_queue)
+        running = start_slow(pool, small_queue, url)
         state = c.get("/v1/adapters/q/reader")
         cache = c.get("/v1/cache")
         # Answered before the step finished: the worker is still busy with it.
