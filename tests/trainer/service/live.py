@@ -93,7 +93,7 @@ class LiveTrainer:
         return int(self.process.returncode)
 
 
-def start_trainer(
+def launch_trainer(
     workdir: Path,
     *,
     base_model: str = "builtin:tiny",
@@ -101,9 +101,8 @@ def start_trainer(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     model_cache_dir: Path | None = None,
-    ready_timeout: float = READY_TIMEOUT,
 ) -> LiveTrainer:
-    """Start a trainer serving ``base_model`` with storage under ``workdir`` and wait until ready."""
+    """Start a trainer serving ``base_model`` with storage under ``workdir``; do not wait for it."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "adapters"
     port = free_port()
@@ -135,7 +134,24 @@ def start_trainer(
     log_path = workdir / "trainer.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    live = LiveTrainer(process=process, port=port, storage=storage, log_path=log_path, token=token)
+    return LiveTrainer(process=process, port=port, storage=storage, log_path=log_path, token=token)
+
+
+def start_trainer(
+    workdir: Path,
+    *,
+    base_model: str = "builtin:tiny",
+    token: str | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    model_cache_dir: Path | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> LiveTrainer:
+    """Launch a trainer (see ``launch_trainer``) and wait until /readyz answers 200."""
+    live = launch_trainer(
+        workdir, base_model=base_model, token=token, args=args, env=env, model_cache_dir=model_cache_dir
+    )
+    process = live.process
     deadline = time.monotonic() + ready_timeout
     while True:
         if process.poll() is not None:

@@ -3,7 +3,6 @@ keeps it 503 and fails /healthz (so Kubernetes restarts the pod) while /v1 answe
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,29 +11,12 @@ from tests.trainer.service import live, payloads
 
 
 def test_a_model_that_cannot_load_is_never_ready(tmp_path: Path) -> None:
-    port = live.free_port()
-    log = (tmp_path / "trainer.log").open("wb")
-    process = subprocess.Popen(
-        [
-            *live.trainer_command(),
-            "serve",
-            "--base-model",
-            str(tmp_path / "no-such-model"),
-            "--port",
-            str(port),
-            "--storage",
-            str(tmp_path / "adapters"),
-            "--device",
-            "cpu",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = live.launch_trainer(tmp_path, base_model=str(tmp_path / "no-such-model"))
+    base = server.base_url
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert process.poll() is None, (tmp_path / "trainer.log").read_text()
+            assert server.process.poll() is None, server.log_tail()
             try:
                 health = httpx.get(f"{base}/healthz", timeout=5)
                 ready = httpx.get(f"{base}/readyz", timeout=5)
@@ -50,8 +32,6 @@ def test_a_model_that_cannot_load_is_never_ready(tmp_path: Path) -> None:
         assert "failed to load" in ready.json()["error"]
         r = httpx.put(f"{base}/v1/adapters/a/b", json=payloads.init_body(), timeout=10)
         assert r.status_code == 503
-        assert not (tmp_path / "adapters" / "a" / "b").exists()
+        assert not (server.storage / "a" / "b").exists()
     finally:
-        process.terminate()
-        process.wait(60)
-        log.close()
+        server.stop()
