@@ -16,7 +16,7 @@ ADAPTER_KIND = "LoraAdapter"
 POOL_LABEL = f"{GROUP}/pool"
 ORDINAL_LABEL = f"{GROUP}/ordinal"
 # Lets Prometheus tell offload pods (GPU memory must fall back after each step) from keep pods.
-RESIDENCY_LABEL = "lorafleet.io/gpu-residency"
+RESIDENCY_LABEL = f"{GROUP}/gpu-residency"
 FINALIZER = f"{GROUP}/finalizer"
 MANAGED_BY = "lorafleet-operator"
 CONTAINER = "trainer"
