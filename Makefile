@@ -64,7 +64,7 @@ test-e2e: setup
 	$(PY) -m pytest -m e2e tests/e2e
 
 test-chaos: setup
-	$(PY) -m pytest -m chaos --run-chaos tests/reliability
+	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
 
 ## ---- the product -------------------------------------------------------------
 
