@@ -208,7 +208,16 @@ class PodWorker:
                     (volume.local / rel).write_text(data[key])
         if plan.program == pod_specs.OPERATOR:
             plan.env["KUBECONFIG"] = str(self._service_account_kubeconfig())
+        if plan.program == pod_specs.TRAINER:
+            # Fault tests park this pod's steps at a named phase (lorafleet_trainer.holds); the
+            # pod listens on its own loopback address, the only place the trainer accepts holds.
+            plan.env["LORAFLEET_TRAINER_TEST_HOLD_DIR"] = str(self.hold_dir)
         return plan
+
+    @property
+    def hold_dir(self) -> Path:
+        """Where this pod's trainer looks for step holds (see lorafleet_trainer.holds)."""
+        return self.dir / "holds"
 
     def _service_account_kubeconfig(self) -> Path:
         account = self.pod["spec"].get("serviceAccountName") or "default"

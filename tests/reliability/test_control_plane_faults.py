@@ -12,22 +12,20 @@ every adapter placed exactly once (its epoch counts its placements), every delet
 from __future__ import annotations
 
 import collections
-import json
 import random
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lorafleet_trainer.holds import PhaseHolds
 from tests.e2e import faults
 from tests.e2e.fleet import feedback_for
 from tests.e2e.kube import CommandError, Kube, eventually
 from tests.reliability import stored
 from tests.reliability.fleetstate import CLAIM, Faulty, adapter_manifest, count, placed, ready
-from tests.trainer.service import live
 
 pytestmark = pytest.mark.e2e
 
@@ -171,62 +169,58 @@ def test_chaos_killed_operator_during_deletion(faulty: Faulty) -> None:
 
 # ---- pod loss mid-step ---------------------------------------------------------------------------
 
+# Where each moment parks the step (lorafleet_trainer.holds) and how the step must end when the pod
+# is lost there: before the compute nothing is written ("absent"); parked right after the new
+# version is durable on the claim, before the answer, the step is kept but the client never hears.
+_MOMENTS = {"compute": ("compute", "absent"), "written": ("snapshot", "durable")}
 
-def _step_running(faulty: Faulty, pod: str) -> bool:
-    with urllib.request.urlopen(faulty.fleet.trainer_url(pod) + "/metrics", timeout=5) as resp:
-        samples = live.parse_metrics(resp.read().decode())
-    return samples[("lorafleet_trainer_step_running", ())] == 1
 
-
-def _pod_loss(faulty: Faulty, name: str, moments: list[str], seed: int) -> collections.Counter[str]:
-    """Lose the adapter's pod once per entry of ``moments``: "compute" (a random instant into the
-    step's compute) or "written" (the instant the new version appears on the claim, before the
-    answer; local only). Returns how each loss ended for the step in flight."""
-    rng = random.Random(seed)
+def _pod_loss(faulty: Faulty, name: str, moments: list[str]) -> collections.Counter[str]:
+    """Lose the adapter's pod once per entry of ``moments`` (a key of ``_MOMENTS``), with the step
+    parked at that moment by the pod's step holds. Returns how each loss ended for the step."""
     fleet = faulty.fleet
+    runner = fleet.kube.runner
+    if runner is None:
+        pytest.skip("parking a step at a known phase needs the local pod runner's step holds")
     faulty.apply([name])
     faulty.wait_ready([name])
     acked = faulty.train(name)["version"]
     outcomes: collections.Counter[str] = collections.Counter()
     for moment in moments:
+        phase, expected = _MOMENTS[moment]
         _wait_two_ready_pods(faulty)
         before = fleet.adapter(name)["status"]
+        worker = runner.worker(faulty.ns, before["pod"])
+        assert worker is not None, f"the pod runner does not run {before['pod']}"
+        holds = PhaseHolds(worker.hold_dir)
+        holds.arm(phase)
         url = fleet.adapter_url(name)
         answer: dict[str, Any] = {}
 
         def post_step(url: str = url, answer: dict[str, Any] = answer) -> None:
             try:
-                answer["code"], answer["body"] = fleet.call("POST", url + "/distill", _long_feedback(name))
+                answer["code"], answer["body"] = fleet.call("POST", url + "/distill", feedback_for(name))
             except OSError as exc:  # the connection died with the pod
                 answer["error"] = repr(exc)
 
         client = threading.Thread(target=post_step)
         client.start()
-        eventually("the step to be running", lambda p=before["pod"]: _step_running(faulty, p), timeout=60)
-        if moment == "written":
-            _wait_for_stored_version(faulty, name, acked + 1)
-        else:
-            time.sleep(rng.uniform(0.0, 0.3))
+        eventually(f"the step to park before {phase}", lambda h=holds, p=phase: h.held(p), timeout=120)
         faults.lose_pod(fleet.kube, faulty.ns, before["pod"])
         client.join(timeout=180)
         assert not client.is_alive()
+        assert "code" not in answer, f"a step parked before {phase} was answered: {answer}"
 
         status = faulty.wait_ready([name], beyond={name: before["epoch"]})[name]["status"]
         assert status["podUID"] != before["podUID"], status
         code, state = fleet.call("GET", fleet.adapter_url(name, status))
         assert code == 200 and state["epoch"] == status["epoch"], state
         durable = int(state["version"])
-        if answer.get("code") == 200:
-            # Answered before the pod died: an answered step is never lost.
-            assert durable == answer["body"]["version"] == acked + 1, (answer, state)
-            outcomes[f"{moment}: answered, durable"] += 1
-        else:
-            # The client saw an error; the step is durable or absent, never half-applied.
-            assert durable in (acked, acked + 1), (acked, answer, state)
-            outcomes[f"{moment}: error, {'durable' if durable == acked + 1 else 'absent'}"] += 1
-        claims = _claim_dir(fleet.kube)
-        if claims is not None:
-            stored.assert_whole(claims, faulty.ns, name, durable)
+        outcome = "durable" if durable == acked + 1 else "absent"
+        assert durable in (acked, acked + 1), (acked, answer, state)
+        assert outcome == expected, f"lost the pod before {phase}: the step is {outcome}, not {expected}"
+        outcomes[f"{moment}: error, {outcome}"] += 1
+        stored.assert_whole(_claim_dir(fleet.kube), faulty.ns, name, durable)
         # The new pod starts from the durable version, from storage (its cache never held it).
         step = faulty.train(name)
         assert step["version"] == durable + 1 and step["cache"] == "miss", step
@@ -235,44 +229,23 @@ def _pod_loss(faulty: Faulty, name: str, moments: list[str], seed: int) -> colle
     return outcomes
 
 
-def _wait_for_stored_version(faulty: Faulty, name: str, version: int) -> None:
-    claims = _claim_dir(faulty.fleet.kube)
-    if claims is None:
-        raise RuntimeError("watching the claim for a new version needs the local control plane")
-    meta = claims / faulty.ns / name / "lorafleet.json"
-    # Polled every millisecond, so the pod is lost the instant the new version is durable; a read
-    # that fails while the version symlink is swapped is tried again.
-    eventually(
-        f"version {version} of {name} to reach the claim",
-        lambda: json.loads(meta.read_text())["version"] >= version,
-        timeout=120,
-        interval=0.001,
-    )
-
-
-def _claim_dir(kube: Kube) -> Path | None:
+def _claim_dir(kube: Kube) -> Path:
     """Where the pool's claim lives on this machine (local control plane only)."""
-    return kube.runner.workdir / "claims" / CLAIM if kube.runner is not None else None
-
-
-def _long_feedback(name: str) -> dict[str, Any]:
-    body = feedback_for(name)
-    body["samples"] = body["samples"] * 8  # a longer step leaves room to lose the pod inside it
-    return body
+    assert kube.runner is not None
+    return kube.runner.workdir / "claims" / CLAIM
 
 
 def test_pod_lost_mid_step_is_an_error_and_the_next_step_starts_from_the_durable_version(
     faulty: Faulty,
 ) -> None:
-    outcomes = _pod_loss(faulty, "midstep", ["compute"], seed=9)
-    # The client learns of the loss; whether the step got to storage first depends on timing.
-    assert list(outcomes) in (["compute: error, absent"], ["compute: error, durable"]), outcomes
+    outcomes = _pod_loss(faulty, "midstep", ["compute", "written"])
+    assert outcomes == {"compute: error, absent": 1, "written: error, durable": 1}, outcomes
 
 
 @pytest.mark.chaos
 def test_chaos_pods_lost_mid_step(faulty: Faulty) -> None:
-    local = faulty.fleet.kube.runner is not None
-    _pod_loss(faulty, "cmidstep", ["compute", "written"] * 3 if local else ["compute"] * 6, seed=19)
+    outcomes = _pod_loss(faulty, "cmidstep", ["compute", "written"] * 3)
+    assert outcomes == {"compute: error, absent": 3, "written: error, durable": 3}, outcomes
 
 
 # ---- API server and etcd restarts ----------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Killed trainer: kill -9 a real `lorafleet-trainer serve` mid-stream, restart, lose nothing.
 
-After every restart the adapter loads, its version is the answered count (or one more when the
-kill fell after the write), its files are whole; at the end its weights and AdamW moments equal a
-replay of the applied steps in a fresh engine and the stored adapter loads with PEFT. The fast
-version kills 3 times; the chaos suite kills 24 times and prints the tally for the report.
+Each kill lands at a moment the test chose (a step parked before a phase, or just answered). After
+every restart the adapter loads, its version is what that moment implies (the answered count, or
+one more when the kill fell after the write), its files are whole; at the end its weights and AdamW
+moments equal a replay of the applied steps in a fresh engine and the stored adapter loads with
+PEFT. The fast version kills at the three outcomes' moments; the chaos suite at every moment four
+times, in a seeded order, and prints the tally for the report.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,10 @@ from lorafleet_trainer import models
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
-def _campaign(tmp_path: Path, model_cache: Path, kills: int, seed: int) -> None:
-    c, server = killing.run(tmp_path / "trainer", model_cache, kills=kills, seed=seed)
+def _campaign(tmp_path: Path, model_cache: Path, moments: list[str], seed: int) -> None:
+    c, server = killing.run(tmp_path / "trainer", model_cache, moments, seed=seed)
     try:
-        assert c.kills == kills
+        assert c.kills == len(moments)
         served = replay.stored_tensors(server.storage)
         replayed = replay.replay(tmp_path / "replay", model_cache, c.applied)
         diff = replay.max_difference(served, replayed)
@@ -49,10 +52,12 @@ def _campaign(tmp_path: Path, model_cache: Path, kills: int, seed: int) -> None:
 
 
 def test_three_kills_lose_no_answered_step(tmp_path: Path, model_cache: Path) -> None:
-    _campaign(tmp_path, model_cache, kills=3, seed=7)
+    _campaign(tmp_path, model_cache, ["compute", "snapshot", killing.ANSWERED], seed=7)
 
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("seed", [11])
 def test_twenty_four_kills_lose_no_answered_step(tmp_path: Path, model_cache: Path, seed: int) -> None:
-    _campaign(tmp_path, model_cache, kills=24, seed=seed)
+    moments = list(killing.MOMENTS) * 4
+    random.Random(seed).shuffle(moments)
+    _campaign(tmp_path, model_cache, moments, seed=seed)

@@ -22,6 +22,7 @@ from lorafleet_trainer import routes
 from lorafleet_trainer.auth import BearerAuth
 from lorafleet_trainer.configs import TrainingSpec
 from lorafleet_trainer.errors import QueueFull, TrainerError
+from lorafleet_trainer.holds import PhaseHolds
 from lorafleet_trainer.limiting import BodyLimit
 from lorafleet_trainer.serving import ClientGone, Engine, TrainerService
 from lorafleet_trainer.settings import TrainerSettings
@@ -101,6 +102,7 @@ def build_engine(settings: TrainerSettings) -> Engine:
         gpu_residency=settings.gpu_residency,
         model_cache_dir=settings.model_cache_dir,
         default_training=TrainingSpec(),
+        step_holds=PhaseHolds(settings.test_hold_dir).enable() if settings.test_hold_dir is not None else None,
     )
     return TrainerEngine(config)
 

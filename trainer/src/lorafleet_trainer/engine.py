@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer import models, stepping
+from lorafleet_trainer import holds, models, stepping
 from lorafleet_trainer.cache import AdapterCache, CacheInfo
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
@@ -44,6 +44,7 @@ class EngineConfig:
     gpu_residency: str = "offload"
     model_cache_dir: Path | None = None
     default_training: TrainingSpec = field(default_factory=TrainingSpec)
+    step_holds: holds.PhaseHolds | None = None  # test-only: park steps at named phases
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -286,17 +287,21 @@ class TrainerEngine:
         slots.activate(slot)
         read_before = self.store.read_bytes
         with self._residency.on_device(slots.peft_model, slot.optimizer):
+            holds.at(self.config.step_holds, "restore")
             t0 = time.perf_counter()
             hit = self._restore(adapter, meta, slot)
             self._sync()
             t1 = time.perf_counter()
             slot.holds = None  # from here until the snapshot the slot is ahead of every copy
+            holds.at(self.config.step_holds, "compute")
             metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device)
             self._sync()
+            holds.at(self.config.step_holds, "persist")
             t2 = time.perf_counter()
             new = replace(meta, version=meta.version + 1)
             self.store.write(new, slot.export())  # the adapter_config.json is linked, it never changes
             self._set_meta(new)
+            holds.at(self.config.step_holds, "snapshot")
             t3 = time.perf_counter()
             if self.cache.enabled:
                 try:
@@ -307,6 +312,7 @@ class TrainerEngine:
                     self.cache.evict(adapter, "invalidated")
                     raise
             t4 = time.perf_counter()
+        holds.at(self.config.step_holds, "answer")
         timing = {"restore": t1 - t0, "compute": t2 - t1, "persist": t3 - t2, "snapshot": t4 - t3}
         return StepResult(
             version=new.version,

@@ -8,12 +8,13 @@ variable that held the bad value.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LORAFLEET_TRAINER_"
@@ -52,6 +53,15 @@ def parse_bytes(value: Any) -> int:
     return out
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TrainerSettings(BaseSettings):
     """Everything `lorafleet-trainer serve` can be told; field names are the flags' names."""
 
@@ -72,6 +82,20 @@ class TrainerSettings(BaseSettings):
     shutdown_timeout: float = Field(
         120.0, gt=0, description="seconds SIGTERM waits for the running step before closing connections"
     )
+    test_hold_dir: Path | None = Field(
+        None,
+        description="test only: a step parks before phase P while DIR/P exists (see holds.py); "
+        "refused unless --host is a loopback address",
+    )
+
+    @field_validator("test_hold_dir")
+    @classmethod
+    def _holds_on_loopback_only(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # A trainer that a network can reach is a production trainer: it never parks its steps.
+        host = info.data.get("host", "")
+        if value is not None and not _is_loopback(host):
+            raise ValueError(f"is for tests only and refused with host {host!r}; it needs a loopback host")
+        return value
 
     @field_validator("cache_capacity", "max_body_bytes", mode="before")
     @classmethod
