@@ -53,6 +53,10 @@ def missing_binaries(directory: Path, names: tuple[str, ...] = BINARIES) -> list
     return [b for b in names if not os.access(directory / b, os.X_OK)]
 
 
+def _nothing() -> None:
+    return None
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager under one work directory."""
 
@@ -164,12 +168,21 @@ class ControlPlane:
             "--v=1",
         ]
 
-    def restart(self, name: str, *, down: float = 0.0, timeout: float = 120.0) -> float:
-        """kill -9 one component (`etcd` or `kube-apiserver`), leave it down for ``down`` seconds,
-        start it again with the same flags, data and port; returns seconds until it is healthy."""
+    def restart(
+        self,
+        name: str,
+        *,
+        down: float = 0.0,
+        timeout: float = 120.0,
+        on_down: Callable[[], object] = _nothing,
+    ) -> float:
+        """kill -9 one component (`etcd` or `kube-apiserver`), call ``on_down`` once it is dead,
+        leave it down for ``down`` seconds, start it again with the same flags, data and port;
+        returns seconds until it is healthy."""
         old = next(c for c in self.children if c.name == name)
         old.kill()
-        time.sleep(down)
+        on_down()
+        time.sleep(down)  # the length of the outage, chosen by the caller
         start = time.monotonic()
         new = processes.Child(name, old.argv, old.log_path)
         self.children[self.children.index(old)] = new

@@ -12,6 +12,8 @@ Each works on the local control plane and, where Kubernetes offers a way, on a r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tests.e2e.kube import Kube
 
 
@@ -28,14 +30,17 @@ def lose_pod(kube: Kube, namespace: str, pod: str) -> None:
     _force_delete(kube, namespace, pod)
 
 
-def restart(kube: Kube, component: str, *, down: float = 0.0) -> float:
+def restart(
+    kube: Kube, component: str, *, down: float = 0.0, on_down: Callable[[], object] = lambda: None
+) -> float:
     """Restart ``etcd`` or ``kube-apiserver`` after ``down`` seconds; seconds until healthy again.
+    ``on_down`` runs the moment the component is dead (see ``ControlPlane.restart``).
 
     Call it from a thread that outlives the cluster (the main thread): a child process gets its
     parent-death signal when the thread that forked it exits."""
     if kube.plane is None:
         raise RuntimeError(f"restarting {component} needs the local control plane")
-    return kube.plane.restart(component, down=down)
+    return kube.plane.restart(component, down=down, on_down=on_down)
 
 
 def _force_delete(kube: Kube, namespace: str, pod: str) -> None:

@@ -265,7 +265,47 @@ def _until_accepted(what: str, action: Callable[[], object], timeout: float = 18
             time.sleep(0.5)
 
 
-def _restarts(faulty: Faulty, prefix: str, plan: list[tuple[str, float]]) -> dict[str, Any]:
+class _Churn(threading.Thread):
+    """Creates ``keep`` and deletes ``gone`` (half after the third create, half after the fifth),
+    one kubectl call at a time. Before the calls named in ``gates`` it stops until the gate opens,
+    so a restart lands between two known calls: after the ones done, before the ones to come."""
+
+    def __init__(self, kube: Kube, ns: str, keep: list[str], gone: list[str], gates: set[int]) -> None:
+        super().__init__(name="churn")
+        self.kube, self.keep, self.gone = kube, keep, gone
+        self.flags = ("-n", ns, "--request-timeout=10s")
+        self.gates = {n: threading.Event() for n in gates}
+        self.reached = {n: threading.Event() for n in gates}
+        self.failures: list[BaseException] = []
+        self.calls = 0
+
+    def _call(self, what: str, *args: str, input: str | None = None) -> None:
+        if self.calls in self.gates:
+            self.reached[self.calls].set()
+            self.gates[self.calls].wait(600)
+        _until_accepted(what, lambda: self.kube.kubectl(*args, *self.flags, input=input, timeout=30))
+        self.calls += 1
+
+    def run(self) -> None:
+        try:
+            for i, name in enumerate(self.keep):
+                self._call(f"create {name}", "apply", "-f", "-", input=adapter_manifest([name]))
+                if i in (2, 4):
+                    batch = self.gone[:2] if i == 2 else self.gone[2:]
+                    self._call(
+                        f"delete {batch}",
+                        "delete",
+                        "loraadapter",
+                        *batch,
+                        "--wait=false",
+                        "--ignore-not-found",
+                    )
+        except BaseException as exc:
+            self.failures.append(exc)
+
+
+def _restarts(faulty: Faulty, prefix: str, plan: list[tuple[str, float, int]]) -> dict[str, Any]:
+    """Restart each ``(component, seconds down, after this many churn calls)`` of ``plan``."""
     kube = faulty.fleet.kube
     if kube.plane is None:
         pytest.skip("restarting the API server and etcd needs the local control plane")
@@ -276,38 +316,17 @@ def _restarts(faulty: Faulty, prefix: str, plan: list[tuple[str, float]]) -> dic
     for name in gone:
         faulty.train(name)
     restarts_before = faulty.operator_restarts()
-    failures: list[BaseException] = []
-    ns = ("-n", faulty.ns, "--request-timeout=10s")
-
-    def churn() -> None:
-        try:
-            for i, name in enumerate(keep):
-                manifest = adapter_manifest([name])
-                _until_accepted(
-                    f"create {name}",
-                    lambda m=manifest: kube.kubectl("apply", *ns, "-f", "-", input=m, timeout=30),
-                )
-                if i in (2, 4):
-                    batch = gone[:2] if i == 2 else gone[2:]
-                    _until_accepted(
-                        f"delete {batch}",
-                        lambda b=batch: kube.kubectl(
-                            "delete", "loraadapter", *b, *ns, "--wait=false", "--ignore-not-found", timeout=30
-                        ),
-                    )
-                time.sleep(0.5)
-        except BaseException as exc:
-            failures.append(exc)
-
-    thread = threading.Thread(target=churn, name="churn")
+    churn = _Churn(kube, faulty.ns, keep, gone, {after for _, _, after in plan})
     start = time.monotonic()
-    thread.start()
+    churn.start()
     downtime = []
-    for component, down in plan:
-        time.sleep(1.0)
-        downtime.append((component, down, round(faults.restart(kube, component, down=down), 1)))
-    thread.join(timeout=600)
-    assert not thread.is_alive() and not failures, failures
+    for component, down, after in plan:
+        assert churn.reached[after].wait(600), f"the churn never reached call {after}: {churn.failures}"
+        # The next call is let go only once the component is dead, so it meets the outage.
+        took = faults.restart(kube, component, down=down, on_down=churn.gates[after].set)
+        downtime.append((component, down, after, round(took, 1)))
+    churn.join(timeout=600)
+    assert not churn.is_alive() and not churn.failures, churn.failures
     seen = faulty.wait_ready(keep, timeout=600)
     faulty.wait_gone(gone, timeout=300)
     settled = time.monotonic() - start
@@ -329,12 +348,16 @@ def _restarts(faulty: Faulty, prefix: str, plan: list[tuple[str, float]]) -> dic
 
 
 def test_api_server_and_etcd_restarts_during_creates_and_deletes(faulty: Faulty) -> None:
-    _restarts(faulty, "churn", [("kube-apiserver", 2.0), ("etcd", 2.0)])
+    # The API server goes down before the third create, etcd right after the first deletes, before
+    # the fourth create: both outages fall among the operator's placements and finalizers.
+    _restarts(faulty, "churn", [("kube-apiserver", 2.0, 2), ("etcd", 2.0, 4)])
 
 
 @pytest.mark.chaos
 def test_chaos_long_control_plane_outages(faulty: Faulty) -> None:
     # 20 s is longer than the operator's 15 s Lease: it must give up leading, exit and come back.
     _restarts(
-        faulty, "cchurn", [("etcd", 5.0), ("kube-apiserver", 20.0), ("etcd", 20.0), ("kube-apiserver", 0.0)]
+        faulty,
+        "cchurn",
+        [("etcd", 5.0, 1), ("kube-apiserver", 20.0, 3), ("etcd", 20.0, 5), ("kube-apiserver", 0.0, 7)],
     )
