@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from lorafleet_trainer.holds import PHASES, PhaseHolds
 from tests.reliability import stored
-from tests.e2e.kube import eventually
 from tests.trainer.engine_helpers import sample_dict
 from tests.trainer.service import live, payloads
+
+from lorafleet_local.polling import eventually
+from lorafleet_trainer.holds import PHASES, PhaseHolds
 
 TOKEN = "chaos-token-7c2e"
 NAMESPACE, NAME = "chaos", "killed"
@@ -88,9 +89,7 @@ def _start(workdir: Path, model_cache: Path) -> live.LiveTrainer:
     return live.start_trainer(workdir, token=TOKEN, model_cache_dir=model_cache, args=args)
 
 
-def run(
-    workdir: Path, model_cache: Path, moments: list[str], seed: int
-) -> tuple[Campaign, live.LiveTrainer]:
+def run(workdir: Path, model_cache: Path, moments: list[str], seed: int) -> tuple[Campaign, live.LiveTrainer]:
     """One kill per entry of ``moments``; returns the ledger and the (restarted, running) server."""
     rng = random.Random(seed)
     c = Campaign()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from lorafleet_local import processes
 
 READY_TIMEOUT = 240.0
 
@@ -34,12 +35,6 @@ def parse_metrics(text: str) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def trainer_command() -> list[str]:
@@ -105,7 +100,7 @@ def launch_trainer(
     """Start a trainer serving ``base_model`` with storage under ``workdir``; do not wait for it."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "adapters"
-    port = free_port()
+    port = processes.free_port()
     command = [
         *trainer_command(),
         "serve",

@@ -30,7 +30,7 @@ def write(
     path: Path,
     endpoint: Endpoint,
     user: dict[str, str],
-    name: str = "lorafleet-e2e",
+    name: str = "lorafleet-local",
     ca_file: Path | None = None,
 ) -> Path:
     """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data or token.

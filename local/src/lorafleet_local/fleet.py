@@ -1,6 +1,6 @@
 """An installed LoraFleet release, seen from outside the cluster as a user sees it.
 
-Shared by the e2e scenario and `make demo`: install the chart with Helm, find the trainers'
+Shared by the demo and the e2e tests: install the chart with Helm, find the trainers'
 bearer token behind the operator's token file, reach an adapter's trainer route from its
 `status.endpoint`, keep a real Prometheus scraping the trainer pods, and read figures back.
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import processes
-from tests.e2e.kube import Kube, eventually
-from tests.e2e.prometheus import Prometheus
+from lorafleet_local import checkout, processes
+from lorafleet_local.kube import Kube
+from lorafleet_local.polling import eventually
+from lorafleet_local.prometheus import Prometheus
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "lorafleet"
-EXAMPLES = REPO / "examples"
+CHART = checkout.CHART
+EXAMPLES = checkout.EXAMPLES
 RELEASE = "lorafleet"
 POOL = "demo"
 TRAINER_PORT = 8080
@@ -108,7 +108,7 @@ class Fleet:
                 timeout=timeout,
                 interval=1.0,
             )
-        except AssertionError as exc:
+        except TimeoutError as exc:
             print(f"teardown: {exc}", file=sys.stderr)
         self.kube.helm(
             "uninstall",

@@ -12,7 +12,7 @@ Each works on the local control plane and, where Kubernetes offers a way, on a r
 
 from __future__ import annotations
 
-from tests.e2e.kube import Kube
+from lorafleet_local.kube import Kube
 
 
 def crash_container(kube: Kube, namespace: str, pod: str) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e import kubeconfigs, pod_runner
-from tests.e2e.kube import CommandError, Kube, eventually
+
+from lorafleet_local import kubeconfigs, pod_runner
+from lorafleet_local.kube import CommandError, Kube
+from lorafleet_local.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
