@@ -54,7 +54,7 @@ class Fleet:
     def install(cls, kube: Kube, namespace: str, workdir: Path, *extra_values: str) -> Fleet:
         """`helm install` the chart and start Prometheus; the operator's port is free on this host."""
         # Locally every pod shares the host's ports, so the operator gets a free one; kind keeps the default.
-        metrics_port = processes.free_port() if kube.local else 8000
+        metrics_port = processes.free_port() if kube.pods_on_loopback else 8000
         # The kind workflow names its locally built images here (scripts/e2e-kind.sh).
         from_env = [v for v in os.environ.get(HELM_SET_ENV, "").split(",") if v.strip()]
         values = [f"operator.metricsPort={metrics_port}", *from_env, *extra_values]
@@ -146,7 +146,7 @@ class Fleet:
         status = status if status is not None else self.adapter(name)["status"]
         endpoint = urllib.parse.urlsplit(status["endpoint"])
         base = self.trainer_url(status["pod"])
-        if self.kube.local and base != f"{endpoint.scheme}://{endpoint.netloc}":
+        if self.kube.pods_on_loopback and base != f"{endpoint.scheme}://{endpoint.netloc}":
             # Locally this process reaches the very address the operator published.
             raise AssertionError(f"status.endpoint {status['endpoint']} is not pod {status['pod']} at {base}")
         path = endpoint.path.rstrip("/")

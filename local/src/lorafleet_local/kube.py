@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, control_plane, pod_runner, polling, processes
+from lorafleet_local import checkout, control_plane, kubeconfigs, pod_runner, polling, processes
 
 
 class CommandError(RuntimeError):
@@ -42,8 +42,14 @@ class Kube:
 
     @property
     def local(self) -> bool:
-        """True on the local control plane (pods are local processes on loopback addresses)."""
+        """True on a local control plane this handle started (it can restart it, kill pods)."""
         return self.plane is not None
+
+    @property
+    def pods_on_loopback(self) -> bool:
+        """True on any local cluster, this one's or one `lorafleet-local up` left running: pods are
+        local processes on their own loopback addresses, reachable from here as they are."""
+        return self.local or kubeconfigs.is_local(self.kubeconfig)
 
     @classmethod
     def start(cls, workdir: Path) -> Kube:
@@ -116,10 +122,10 @@ class Kube:
     def reach(self, namespace: str, pod: str, port: int) -> str:
         """A base URL for a pod's port from this process, as the operator in the cluster sees it.
 
-        On the local control plane that is the pod's own loopback address; on a real cluster the pod
-        network is not routable from the test machine, so a `kubectl port-forward` stands in.
+        On a local cluster that is the pod's own loopback address; on a real cluster the pod
+        network is not routable from this machine, so a `kubectl port-forward` stands in.
         """
-        if self.local:
+        if self.pods_on_loopback:
             ip = self.get("pod", pod, "-n", namespace)["status"]["podIP"]
             return f"http://{ip}:{port}"
         key = (namespace, pod, port)
