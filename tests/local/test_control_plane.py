@@ -1,4 +1,4 @@
-"""The scaffolding itself, on the real API server: RBAC, garbage collection, and the pod runner.
+"""The local cluster itself, on the real API server: RBAC, garbage collection, and the pod runner.
 
 The runner test uses a stand-in for the trainer program (a few lines of Python that serve
 `/readyz` and report their argv and env), so it proves the runner's mechanics without the model.
