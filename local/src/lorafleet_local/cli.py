@@ -104,11 +104,15 @@ def down(workdir: Path, timeout: float) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="lorafleet-local", description=__doc__.split("\n", 1)[0])
+    top = argparse.ArgumentParser(
+        prog="lorafleet-local", description="Run LoraFleet on one machine, as one would run it on kind."
+    )
     commands = top.add_subparsers(dest="command", required=True)
     for name, text in (("up", "start the local cluster"), ("down", "stop the local cluster")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--dir", type=Path, default=default_dir(), help="its directory (%(default)s)")
+        sub.add_argument(
+            "--dir", type=Path, default=default_dir(), help="the cluster's directory (%(default)s)"
+        )
         sub.add_argument("--timeout", type=float, default=180.0, help="seconds to wait (%(default)s)")
     up_parser = commands.choices["up"]
     up_parser.add_argument("--no-pods", action="store_true", help="no pod runner: pods stay Pending")
