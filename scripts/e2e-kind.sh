@@ -49,6 +49,6 @@ docker build -f "$root/trainer/Dockerfile.cpu" -t "lorafleet/trainer:$tag" "$roo
 docker build -f "$root/operator/Dockerfile" -t "lorafleet/operator:$tag" "$root"
 kind load docker-image --name "$cluster" "lorafleet/trainer:$tag" "lorafleet/operator:$tag"
 
-# Read by tests/e2e/fleet.py: every `helm install` in the tests uses the images just loaded.
+# Read by local/src/lorafleet_local/fleet.py: every `helm install` in the tests uses the images just loaded.
 export LORAFLEET_E2E_HELM_SET="operator.image.repository=lorafleet/operator,operator.image.tag=$tag,operator.image.pullPolicy=Never,operator.trainerImage=lorafleet/trainer:$tag"
-KUBECONFIG="$kubeconfig" "$root/.venv/bin/python" -m pytest -m e2e "$root/tests/e2e"
+KUBECONFIG="$kubeconfig" "$root/.venv/bin/python" -m pytest -m e2e "$root/tests/local" "$root/tests/e2e"

@@ -13,8 +13,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from tests.e2e import cluster
-from tests.e2e.kube import Kube
+
+from lorafleet_local import checkout, control_plane
+from lorafleet_local.kube import Kube
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,10 +26,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     # An external cluster (KUBECONFIG) needs only the clients; the local one needs the whole set.
-    names = ("kubectl", "helm") if os.environ.get("KUBECONFIG") else cluster.BINARIES
-    missing = cluster.missing_binaries(cluster.bin_dir(), names)
+    names = ("kubectl", "helm") if os.environ.get("KUBECONFIG") else control_plane.BINARIES
+    missing = checkout.missing_binaries(checkout.bin_dir(), names)
     if missing:
-        pytest.fail(f"missing {', '.join(missing)} in {cluster.bin_dir()}: run `make kube-clients tools`")
+        pytest.fail(f"missing {', '.join(missing)} in {checkout.bin_dir()}: run `make kube-clients tools`")
     handle = Kube.start(tmp_path_factory.mktemp("e2e"))
     try:
         yield handle

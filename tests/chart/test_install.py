@@ -12,14 +12,15 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from tests.chart import charting
-from tests.e2e.cluster import ControlPlane
+
+from lorafleet_local import polling
+from lorafleet_local.control_plane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 
@@ -164,10 +165,10 @@ def test_operator_pod_is_admitted_under_the_restricted_pod_security_standard(clu
         )
         return out.stdout.split()
 
-    deadline = time.monotonic() + 60
-    while not operator_pods() and time.monotonic() < deadline:
-        time.sleep(1)
-    assert operator_pods(), cluster.run("kubectl", "get", "events", "-n", NS).stdout
+    try:
+        polling.eventually("an operator pod", operator_pods, timeout=60, interval=1.0)
+    except TimeoutError as exc:
+        raise AssertionError(cluster.run("kubectl", "get", "events", "-n", NS).stdout) from exc
 
 
 def test_helm_test_pod_is_admitted_under_the_restricted_pod_security_standard(

@@ -16,13 +16,15 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from tests.chart import charting
 from tests.chart.operator_side import OperatorSide
-from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service.live import LiveTrainer, start_trainer
+
+from lorafleet_local.polling import eventually
+from lorafleet_local.prometheus import Prometheus, static_jobs
 
 T = TypeVar("T")
 TOKEN = "chart-live-token"
@@ -54,14 +56,6 @@ class Run:
     caches: list[str]
 
 
-def wait_for(what: str, check: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     workdir = tmp_path_factory.mktemp("chart-live")
@@ -77,9 +71,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 }
             )
         )
-        wait_for(
+        eventually(
             "both targets up",
             lambda: prometheus.targets_up() == {k: True for k in ("lorafleet-trainer", "lorafleet-operator")},
+            timeout=60,
         )
         base = trainer.base_url
         assert operator.run(operator.client.init(base, NAMESPACE, ADAPTER, {"lora": LORA, "epoch": 1})) == 201
@@ -92,9 +87,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             reply = client.post(f"/v1/adapters/{NAMESPACE}/{ADAPTER}/distill", json={"samples": [SAMPLE]})
             assert reply.status_code == 200, reply.text
             caches.append(reply.json()["cache"])
-        wait_for(
+        eventually(
             "Prometheus to see all four steps",
             lambda: prometheus.finite_values('sum(lorafleet_trainer_steps_total{outcome="ok"})') == [4.0],
+            timeout=60,
         )
         time.sleep(3)  # a few more scrapes, so every rate window holds the whole run
         yield Run(prometheus, trainer, f"http://127.0.0.1:{operator.port}", caches)
@@ -154,7 +150,7 @@ def test_alert_rules_evaluate_without_error(run: Run) -> None:
             time.mktime(time.strptime(s, "%Y-%m-%dT%H:%M:%S")) - time.timezone > started for s in stamps
         )
 
-    wait_for("a rule evaluation after the run", evaluated_since_start, timeout=30)
+    eventually("a rule evaluation after the run", evaluated_since_start, timeout=30)
     rules = {rule["name"]: rule for rule in run.prometheus.rules()}
     assert set(rules) >= {"LoraFleetGPUMemoryNotReleased", "LoraFleetCacheThrashing", "LoraFleetTrainerDown"}
     for name, rule in rules.items():

@@ -1,6 +1,6 @@
 """The PodMonitor, ServiceMonitor and PrometheusRule decode strictly into the Prometheus Operator's types.
 
-kubernetes-validate knows only built-in kinds, so tests/chart/monitoring_types (a few lines of Go
+kubernetes-validate knows only built-in kinds, so tools/monitoring_types (a few lines of Go
 against the Prometheus Operator's published API module, pinned in its go.mod) decodes each
 monitoring.coreos.com/v1 object with unknown fields refused. Go's build cache makes reruns quick.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tests.chart import charting
 
-CHECKER = charting.ROOT / "tests" / "chart" / "monitoring_types"
+CHECKER = charting.ROOT / "tools" / "monitoring_types"
 
 
 @pytest.fixture(scope="module")

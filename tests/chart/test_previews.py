@@ -1,4 +1,5 @@
-"""The README's dashboard preview: well-formed SVG, one drawn panel per dashboard panel, not packaged."""
+"""The README's dashboard preview (drawn by scripts/svg_panels.py): well-formed SVG, one drawn panel per
+dashboard panel, not packaged."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.chart import charting, svg_panels
+from scripts import svg_panels
+from tests.chart import charting
 
 SVG = "{http://www.w3.org/2000/svg}"
 PREVIEW = charting.CHART / "dashboards" / "previews" / "trainers.svg"
@@ -34,7 +36,7 @@ def test_axis_labels_use_the_panel_unit() -> None:
 
 
 def test_committed_preview_shows_the_current_panels() -> None:
-    # Regenerate with `python -m tests.chart.preview` when the panel list changes.
+    # Regenerate with `python -m scripts.draw_previews` when the panel list changes.
     root = ET.fromstring(PREVIEW.read_text(encoding="utf-8"))
     assert titles(root) == [p["title"] for p in charting.dashboard("trainers.json")["panels"]]
     assert "Drawn from a real run" in PREVIEW.read_text(encoding="utf-8")

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests.e2e.fleet import EXAMPLES, POOL, RELEASE, Fleet, feedback_for
-from tests.e2e.kube import CommandError, Kube, eventually
+
+from lorafleet_local.fleet import EXAMPLES, POOL, RELEASE, Fleet, feedback_for
+from lorafleet_local.kube import CommandError, Kube
+from lorafleet_local.polling import eventually
 
 pytestmark = pytest.mark.e2e
 

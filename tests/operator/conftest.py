@@ -33,11 +33,11 @@ from tests.operator.harness import (
     TOKEN,
     Kubelet,
     Trainers,
-    free_port,
     ip_of,
     trainer_app,
 )
 
+from lorafleet_local.processes import free_port
 from lorafleet_operator import handlers, kube
 from lorafleet_operator.kube import KubeApi
 from lorafleet_operator.metrics import OperatorMetrics

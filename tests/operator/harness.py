@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import kmock
 from aiohttp import web
 
+from lorafleet_local import polling
 from lorafleet_operator import names
 
 NS = "team-a"
@@ -62,13 +62,6 @@ class Trainers:
             for c in self.calls
             if c.method == "PUT" and (name is None or c.path == f"/v1/adapters/{NS}/{name}")
         ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def trainer_app(state: Trainers) -> web.Application:
@@ -177,18 +170,8 @@ def ready_status(ordinal: int, ready: bool = True) -> dict[str, Any]:
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
+    """polling.eventually_async in the argument order these tests read best in."""
+    return await polling.eventually_async(what or repr(check), check, timeout)
 
 
 def live(cluster: kmock.KubernetesEmulator, resource: str, namespace: str = NS) -> dict[str, dict[str, Any]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import kopf
 import pytest
-from tests.e2e import pki
 
+from lorafleet_local import pki
 from lorafleet_operator import kube
 
 

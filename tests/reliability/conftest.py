@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.e2e.fleet import Fleet
-from tests.e2e.kube import Kube
 from tests.reliability.fleetstate import CLAIM, FAULTS_NAMESPACE, POOL, POOL_MANIFEST, Faulty
+
+from lorafleet_local.fleet import Fleet
+from lorafleet_local.kube import Kube
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.e2e import faults
-from tests.e2e.fleet import Fleet, feedback_for
-from tests.e2e.kube import eventually
+from tests.reliability import faults
+
+from lorafleet_local.fleet import Fleet, feedback_for
+from lorafleet_local.polling import eventually
 
 FAULTS_NAMESPACE = "lorafleet-faults"
 POOL = "durable"

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.e2e.kube import eventually
 from tests.reliability import stored
 from tests.trainer.engine_helpers import sample_dict
 from tests.trainer.service import live, payloads
 
+from lorafleet_local.polling import eventually
 from lorafleet_trainer.holds import PHASES, PhaseHolds
 
 TOKEN = "chaos-token-7c2e"

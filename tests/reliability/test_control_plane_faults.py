@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e import faults
-from tests.e2e.fleet import feedback_for
-from tests.e2e.kube import CommandError, Kube, eventually
-from tests.reliability import stored
+from tests.reliability import faults, stored
 from tests.reliability.fleetstate import CLAIM, Faulty, adapter_manifest, count, placed, ready
 
+from lorafleet_local.fleet import feedback_for
+from lorafleet_local.kube import CommandError, Kube
+from lorafleet_local.polling import eventually
 from lorafleet_trainer.holds import PhaseHolds
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,9 @@ import re
 from typing import Any
 
 import pytest
-from tests.e2e.kube import CommandError
 from tests.reliability.fleetstate import POOL, Faulty, adapter_manifest
+
+from lorafleet_local.kube import CommandError
 
 pytestmark = pytest.mark.e2e
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e.kube import eventually
 from tests.trainer.engine_helpers import samples
 
+from lorafleet_local.polling import eventually
 from lorafleet_trainer import settings
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.holds import PHASES, PhaseHolds

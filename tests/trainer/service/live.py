@@ -2,24 +2,25 @@
 
 Reusable by any suite (service, chart, e2e): ``start_trainer(workdir, ...)`` picks a free port,
 starts the console script with its own storage directory, waits for ``/readyz`` and returns a
-:class:`LiveTrainer` with an ``httpx`` client; ``stop()`` sends SIGTERM and waits. The server's
-output goes to ``<workdir>/trainer.log``, whose tail is shown when start-up fails.
+:class:`LiveTrainer` with an ``httpx`` client; ``stop()`` sends SIGTERM and waits. The process is a
+``lorafleet_local.processes.Child``, so it dies with the test run; its output goes to
+``<workdir>/trainer.log``, whose tail is shown when start-up fails.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from lorafleet_local import polling, processes
 
 READY_TIMEOUT = 240.0
 
@@ -36,12 +37,6 @@ def parse_metrics(text: str) -> Samples:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def trainer_command() -> list[str]:
     """The installed console script next to this interpreter (the module as a fallback)."""
     script = Path(sys.executable).parent / "lorafleet-trainer"
@@ -50,12 +45,19 @@ def trainer_command() -> list[str]:
 
 @dataclass
 class LiveTrainer:
-    process: subprocess.Popen[bytes]
+    child: processes.Child
     port: int
     storage: Path
-    log_path: Path
     token: str | None = None
     clients: list[httpx.Client] = field(default_factory=list)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.child.popen
+
+    @property
+    def log_path(self) -> Path:
+        return self.child.log_path
 
     @property
     def base_url(self) -> str:
@@ -74,22 +76,13 @@ class LiveTrainer:
         return parse_metrics(httpx.get(f"{self.base_url}/metrics", timeout=30).text)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self.child.log_tail(lines) or "(no log)"
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait, SIGKILL if it hangs; returns the exit status."""
         for c in self.clients:
             c.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        self.child.stop(grace=timeout)
         return int(self.process.returncode)
 
 
@@ -105,7 +98,7 @@ def launch_trainer(
     """Start a trainer serving ``base_model`` with storage under ``workdir``; do not wait for it."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "adapters"
-    port = free_port()
+    port = processes.free_port()
     command = [
         *trainer_command(),
         "serve",
@@ -132,36 +125,23 @@ def launch_trainer(
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_TRAINER_")}
     child_env.update(env or {})
     log_path = workdir / "trainer.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    return LiveTrainer(process=process, port=port, storage=storage, log_path=log_path, token=token)
+    log_path.unlink(missing_ok=True)  # a restarted trainer's log starts afresh
+    child = processes.Child("lorafleet-trainer", command, log_path, env=child_env)
+    return LiveTrainer(child=child, port=port, storage=storage, token=token)
 
 
-def start_trainer(
-    workdir: Path,
-    *,
-    base_model: str = "builtin:tiny",
-    token: str | None = None,
-    args: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-    model_cache_dir: Path | None = None,
-    ready_timeout: float = READY_TIMEOUT,
-) -> LiveTrainer:
-    """Launch a trainer (see ``launch_trainer``) and wait until /readyz answers 200."""
-    live = launch_trainer(
-        workdir, base_model=base_model, token=token, args=args, env=env, model_cache_dir=model_cache_dir
-    )
-    process = live.process
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"trainer exited with {process.returncode}:\n{live.log_tail()}")
-        try:
-            if httpx.get(f"{live.base_url}/readyz", timeout=2).status_code == 200:
-                return live
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            live.stop()
-            raise RuntimeError(f"trainer not ready after {ready_timeout:.0f} s:\n{live.log_tail()}")
-        time.sleep(0.1)
+def start_trainer(workdir: Path, *, ready_timeout: float = READY_TIMEOUT, **launch: Any) -> LiveTrainer:
+    """``launch_trainer(workdir, **launch)``, then wait until /readyz answers 200."""
+    live = launch_trainer(workdir, **launch)
+    try:
+        polling.eventually(
+            "the trainer's /readyz",
+            lambda: httpx.get(f"{live.base_url}/readyz", timeout=2).status_code == 200,
+            ready_timeout,
+            0.1,
+            child=live.child,
+        )
+    except TimeoutError:
+        live.stop()
+        raise
+    return live

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service import live, payloads
+
+from lorafleet_local.prometheus import Prometheus, static_jobs
 
 METRICS = [
     "lorafleet_trainer_cache_entries",

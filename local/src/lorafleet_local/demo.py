@@ -1,24 +1,24 @@
-"""`make demo`: LoraFleet end to end on a local Kubernetes control plane, with builtin:tiny.
+"""The demo (`lorafleet-local demo`, `make demo`): LoraFleet end to end on the local cluster.
 
-It starts the control plane (or uses KUBECONFIG), installs the chart with Helm, applies the
-example pool and adapters, trains each adapter on the example feedback with a progress display,
-shows `kubectl get loraadapters` and the cache figures from a real Prometheus, deletes an adapter
-to show its cache entry leaving the trainer, and tears everything down.
+It starts the control plane (or uses KUBECONFIG), installs the chart with Helm, applies the example
+pool and adapters (builtin:tiny on two CPU pods), trains each adapter on the example feedback with a
+progress display, shows `kubectl get loraadapters` and the cache figures from a real Prometheus,
+deletes an adapter to show its cache entry leaving the trainer, and tears everything down.
 
-    python -m tests.e2e.demo [--steps N] [--workdir DIR]
+    lorafleet-local demo [--steps N] [--workdir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.fleet import EXAMPLES, POOL, Fleet, feedback_for
-from tests.e2e.kube import Kube, eventually
+from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, feedback_for
+from lorafleet_local.kube import Kube
+from lorafleet_local.polling import eventually
 
 NAMESPACE = "lorafleet-demo"
 ADAPTERS = ("alice", "bob", "carol")
@@ -109,7 +109,7 @@ def wait_versions(fleet: Fleet, show: Display, versions: dict[str, int]) -> None
 
     try:
         eventually("status.version to catch up", reported, timeout=60, interval=1.0)
-    except AssertionError:
+    except TimeoutError:
         show.line("(the operator has not reported every status.version yet)")
 
 
@@ -184,25 +184,14 @@ def run(workdir: Path, steps: int) -> None:
     print(f"\ndemo finished in {show.elapsed().strip()} (pool {POOL}, namespace {NAMESPACE})", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the LoraFleet demo on a local control plane.")
-    parser.add_argument("--steps", type=int, default=4, help="training rounds over the adapters (default 4)")
-    parser.add_argument(
-        "--workdir", type=Path, help="keep logs here (default: a temporary directory, removed)"
-    )
-    args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the first round warms the cache)")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
+def main(steps: int, workdir: Path | None) -> int:
+    """Run the demo; logs stay in ``workdir`` if given (a temporary directory is removed)."""
+    scratch = workdir or Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
     try:
-        run(workdir, args.steps)
+        run(scratch, steps)
     except Exception as exc:
-        print(f"\ndemo failed: {exc}\nlogs: {workdir}", file=sys.stderr, flush=True)
+        print(f"\ndemo failed: {exc}\nlogs: {scratch}", file=sys.stderr, flush=True)
         return 1
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if workdir is None:
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+# The cluster, user and context name of every kubeconfig written here: it tells a local cluster.
+NAME = "lorafleet-local"
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -30,7 +33,7 @@ def write(
     path: Path,
     endpoint: Endpoint,
     user: dict[str, str],
-    name: str = "lorafleet-e2e",
+    name: str = NAME,
     ca_file: Path | None = None,
 ) -> Path:
     """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data or token.
@@ -79,3 +82,9 @@ def read_endpoint(path: Path) -> Endpoint:
     else:
         ca = Path(cluster["certificate-authority"]).read_bytes()
     return Endpoint(server=cluster["server"], ca_pem=ca)
+
+
+def is_local(path: Path) -> bool:
+    """Whether a kubeconfig's current context is a local cluster's (`lorafleet-local up`)."""
+    config = yaml.safe_load(path.read_text())
+    return bool(config.get("current-context") == NAME)

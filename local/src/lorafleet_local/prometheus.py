@@ -1,8 +1,9 @@
-"""A real Prometheus server (the Debian package) for the tests: one class for every suite.
+"""A real Prometheus server (the Debian package) next to the local cluster: the demo reads its figures
+from it, and every test suite that checks metrics uses this one class.
 
-It listens on 127.0.0.1 only, keeps its data in the test's own directory, and scrapes and evaluates
-rules every second so a test sees a step's counters within a few seconds. The e2e suite scrapes the
-trainer pods through a file_sd file rewritten from the pods' `status.podIP` (Prometheus watches it,
+It listens on 127.0.0.1 only, keeps its data in its own work directory, and scrapes and evaluates
+rules every second so a step's counters show within a few seconds. The demo and the e2e tests scrape
+the trainer pods through a file_sd file rewritten from the pods' `status.podIP` (Prometheus watches it,
 as Kubernetes service discovery would in a cluster); the chart suite gives static targets with the
 labels the chart's PodMonitor relabelings would add (`static_jobs`) and loads the alert rules.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tests.e2e import processes
+
+from lorafleet_local import polling, processes
 
 INTERVAL = "1s"
 E2E_JOB = "lorafleet-trainers"
@@ -86,8 +88,8 @@ class Prometheus:
             ],
             self.workdir / "prometheus.log",
         )
-        processes.wait_until(
-            "prometheus /-/ready", lambda: self._get("/-/ready", raw=True), timeout, child=self.child
+        polling.eventually(
+            "prometheus /-/ready", lambda: self._get("/-/ready", raw=True), timeout, 0.2, child=self.child
         )
         return self
 

@@ -1,4 +1,4 @@
-"""The scaffolding itself, on the real API server: RBAC, garbage collection, and the pod runner.
+"""The local cluster itself, on the real API server: RBAC, garbage collection, and the pod runner.
 
 The runner test uses a stand-in for the trainer program (a few lines of Python that serve
 `/readyz` and report their argv and env), so it proves the runner's mechanics without the model.
@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e import kubeconfigs, pod_runner
-from tests.e2e.kube import CommandError, Kube, eventually
+
+from lorafleet_local import kubeconfigs, pod_runner
+from lorafleet_local.kube import CommandError, Kube
+from lorafleet_local.polling import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.e2e.kube import Kube
+from lorafleet_local.kube import Kube
 
 
 def crash_container(kube: Kube, namespace: str, pod: str) -> None:

@@ -4,7 +4,7 @@
 its trainer, and the operator's resident memory with 500 adapters placed. A benchmark, not a
 test: it prints figures (and writes JSON) and asserts nothing about speed.
 
-    python -m tests.e2e.bench_scale [--json bench-results/e2e-scale.json] [--many 500]
+    python -m lorafleet_local.bench [--json bench-results/e2e-scale.json] [--many 500]
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 import yaml
-from tests.e2e.fleet import EXAMPLES, POOL, Fleet, feedback_for
-from tests.e2e.kube import Kube, eventually
+
+from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, feedback_for
+from lorafleet_local.kube import Kube
+from lorafleet_local.polling import eventually
 
 NAMESPACE = "lorafleet-bench"
 # Two pods of the example pool, with room for every adapter of the RSS figure.
@@ -83,7 +85,7 @@ def run(workdir: Path, many: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     kube = Kube.start(workdir)
     if not kube.local:
-        raise SystemExit("bench_scale measures the local control plane; unset KUBECONFIG")
+        raise SystemExit("lorafleet_local.bench measures the local control plane; unset KUBECONFIG")
     fleet = None
     try:
         fleet = Fleet.install(kube, NAMESPACE, workdir)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         figures = run(workdir, args.many)
     except Exception as exc:
-        print(f"bench_scale failed: {exc}\nlogs: {workdir}", file=sys.stderr)
+        print(f"bench failed: {exc}\nlogs: {workdir}", file=sys.stderr)
         return 1
     shutil.rmtree(workdir, ignore_errors=True)
     for name, value in figures.items():

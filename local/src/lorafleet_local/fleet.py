@@ -1,6 +1,6 @@
 """An installed LoraFleet release, seen from outside the cluster as a user sees it.
 
-Shared by the e2e scenario and `make demo`: install the chart with Helm, find the trainers'
+Shared by the demo and the e2e tests: install the chart with Helm, find the trainers'
 bearer token behind the operator's token file, reach an adapter's trainer route from its
 `status.endpoint`, keep a real Prometheus scraping the trainer pods, and read figures back.
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import processes
-from tests.e2e.kube import Kube, eventually
-from tests.e2e.prometheus import Prometheus
+from lorafleet_local import checkout, processes
+from lorafleet_local.kube import Kube
+from lorafleet_local.polling import eventually
+from lorafleet_local.prometheus import Prometheus
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "lorafleet"
-EXAMPLES = REPO / "examples"
+CHART = checkout.CHART
+EXAMPLES = checkout.EXAMPLES
 RELEASE = "lorafleet"
 POOL = "demo"
 TRAINER_PORT = 8080
@@ -54,7 +54,7 @@ class Fleet:
     def install(cls, kube: Kube, namespace: str, workdir: Path, *extra_values: str) -> Fleet:
         """`helm install` the chart and start Prometheus; the operator's port is free on this host."""
         # Locally every pod shares the host's ports, so the operator gets a free one; kind keeps the default.
-        metrics_port = processes.free_port() if kube.local else 8000
+        metrics_port = processes.free_port() if kube.pods_on_loopback else 8000
         # The kind workflow names its locally built images here (scripts/e2e-kind.sh).
         from_env = [v for v in os.environ.get(HELM_SET_ENV, "").split(",") if v.strip()]
         values = [f"operator.metricsPort={metrics_port}", *from_env, *extra_values]
@@ -108,7 +108,7 @@ class Fleet:
                 timeout=timeout,
                 interval=1.0,
             )
-        except AssertionError as exc:
+        except TimeoutError as exc:
             print(f"teardown: {exc}", file=sys.stderr)
         self.kube.helm(
             "uninstall",
@@ -146,7 +146,7 @@ class Fleet:
         status = status if status is not None else self.adapter(name)["status"]
         endpoint = urllib.parse.urlsplit(status["endpoint"])
         base = self.trainer_url(status["pod"])
-        if self.kube.local and base != f"{endpoint.scheme}://{endpoint.netloc}":
+        if self.kube.pods_on_loopback and base != f"{endpoint.scheme}://{endpoint.netloc}":
             # Locally this process reaches the very address the operator published.
             raise AssertionError(f"status.endpoint {status['endpoint']} is not pod {status['pod']} at {base}")
         path = endpoint.path.rstrip("/")

@@ -3,22 +3,13 @@
 The API server enforces RBAC, signs service-account tokens and serves TLS with a throwaway PKI;
 the controller manager runs the garbage collector, the deployment/replicaset controllers and the
 service-account controllers that the chart's objects need. No node or container runtime exists:
-tests/e2e/pod_runner.py plays the kubelet for LoraFleet's pods. Usable from the command line:
-
-    python -m tests.e2e.cluster up      # prints `export KUBECONFIG=...`, runs until Ctrl-C
+pod_runner plays the kubelet for LoraFleet's pods. `lorafleet-local up` starts both (cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
-import signal
 import ssl
-import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,9 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.e2e import kubeconfigs, pki, processes
+from lorafleet_local import checkout, kubeconfigs, pki, polling, processes
 
-REPO = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # The controllers LoraFleet's objects rely on; the rest would only burn CPU on a 2-core machine.
@@ -45,14 +35,6 @@ CONTROLLERS = (
 )
 
 
-def bin_dir() -> Path:
-    return Path(os.environ.get("LORAFLEET_BIN_DIR", REPO / "bin"))
-
-
-def missing_binaries(directory: Path, names: tuple[str, ...] = BINARIES) -> list[str]:
-    return [b for b in names if not os.access(directory / b, os.X_OK)]
-
-
 def _nothing() -> None:
     return None
 
@@ -62,7 +44,7 @@ class ControlPlane:
 
     def __init__(self, workdir: Path, binaries: Path | None = None) -> None:
         self.workdir = workdir
-        self.bin = binaries or bin_dir()
+        self.bin = binaries or checkout.bin_dir()
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.children: list[processes.Child] = []
         self.pki: pki.Pki | None = None
@@ -70,7 +52,7 @@ class ControlPlane:
         self.etcd_port = 0
 
     def start(self, timeout: float = 120.0) -> ControlPlane:
-        missing = missing_binaries(self.bin)
+        missing = checkout.missing_binaries(self.bin, BINARIES)
         if missing:
             raise RuntimeError(f"missing {', '.join(missing)} in {self.bin}: run `make kube-clients tools`")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -79,15 +61,15 @@ class ControlPlane:
         try:
             self.etcd_port, peer_port, api_port = (processes.free_port() for _ in range(3))
             etcd = self._spawn("etcd", self._etcd_args(self.etcd_port, peer_port), logs)
-            processes.wait_until("etcd health", self._health_check("etcd"), timeout, child=etcd)
+            polling.eventually("etcd health", self._health_check("etcd"), timeout, 0.2, child=etcd)
             self.server = f"https://127.0.0.1:{api_port}"
             api = self._spawn("kube-apiserver", self._apiserver_args(keys, self.etcd_port, api_port), logs)
             endpoint = kubeconfigs.Endpoint(self.server, keys.ca_cert.read_bytes())
             kubeconfigs.write(
                 self.kubeconfig, endpoint, kubeconfigs.client_cert_user(keys.admin_cert, keys.admin_key)
             )
-            processes.wait_until(
-                "kube-apiserver /readyz", self._health_check("kube-apiserver"), timeout, child=api
+            polling.eventually(
+                "kube-apiserver /readyz", self._health_check("kube-apiserver"), timeout, 0.2, child=api
             )
             kcm_config = kubeconfigs.write(
                 self.workdir / "controller-manager.kubeconfig",
@@ -98,10 +80,11 @@ class ControlPlane:
                 "kube-controller-manager", self._controller_manager_args(keys, kcm_config), logs
             )
             # Pods need their namespace's default ServiceAccount; its existence shows the KCM works.
-            processes.wait_until(
+            polling.eventually(
                 "the default ServiceAccount",
                 lambda: self.get("/api/v1/namespaces/default/serviceaccounts/default"),
                 timeout,
+                0.2,
                 child=kcm,
             )
         except BaseException:
@@ -118,13 +101,13 @@ class ControlPlane:
         peer = f"http://127.0.0.1:{peer_port}"
         client = f"http://127.0.0.1:{client_port}"
         return [
-            "--name=e2e",
+            "--name=lorafleet-local",
             f"--data-dir={self.workdir / 'etcd'}",
             f"--listen-client-urls={client}",
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=e2e={peer}",
+            f"--initial-cluster=lorafleet-local={peer}",
             # Throwaway data on a shared disk: durability buys nothing and fsyncs cost seconds.
             "--unsafe-no-fsync",
             "--log-level=warn",
@@ -186,7 +169,7 @@ class ControlPlane:
         start = time.monotonic()
         new = processes.Child(name, old.argv, old.log_path)
         self.children[self.children.index(old)] = new
-        processes.wait_until(f"{name} to be healthy again", self._health_check(name), timeout, child=new)
+        polling.eventually(f"{name} to be healthy again", self._health_check(name), timeout, 0.2, child=new)
         return time.monotonic() - start
 
     def _health_check(self, name: str) -> Callable[[], object]:
@@ -232,35 +215,3 @@ class ControlPlane:
 def _etcd_healthy(port: int) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
         return bool(json.loads(resp.read()).get("health") == "true")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run LoraFleet's local Kubernetes control plane.")
-    parser.add_argument("command", choices=["up"], help="start it and keep it running until Ctrl-C")
-    parser.add_argument("--dir", type=Path, help="work directory (default: a fresh temporary one)")
-    parser.add_argument("--no-pods", action="store_true", help="do not run the pod runner")
-    args = parser.parse_args(argv)
-    workdir = args.dir or Path(tempfile.mkdtemp(prefix="lorafleet-cluster-"))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with ControlPlane(workdir) as plane:
-        runner = None
-        if not args.no_pods:
-            from tests.e2e import pod_runner
-
-            runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
-        print(
-            f"export KUBECONFIG={plane.kubeconfig}   # API server {plane.server}; logs in {workdir}/logs",
-            flush=True,
-        )
-        stop.wait()
-        if runner is not None:
-            runner.stop()
-    if args.dir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

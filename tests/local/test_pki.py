@@ -9,7 +9,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from tests.e2e import pki
+
+from lorafleet_local import pki
 
 
 def load(path: Path) -> x509.Certificate:

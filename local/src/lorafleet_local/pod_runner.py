@@ -1,4 +1,4 @@
-"""A test-side kubelet: runs LoraFleet's Pods as local processes on a control plane with no nodes.
+"""The local cluster's kubelet: runs LoraFleet's Pods as local processes on a control plane with no nodes.
 
 It watches Pods through the API server; for each pod that pod_specs recognises (trainer pods of a
 pool, the chart's operator pod) a worker thread gives it its own loopback address (127.X.Y.Z),
@@ -6,7 +6,7 @@ materialises its Secret/ConfigMap volumes, starts the program with the pod's own
 and reports `podIP`, `phase` and the Ready/ContainersReady conditions from polling the pod's
 readiness probe. The operator pod gets a kubeconfig holding a TokenRequest token of its own
 ServiceAccount, bound to the pod, so it runs under the chart's RBAC and never as the admin.
-Deleting the pod stops the process. Product code does not know this exists.
+Deleting the pod stops the process. The operator and the trainers do not know this exists.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any
 
 import kubernetes
 import urllib3
-from tests.e2e import kubeconfigs, pod_specs, processes
+
+from lorafleet_local import kubeconfigs, pod_specs, processes
 
 VENV_BIN = Path(sys.executable).parent
-RUNNER_ANNOTATION = "e2e.lorafleet.io/runner"
+RUNNER_ANNOTATION = "local.lorafleet.io/runner"
 
 
 def _now() -> str:

@@ -1,9 +1,11 @@
-"""Draws the README's dashboard previews from a real run: `python -m tests.chart.preview`.
+"""Draws the README's dashboard previews from a real run: `python -m scripts.draw_previews`.
 
 A builtin:tiny trainer with a cache that holds about three adapters trains six of them (two hot,
 four cold, so the cache hits, misses and evicts by LRU), the operator's client initialises them
 and evicts one now and then, and a real Prometheus scrapes both every second. Each panel of the
 Trainers dashboard is then queried over the run and drawn into charts/lorafleet/dashboards/previews/.
+Like render_dashboards.py it writes a committed file and is run by hand; it starts the trainer and
+the operator's client with the same helpers the chart's live-dashboard test uses.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.chart import charting, svg_panels
+from scripts import svg_panels
+from tests.chart import charting
 from tests.chart.operator_side import OperatorSide
-from tests.e2e.prometheus import Prometheus, static_jobs
 from tests.trainer.service.live import LiveTrainer, start_trainer
+
+from lorafleet_local.prometheus import Prometheus, static_jobs
 
 OUT = charting.CHART / "dashboards" / "previews"
 TOKEN = "preview-token"
@@ -124,7 +128,7 @@ def main() -> int:
                 f"Drawn from a real run ({time.strftime('%Y-%m-%d', time.gmtime(end))}): "
                 f"a builtin:tiny trainer on a CPU, {len(ADAPTERS)} adapters, {STEPS} steps, "
                 f"cache {capacity} B (about 3.5 adapters), "
-                "scraped every 1 s by Prometheus; rates over 20 s. `python -m tests.chart.preview`"
+                "scraped every 1 s by Prometheus; rates over 20 s. `python -m scripts.draw_previews`"
             )
             draw(prometheus, start - 5, end, note)
         finally:

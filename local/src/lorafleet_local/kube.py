@@ -1,8 +1,8 @@
-"""One handle on "the cluster" for the e2e tests and the demo, whichever cluster that is.
+"""One handle on "the cluster" for the demo and the tests, whichever cluster that is.
 
 With KUBECONFIG set (a kind cluster, say) it is used as it is and real kubelets run the pods.
 Otherwise the local control plane starts under a work directory, with the pod runner playing the
-kubelet. Either way the tests talk to it the way users do: the pinned `kubectl` and `helm`.
+kubelet. Either way the demo and the tests talk to it the way users do: the pinned `kubectl` and `helm`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import json
 import os
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import cluster, pod_runner, processes
+from lorafleet_local import checkout, control_plane, kubeconfigs, pod_runner, polling, processes
 
 
 class CommandError(RuntimeError):
@@ -30,19 +29,27 @@ class CommandError(RuntimeError):
 class Kube:
     """kubectl/helm against one kubeconfig, plus the local scaffolding when there is any."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, plane: cluster.ControlPlane | None = None) -> None:
+    def __init__(
+        self, kubeconfig: Path, workdir: Path, plane: control_plane.ControlPlane | None = None
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.workdir = workdir
         self.plane = plane
         self.runner: pod_runner.PodRunner | None = None
-        self.bin = cluster.bin_dir()
+        self.bin = checkout.bin_dir()
         self._forwards: dict[tuple[str, str, int], processes.Child] = {}
         self._forward_urls: dict[tuple[str, str, int], str] = {}
 
     @property
     def local(self) -> bool:
-        """True on the local control plane (pods are local processes on loopback addresses)."""
+        """True on a local control plane this handle started (it can restart it, kill pods)."""
         return self.plane is not None
+
+    @property
+    def pods_on_loopback(self) -> bool:
+        """True on any local cluster, this one's or one `lorafleet-local up` left running: pods are
+        local processes on their own loopback addresses, reachable from here as they are."""
+        return self.local or kubeconfigs.is_local(self.kubeconfig)
 
     @classmethod
     def start(cls, workdir: Path) -> Kube:
@@ -50,7 +57,7 @@ class Kube:
         external = os.environ.get("KUBECONFIG")
         if external:
             return cls(Path(external), workdir)
-        plane = cluster.ControlPlane(workdir / "cluster").start()
+        plane = control_plane.ControlPlane(workdir / "cluster").start()
         kube = cls(plane.kubeconfig, workdir, plane)
         try:
             kube.runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
@@ -115,10 +122,10 @@ class Kube:
     def reach(self, namespace: str, pod: str, port: int) -> str:
         """A base URL for a pod's port from this process, as the operator in the cluster sees it.
 
-        On the local control plane that is the pod's own loopback address; on a real cluster the pod
-        network is not routable from the test machine, so a `kubectl port-forward` stands in.
+        On a local cluster that is the pod's own loopback address; on a real cluster the pod
+        network is not routable from this machine, so a `kubectl port-forward` stands in.
         """
-        if self.local:
+        if self.pods_on_loopback:
             ip = self.get("pod", pod, "-n", namespace)["status"]["podIP"]
             return f"http://{ip}:{port}"
         key = (namespace, pod, port)
@@ -141,8 +148,8 @@ class Kube:
         )
         self._forwards[key] = child
         self._forward_urls[key] = url = f"http://127.0.0.1:{local_port}"
-        processes.wait_until(
-            f"port-forward to {namespace}/{pod}:{port}", lambda: _connects(local_port), 30, child=child
+        polling.eventually(
+            f"port-forward to {namespace}/{pod}:{port}", lambda: _connects(local_port), 30, 0.2, child
         )
         return url
 
@@ -159,20 +166,3 @@ class Kube:
 def _connects(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
-
-
-def eventually(what: str, check: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
-    """Poll check() until it returns something truthy and return that; fail naming what."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except Exception as exc:  # the object may not exist yet
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)

@@ -1,4 +1,4 @@
-module lorafleet.io/tests/chart/monitoring_types
+module lorafleet.io/tools/monitoring_types
 
 go 1.26.0
 

@@ -114,7 +114,7 @@ def generate(directory: Path) -> Pki:
         service_account_pub=directory / "sa.pub",
     )
     ca_key = _new_key()
-    ca_name = _name("lorafleet-e2e-ca")
+    ca_name = _name("lorafleet-local-ca")
     ca = (
         _builder(ca_name, ca_name, ca_key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -148,7 +148,7 @@ def generate(directory: Path) -> Pki:
     issued = {
         (pki.serving_cert, pki.serving_key): (_name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans),
         (pki.admin_cert, pki.admin_key): (
-            _name("lorafleet-e2e-admin", "system:masters"),
+            _name("lorafleet-local-admin", "system:masters"),
             ExtendedKeyUsageOID.CLIENT_AUTH,
             None,
         ),

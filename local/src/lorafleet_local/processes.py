@@ -1,8 +1,9 @@
-"""Child processes of the e2e scaffolding: started with a log file, stopped for sure.
+"""Child processes of the local cluster: started with a log file, stopped for sure.
 
-Every server the scaffolding starts (etcd, the API server, trainers, the operator) runs in its own
-process group with a parent-death signal, so a test run that is killed does not leave servers
-behind on a shared machine; stop() sends SIGTERM to the group and SIGKILL after a grace period.
+Every server the local cluster starts (etcd, the API server, trainers, the operator, Prometheus)
+runs in its own process group with a parent-death signal, so a run that is killed does not leave
+servers behind on a shared machine; stop() sends SIGTERM to the group and SIGKILL after a grace
+period. A detached child (the cluster that `lorafleet-local up` leaves running) has no such signal.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import os
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -37,6 +37,8 @@ class Child:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        *,
+        detached: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -51,7 +53,7 @@ class Child:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=None if detached else _die_with_parent,
             )
 
     @property
@@ -94,27 +96,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(
-    what: str, check: Callable[[], object], timeout: float, interval: float = 0.2, child: Child | None = None
-) -> None:
-    """Poll check() until it is truthy; fail naming what was awaited (and the child's log tail)."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        if child is not None and not child.alive():
-            raise RuntimeError(
-                f"{child.name} exited ({child.popen.returncode}) while waiting for {what}:\n"
-                + child.log_tail()
-            )
-        try:
-            if check():
-                return
-        except Exception as exc:  # a server that is still starting refuses or errors
-            last_error = exc
-        time.sleep(interval)
-    tail = f"\n{child.name} log:\n{child.log_tail()}" if child is not None else ""
-    raise TimeoutError(
-        f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r}){tail}"
-    )

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e import pod_specs
+
+from lorafleet_local import pod_specs
 
 VENV = Path("/venv/bin")
 SECRETS = {
