@@ -30,7 +30,8 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     missing = checkout.missing_binaries(checkout.bin_dir(), names)
     if missing:
         pytest.fail(f"missing {', '.join(missing)} in {checkout.bin_dir()}: run `make kube-clients tools`")
-    handle = Kube.start(tmp_path_factory.mktemp("e2e"))
+    # Step holds let the fault tests park a trainer's step at a known phase (lorafleet_trainer.holds).
+    handle = Kube.start(tmp_path_factory.mktemp("e2e"), step_holds=True)
     try:
         yield handle
     finally:

@@ -52,15 +52,17 @@ class Kube:
         return self.local or kubeconfigs.is_local(self.kubeconfig)
 
     @classmethod
-    def start(cls, workdir: Path) -> Kube:
-        """The KUBECONFIG cluster if set, else a fresh local control plane with a pod runner."""
+    def start(cls, workdir: Path, step_holds: bool = False) -> Kube:
+        """The KUBECONFIG cluster if set, else a fresh local control plane with a pod runner
+        (whose trainer pods accept step holds when ``step_holds``: fault tests only)."""
         external = os.environ.get("KUBECONFIG")
         if external:
             return cls(Path(external), workdir)
         plane = control_plane.ControlPlane(workdir / "cluster").start()
         kube = cls(plane.kubeconfig, workdir, plane)
         try:
-            kube.runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
+            runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods", step_holds=step_holds)
+            kube.runner = runner.start()
         except BaseException:
             plane.stop()
             raise

@@ -39,8 +39,16 @@ def _now() -> str:
 class PodRunner:
     """Watches all namespaces and keeps one PodWorker per recognised, undeleted pod."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, venv_bin: Path = VENV_BIN, name: str = "") -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        workdir: Path,
+        venv_bin: Path = VENV_BIN,
+        name: str = "",
+        step_holds: bool = False,
+    ) -> None:
         self.kubeconfig = kubeconfig
+        self.step_holds = step_holds  # fault tests only: trainer pods accept step holds
         self.name = name
         self.endpoint = kubeconfigs.read_endpoint(kubeconfig)
         self.workdir = workdir
@@ -209,7 +217,7 @@ class PodWorker:
                     (volume.local / rel).write_text(data[key])
         if plan.program == pod_specs.OPERATOR:
             plan.env["KUBECONFIG"] = str(self._service_account_kubeconfig())
-        if plan.program == pod_specs.TRAINER:
+        if plan.program == pod_specs.TRAINER and self.runner.step_holds:
             # Fault tests park this pod's steps at a named phase (lorafleet_trainer.holds); the
             # pod listens on its own loopback address, the only place the trainer accepts holds.
             plan.env["LORAFLEET_TRAINER_TEST_HOLD_DIR"] = str(self.hold_dir)
