@@ -15,7 +15,8 @@ events.k8s.io), list/watch on customresourcedefinitions and namespaces.
 
 The client is synchronous, so each call runs on a small thread pool of its own and the event loop
 never waits on the network. Reads keep the server's JSON as plain dicts (``_preload_content=False``)
-rather than the client's models: handlers work on the same shapes kopf hands them.
+rather than the client's models: handlers work on the same shapes kopf hands them. Pods are posted
+as built (``_Apis.create_as_built``), since the client's pod model refuses integer quantities.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kubernetes import client
 from lorafleet_operator import credentials, names
 
 MERGE_PATCH = "application/merge-patch+json"
-Model = TypeVar("Model", client.V1Pod, client.V1Service, client.V1Lease)
+Model = TypeVar("Model", client.V1Service, client.V1Lease)
 # Concurrent API calls of one operator; the connection pool keeps as many connections open.
 WORKERS = 16
 
@@ -64,24 +65,6 @@ def _error(what: str, exc: client.ApiException) -> ApiError:
     return {404: NotFound, 409: Conflict}.get(status, ApiError)(status, f"{what}: {message}")
 
 
-def _quantities_as_text(pod: dict[str, Any]) -> dict[str, Any]:
-    """The pod with every resource quantity as a string: the API takes ``nvidia.com/gpu: 1``,
-    the client's V1ResourceRequirements model takes only ``"1"`` (the same quantity)."""
-    spec = dict(pod.get("spec") or {})
-    for key in ("containers", "initContainers"):
-        if key in spec:
-            spec[key] = [_container_quantities(c) for c in spec[key]]
-    return {**pod, "spec": spec} if spec else pod
-
-
-def _container_quantities(container: dict[str, Any]) -> dict[str, Any]:
-    resources = container.get("resources")
-    if not resources:
-        return container
-    text = {kind: {k: str(v) for k, v in (amounts or {}).items()} for kind, amounts in resources.items()}
-    return {**container, "resources": text}
-
-
 class _Apis:
     """The typed APIs over one ApiClient (one login)."""
 
@@ -91,6 +74,25 @@ class _Apis:
         self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.coordination = client.CoordinationV1Api(self.api_client)
+
+    def create_as_built(self, path: str, namespace: str, body: dict[str, Any], timeout: float) -> Any:
+        """POST ``body`` exactly as built, through the client's own request path (login, TLS,
+        errors). For pods: the typed V1Pod model refuses integer quantities (``nvidia.com/gpu:
+        1``) that the API server takes, and the builders' dicts must reach it unchanged."""
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        request = self.api_client.param_serialize(
+            "POST",
+            path,
+            {"namespace": namespace},
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request, _request_timeout=timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise client.ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
 
     def close(self) -> None:
         self.api_client.rest_client.pool_manager.clear()
@@ -174,10 +176,10 @@ class KubeApi:
 
     async def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists (so creation is idempotent)."""
-        namespace, body = pod["metadata"]["namespace"], _quantities_as_text(pod)
+        namespace = pod["metadata"]["namespace"]
         return await self._create(
             f"create pod {namespace}/{pod['metadata'].get('name')}",
-            lambda a: a.core.create_namespaced_pod(namespace, _model(client.V1Pod, body), **self._options()),
+            lambda a: a.create_as_built("/api/v1/namespaces/{namespace}/pods", namespace, pod, self._timeout),
         )
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
