@@ -16,7 +16,7 @@ events.k8s.io), list/watch on customresourcedefinitions and namespaces.
 The client is synchronous, so each call runs on a small thread pool of its own and the event loop
 never waits on the network. Reads keep the server's JSON as plain dicts (``_preload_content=False``)
 rather than the client's models: handlers work on the same shapes kopf hands them. Pods are posted
-as built (``_Apis.create_as_built``), since the client's pod model refuses integer quantities.
+as built; core/v1 calls use the client's generic request path (see ``_Apis.core``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ from kubernetes import client
 from lorafleet_operator import credentials, names
 
 MERGE_PATCH = "application/merge-patch+json"
-Model = TypeVar("Model", client.V1Service, client.V1Lease)
+Model = TypeVar("Model", bound=client.V1Lease)
+PODS = "/api/v1/namespaces/{namespace}/pods"
+POD = PODS + "/{name}"
+SERVICES = "/api/v1/namespaces/{namespace}/services"
+_QUERY = {"label_selector": "labelSelector"}
 # Concurrent API calls of one operator; the connection pool keeps as many connections open.
 WORKERS = 16
 
@@ -71,19 +75,24 @@ class _Apis:
     def __init__(self, configuration: client.Configuration) -> None:
         configuration.connection_pool_maxsize = WORKERS
         self.api_client = client.ApiClient(configuration)
-        self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.coordination = client.CoordinationV1Api(self.api_client)
 
-    def create_as_built(self, path: str, namespace: str, body: dict[str, Any], timeout: float) -> Any:
-        """POST ``body`` exactly as built, through the client's own request path (login, TLS,
-        errors). For pods: the typed V1Pod model refuses integer quantities (``nvidia.com/gpu:
-        1``) that the API server takes, and the builders' dicts must reach it unchanged."""
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    def core(self, method: str, path: str, timeout: float, *, body: Any = None, **params: str) -> Any:
+        """One core/v1 request through the client's own request path (login, TLS, errors).
+
+        Not CoreV1Api: in this client version importing it costs about 20 MiB of resident memory
+        for the five calls the operator makes, and its V1Pod model refuses integer quantities
+        (``nvidia.com/gpu: 1``) that the API server takes; pods must reach it as built."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        query = [(key, value) for key, value in params.items() if f"{{{key}}}" not in path]
         request = self.api_client.param_serialize(
-            "POST",
+            method,
             path,
-            {"namespace": namespace},
+            {key: value for key, value in params.items() if f"{{{key}}}" in path},
+            query_params=[(_QUERY.get(k, k), v) for k, v in query],
             header_params=headers,
             body=body,
             auth_settings=["BearerToken"],
@@ -155,7 +164,7 @@ class KubeApi:
         selector = f"{names.POOL_LABEL}={pool}"
         body = await self._call(
             f"list pods {namespace}/{selector}",
-            lambda a: a.core.list_namespaced_pod(namespace, label_selector=selector, **self._options()),
+            lambda a: a.core("GET", PODS, self._timeout, namespace=namespace, label_selector=selector),
         )
         # Filter again: a server that ignores the selector must not make us adopt foreign pods.
         return [
@@ -168,7 +177,7 @@ class KubeApi:
         try:
             result: dict[str, Any] = await self._call(
                 f"get pod {namespace}/{name}",
-                lambda a: a.core.read_namespaced_pod(name, namespace, **self._options()),
+                lambda a: a.core("GET", POD, self._timeout, namespace=namespace, name=name),
             )
         except NotFound:
             return None
@@ -179,14 +188,14 @@ class KubeApi:
         namespace = pod["metadata"]["namespace"]
         return await self._create(
             f"create pod {namespace}/{pod['metadata'].get('name')}",
-            lambda a: a.create_as_built("/api/v1/namespaces/{namespace}/pods", namespace, pod, self._timeout),
+            lambda a: a.core("POST", PODS, self._timeout, body=pod, namespace=namespace),
         )
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
         try:
             await self._call(
                 f"delete pod {namespace}/{name}",
-                lambda a: a.core.delete_namespaced_pod(name, namespace, **self._options()),
+                lambda a: a.core("DELETE", POD, self._timeout, namespace=namespace, name=name),
             )
         except NotFound:
             return False
@@ -196,9 +205,7 @@ class KubeApi:
         namespace = service["metadata"]["namespace"]
         return await self._create(
             f"create service {namespace}/{service['metadata'].get('name')}",
-            lambda a: a.core.create_namespaced_service(
-                namespace, _model(client.V1Service, service), **self._options()
-            ),
+            lambda a: a.core("POST", SERVICES, self._timeout, body=service, namespace=namespace),
         )
 
     async def _create(self, what: str, request: Callable[[_Apis], Any]) -> bool:
