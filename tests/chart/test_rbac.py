@@ -1,9 +1,10 @@
 """The chart's RBAC grants what the operator's API calls need, and nothing more.
 
 Every public call of lorafleet_operator.kube.KubeApi (the one module that talks to the Kubernetes
-API) is made against a recording HTTP server on 127.0.0.1; each request becomes a (group, resource,
-verb) triple. With the requests kopf itself makes (its watches, finalizer patches, Events and
-discovery), that set must equal what the rendered Roles and ClusterRole grant, in both scopes.
+API, through the official client) is made against a recording HTTP server on 127.0.0.1; each
+request becomes a (group, resource, verb) triple. With the requests kopf itself makes (its
+watches, finalizer patches, Events and discovery), that set must equal what the rendered Roles
+and ClusterRole grant, in both scopes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import http.server
 import inspect
 import json
 import threading
-import types
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from kubernetes import client
 from tests.chart import charting
 
 from lorafleet_operator import kube
@@ -122,12 +123,8 @@ def granted(docs: list[dict[str, Any]]) -> set[Grant]:
 
 
 async def kube_api_needs(server: str) -> set[Grant]:
-    info = types.SimpleNamespace(
-        server=server, token="t", scheme="Bearer", username=None, password=None, insecure=True,
-        ca_path=None, ca_data=None, certificate_path=None, certificate_data=None,
-        private_key_path=None, private_key_data=None,
-    )  # fmt: skip
-    api = kube.KubeApi(info)
+    configuration = client.Configuration(host=server, api_key={"BearerToken": "Bearer t"})
+    api = kube.KubeApi(configuration)
     try:
         for name, args in CALLS.items():
             await getattr(api, name)(*args)

@@ -7,7 +7,7 @@ import datetime
 from typing import Any
 
 import kmock
-import kopf
+from kubernetes import client
 
 from lorafleet_operator import cli, leading
 from lorafleet_operator.kube import KubeApi
@@ -52,8 +52,11 @@ def test_the_holder_renews() -> None:
 
 
 async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEmulator) -> None:
-    info = kopf.ConnectionInfo(server=str(cluster.url).rstrip("/"))
-    first_api, second_api = KubeApi(info), KubeApi(info)
+    server = str(cluster.url).rstrip("/")
+    first_api, second_api = (
+        KubeApi(client.Configuration(host=server)),
+        KubeApi(client.Configuration(host=server)),
+    )
     first_has, second_has = asyncio.Event(), asyncio.Event()
     options = {"namespace": "ops", "name": "lorafleet-operator", "duration": 1.0}
     first = asyncio.create_task(leading.hold(first_api, identity="first", acquired=first_has, **options))
@@ -73,7 +76,7 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
 
 
 async def test_a_stale_update_loses(cluster: kmock.KubernetesEmulator) -> None:
-    api = KubeApi(kopf.ConnectionInfo(server=str(cluster.url).rstrip("/")))
+    api = KubeApi(client.Configuration(host=str(cluster.url).rstrip("/")))
     first = leading.claim(None, "a", T0, 15)
     assert first is not None
     first["metadata"] = {"namespace": "ops", "name": "l"}

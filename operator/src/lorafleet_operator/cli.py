@@ -18,7 +18,7 @@ import uuid
 
 import kopf
 
-from lorafleet_operator import handlers, kube, leading, settings
+from lorafleet_operator import credentials, handlers, kube, leading, settings
 from lorafleet_operator.metrics import OperatorMetrics, serving
 from lorafleet_operator.runtime import Runtime
 from lorafleet_operator.trainers import TrainerClient
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         held = asyncio.run(run(config, token))
-    except kube.ApiError as exc:
+    except (kube.ApiError, credentials.NoCredentials) as exc:
         print(f"lorafleet-operator: {exc}", file=sys.stderr)
         return 2
     return 0 if held else 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from lorafleet_operator import adapting, evicting, names, pooling
+from lorafleet_operator import adapting, credentials, evicting, names, pooling
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime
 from lorafleet_operator.settings import OperatorSettings
@@ -49,9 +49,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    # The official client's loaders, as for the operator's own calls (in-cluster, kubeconfig, exec).
+    kopf.on.login(registry=registry)(credentials.kopf_login)
 
     @kopf.on.resume(*POOL, registry=registry)
     @kopf.on.create(*POOL, registry=registry)

@@ -85,7 +85,12 @@ async def hold(
                         logger.info("acquired lease %s/%s as %s", namespace, name, identity)
                         acquired.set()
         except ApiError as exc:
-            logger.warning("lease %s/%s: %s", namespace, name, exc)
+            if exc.status in (401, 403):
+                # Not a passing fault: without credentials or RBAC for its Lease this replica never
+                # acts, so say so loudly rather than as one more warning.
+                logger.error("lease %s/%s refused: %s (check credentials and RBAC)", namespace, name, exc)
+            else:
+                logger.warning("lease %s/%s: %s", namespace, name, exc)
         if acquired.is_set() and (
             last_renewal is None or clock() - last_renewal > datetime.timedelta(seconds=duration)
         ):
