@@ -109,6 +109,9 @@ def test_pool_from_values_passes_the_crd_and_gets_its_defaults(cluster: Cluster)
     assert pool["metadata"]["name"] == "lf-lorafleet-trainers"
     assert pool["spec"]["authSecretRef"] == {"name": SECRET, "key": "token"}
     assert pool["spec"]["gpu"] is False
+    claim = "lf-lorafleet-trainers-adapters"
+    assert pool["spec"]["storage"] == {"persistentVolumeClaim": {"claimName": claim}}
+    cluster.run("kubectl", "get", "pvc", claim, "-n", NS)
 
 
 def test_no_monitoring_objects_without_the_prometheus_operator_api(cluster: Cluster) -> None:

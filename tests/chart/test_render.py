@@ -152,6 +152,24 @@ def test_trainer_pool_from_values_uses_the_generated_token() -> None:
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
+def test_the_release_pool_keeps_adapters_on_a_claim_unless_told_ephemeral() -> None:
+    docs = charting.render(sets=["trainerPool.enabled=true"])
+    (pool,) = charting.kinds(docs, "TrainerPool")
+    (claim,) = charting.kinds(docs, "PersistentVolumeClaim")
+    assert pool["spec"]["storage"] == {"persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Kept on uninstall: it holds every adapter's trained state.
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    existing = charting.render(sets=["trainerPool.enabled=true", "trainerPool.storage.existingClaim=mine"])
+    assert not charting.kinds(existing, "PersistentVolumeClaim")
+    (pool,) = charting.kinds(existing, "TrainerPool")
+    assert pool["spec"]["storage"] == {"persistentVolumeClaim": {"claimName": "mine"}}
+    ephemeral = charting.render(sets=["trainerPool.enabled=true", "trainerPool.storage.ephemeral=true"])
+    assert not charting.kinds(ephemeral, "PersistentVolumeClaim")
+    (pool,) = charting.kinds(ephemeral, "TrainerPool")
+    assert pool["spec"]["storage"] == {"ephemeral": True}
+
+
 def test_existing_secret_replaces_the_generated_one() -> None:
     docs = charting.render(sets=["trainerAuth.existingSecret=mine", "trainerAuth.secretKey=bearer"])
     assert not charting.kinds(docs, "Secret")

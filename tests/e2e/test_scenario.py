@@ -1,8 +1,9 @@
 """LoraFleet end to end, the way a user runs it: Helm, `kubectl apply`, feedback over HTTP, Prometheus.
 
 The tests run in file order on one release: install, reject bad input, become Ready, train, evict,
-survive a pod loss, uninstall. Each test asserts what a user would check; the operator runs
-from the chart with the chart's own ServiceAccount and RBAC, never as the admin.
+survive a pod loss (the example pool keeps adapters on a claim: nothing is lost), uninstall. Each
+test asserts what a user would check; the operator runs from the chart with the chart's own
+ServiceAccount and RBAC, never as the admin.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def test_deleting_an_adapter_evicts_its_cache_entry(scenario: Fleet) -> None:
 
 def test_deleting_a_pod_places_its_adapters_again(scenario: Fleet) -> None:
     before = scenario.adapter("alice")["status"]
+    code, trained = scenario.call("GET", scenario.adapter_url("alice", before))
+    assert code == 200 and trained["version"] > 0, trained
     scenario.kube.kubectl("delete", "pod", before["pod"], "-n", NS)
 
     def replaced() -> bool:
@@ -184,8 +187,16 @@ def test_deleting_a_pod_places_its_adapters_again(scenario: Fleet) -> None:
         f"--timeout={READY_TIMEOUT}",
     )
     scenario.refresh_targets()
+    # The default pool keeps adapters on its claim: the new pod found alice's weights, nothing was lost.
+    status = scenario.adapter("alice")["status"]
+    weights = {c["type"]: c for c in status["conditions"]}["WeightsStored"]
+    assert (weights["status"], weights["reason"]) == ("True", "Found"), weights
+    assert "lostVersion" not in status, status
+    code, state = scenario.call("GET", scenario.adapter_url("alice", status))
+    assert code == 200 and state["version"] == trained["version"], state
     code, step = scenario.call("POST", scenario.adapter_url("alice") + "/distill", feedback_for("alice"))
     assert code == 200, step
+    assert step["version"] == trained["version"] + 1, step
 
 
 # Where a refusal shows in the operator's log: httpx's response line, an ApiError ("403: GET ..."),

@@ -63,7 +63,12 @@ def test_invalid_manifests_are_rejected(where: str, doc: dict[str, Any]) -> None
 
 @pytest.mark.parametrize(
     ("name", "field"),
-    [("bad-rank", "rank"), ("missing-pool", "pool"), ("bad-gpu-residency", "gpuResidency")],
+    [
+        ("bad-rank", "rank"),
+        ("missing-pool", "pool"),
+        ("bad-gpu-residency", "gpuResidency"),
+        ("pool-without-storage", "storage"),
+    ],
 )
 def test_rejections_name_the_field(name: str, field: str) -> None:
     (doc,) = [doc for _, doc in INVALID if doc["metadata"]["name"] == name]
@@ -124,3 +129,20 @@ def test_feedback_payloads_are_distill_requests() -> None:
         for sample in body["samples"]:
             assert len(sample["response_logprobs"]) == len(sample["response_token_ids"]), path.name
             assert {"prompt", "response", "feedback", "prompt_token_ids"} <= sample.keys()
+
+
+def test_a_pool_says_where_adapters_live_durable_or_explicitly_ephemeral() -> None:
+    (version,) = crd("TrainerPool")["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "storage" in spec["required"]
+    assert [r["rule"] for r in spec["x-kubernetes-validations"]] == ["has(self.storage)"]
+    storage = spec["properties"]["storage"]
+    (exclusive,) = storage["x-kubernetes-validations"]
+    assert "persistentVolumeClaim" in exclusive["rule"] and "ephemeral" in exclusive["rule"]
+    assert storage["properties"]["ephemeral"]["type"] == "boolean"
+    pools = {
+        doc["metadata"]["name"]: doc["spec"]["storage"] for _, doc in VALID if doc["kind"] == "TrainerPool"
+    }
+    # The pools a user meets first keep adapters on a claim; the ephemeral one says so.
+    assert pools["demo"] == {"persistentVolumeClaim": {"claimName": "demo-adapters"}}
+    assert pools["scratch"] == {"ephemeral": True}

@@ -352,3 +352,27 @@ async def test_pod_not_ready_beyond_the_grace_period_moves_its_adapters(
         what="moved after grace",
     )
     assert moved["pod"] == f"demo-{1 - ordinal}"
+
+
+async def test_a_pod_without_the_stored_weights_shows_the_loss(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    # Each recording trainer keeps its own adapters, as pods of an ephemeral pool do.
+    await create(cluster, POOLS, pool_manifest("demo", replicas=2, storage={"ephemeral": True}))
+    await pool_ready(cluster, "demo", 2)
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    first = (await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready"))["alice"]
+    assert {c["type"]: c["reason"] for c in first["conditions"]}["WeightsStored"] == "Created"
+    trainers.adapters[ip_of(int(first["pod"].rsplit("-", 1)[1]))][(NS, "alice")]["version"] = 5  # trained
+    await eventually(lambda: statuses(cluster)["alice"].get("version") == 5, what="version 5 polled")
+    kubelet.held.add(first["pod"])  # its replacement does not become Ready: alice moves
+    await delete(cluster, PODS, first["pod"])
+    moved = await eventually(
+        lambda: (s := statuses(cluster)["alice"]) and s.get("epoch") == 2 and s["phase"] == "Ready" and s,
+        what="re-placed",
+    )
+    assert (moved["version"], moved["lostVersion"]) == (0, 5)
+    weights = {c["type"]: c for c in moved["conditions"]}["WeightsStored"]
+    assert (weights["status"], weights["reason"]) == ("False", "StorageLost")
+    (event,) = await eventually(lambda: events(cluster, "StorageLost", "alice"), what="StorageLost event")
+    assert event["type"] == "Warning" and "version 5 is lost" in event["message"]

@@ -19,10 +19,22 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = "1.35"
 
 
+def docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text(encoding="utf-8")) if d]
+
+
 def pool(name: str) -> pools.Pool:
-    doc = yaml.safe_load((ROOT / "examples" / name).read_text(encoding="utf-8"))
+    (doc,) = [d for d in docs(name) if d["kind"] == "TrainerPool"]
     doc["metadata"].update(namespace="team-a", uid="0b6f3c2e-1d2a-4f51-9a7e-3c1d2e4f5a6b")
     return pools.parse(doc)
+
+
+@pytest.mark.parametrize("example", ["pool.yaml", "pool-gpu.yaml"])
+def test_the_claims_next_to_the_example_pools_are_valid(example: str) -> None:
+    (claim,) = [d for d in docs(example) if d["kind"] == "PersistentVolumeClaim"]
+    kubernetes_validate.validate(claim, K8S, strict=True)
+    assert pool(example).spec.storage.persistent_volume_claim is not None
+    assert pool(example).spec.storage.persistent_volume_claim.claim_name == claim["metadata"]["name"]
 
 
 @pytest.mark.parametrize("example", ["pool.yaml", "pool-gpu.yaml"])

@@ -30,7 +30,8 @@ def _adapter(name: str = "hostile", **spec: Any) -> dict[str, Any]:
 
 
 def _pool(**spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"baseModel": "builtin:tiny", "replicas": 1}
+    # Valid but for the field under test (a pool must say where adapters live).
+    body: dict[str, Any] = {"baseModel": "builtin:tiny", "replicas": 1, "storage": {"ephemeral": True}}
     body.update(spec)
     return {"apiVersion": API_VERSION, "kind": "TrainerPool", "metadata": {"name": "hostile"}, "spec": body}
 

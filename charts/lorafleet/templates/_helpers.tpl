@@ -61,6 +61,11 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-trainers" (include "lorafleet.fullname" .)) .Values.trainerPool.name | trunc 40 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The claim of the release's pool: an existing one, else the one the chart creates. */}}
+{{- define "lorafleet.trainerPoolClaimName" -}}
+{{- default (printf "%s-adapters" (include "lorafleet.trainerPoolName" .)) .Values.trainerPool.storage.existingClaim }}
+{{- end }}
+
 {{/* Namespaces the operator manages: the release namespace first, then rbac.namespaces, deduplicated. */}}
 {{- define "lorafleet.watchedNamespaces" -}}
 {{- $all := prepend .Values.rbac.namespaces .Release.Namespace | uniq }}

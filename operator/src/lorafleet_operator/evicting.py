@@ -9,13 +9,12 @@ namespace never hangs on a dead pod.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from lorafleet_operator import adapters, placing, trainers
+from lorafleet_operator import adapters, failures, placing, trainers
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime, announce
 
@@ -36,8 +35,10 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
     rt.metrics.set_phase(namespace, name, "Terminating")
     if status.get("phase") != "Terminating":
         # Cosmetic: the eviction below is what matters, so a failed status write does not stop it.
-        with contextlib.suppress(ApiError):
+        try:
             await rt.kube.patch_adapter_status(namespace, name, {"phase": "Terminating"})
+        except ApiError as exc:
+            failures.skipped(rt.metrics, "adapter_terminating", f"loraadapter {namespace}/{name}", exc)
     target = await _target(rt, namespace, status, pool, delete_weights)
     if target is None:
         if status.get("pod"):

@@ -15,6 +15,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PHASES = ("Pending", "Placed", "Ready", "Failed", "Terminating")
+# Where a reconcile error was retried or skipped (the ``path`` of ``reconcile_errors_total``):
+# each kopf handler, and the calls inside a reconcile whose failure is skipped.
+ERROR_PATHS = (
+    "pool_change",  # a TrainerPool created, changed or resumed (kopf retries)
+    "pool_resync",  # the TrainerPool timer (the next tick tries again)
+    "pool_cache_report",  # a trainer's /v1/cache for the pool status (the last figure is kept)
+    "pod_event",  # a trainer pod event: syncing its pool (the next event or resync tries again)
+    "pod_event_adapter",  # a trainer pod event: moving or placing one adapter (its timer retries)
+    "adapter_change",  # a LoraAdapter created, changed or resumed (kopf retries)
+    "adapter_resync",  # the LoraAdapter timer (the next tick tries again)
+    "adapter_poll",  # a Ready adapter's state on its trainer (the next resync polls again)
+    "adapter_delete",  # a LoraAdapter's deletion: eviction or its reads (kopf retries)
+    "adapter_terminating",  # the cosmetic Terminating phase before an eviction (skipped)
+)
 
 
 class OperatorMetrics:
@@ -33,7 +47,9 @@ class OperatorMetrics:
         self.reconcile_duration = Histogram(
             "reconcile_duration", "Time of one reconcile.", unit="seconds", **self._names()
         )
-        self.reconcile_errors = Counter("reconcile_errors", "Reconciles that failed.", **self._names())
+        self.reconcile_errors = Counter(
+            "reconcile_errors", "Reconcile errors retried or skipped, by path.", ["path"], **self._names()
+        )
         self.trainer_requests = Counter(
             "trainer_requests", "Calls to trainer pods.", ["route", "code"], **self._names()
         )
@@ -41,6 +57,8 @@ class OperatorMetrics:
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.adapters.labels(phase=phase).set(0)
+        for path in ERROR_PATHS:
+            self.reconcile_errors.labels(path=path)  # every path shows, at 0 until it fails
 
     def _names(self) -> dict[str, Any]:
         return {"namespace": "lorafleet", "subsystem": "operator", "registry": self.registry}

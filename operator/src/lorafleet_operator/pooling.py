@@ -7,13 +7,10 @@ above ``replicas`` (scale-down removes the highest ordinals), and patches status
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from lorafleet_operator import building, names, placing, pools, statuses, trainers
+from lorafleet_operator import building, failures, names, placing, pools, statuses, trainers
 from lorafleet_operator.runtime import Runtime, announce
-
-logger = logging.getLogger(__name__)
 
 
 async def sync_pool(rt: Runtime, namespace: str, name: str, *, ensure_service: bool = True) -> None:
@@ -71,7 +68,8 @@ async def _write_status(
                 report = await rt.trainers.cache(trainers.endpoint(view.ip, rt.settings.trainer_port))
                 cache_bytes[view.name] = int(report.get("used_bytes") or 0)
             except (trainers.TrainerError, ValueError) as exc:
-                logger.debug("cache report of %s unavailable: %s", view.name, exc)
+                # The status keeps the last figure; the next sync asks again.
+                failures.skipped(rt.metrics, "pool_cache_report", f"pod {namespace}/{view.name}", exc)
     live = [v for v in views if not v.terminating]
     status = statuses.compute_pool_status(
         replicas=replicas,

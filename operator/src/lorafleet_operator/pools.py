@@ -32,7 +32,15 @@ class ClaimRef(_Spec):
 
 
 class Storage(_Spec):
+    """A claim shared by the pool's pods, else an emptyDir per pod: ``ephemeral``, which the CRD
+    requires a pool to say (a pool stored before that rule may say neither, and is ephemeral)."""
+
     persistent_volume_claim: ClaimRef | None = Field(default=None, alias="persistentVolumeClaim")
+    ephemeral: bool = False
+
+    @property
+    def durable(self) -> bool:
+        return self.persistent_volume_claim is not None
 
 
 class SecretRef(_Spec):

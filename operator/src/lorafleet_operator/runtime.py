@@ -30,6 +30,11 @@ class Retry(Exception):
         self.delay = delay
 
 
+class Waiting(Retry):
+    """Try again later because the adapter waits on the cluster (no pod can take it yet), not
+    because anything failed: its status and conditions say what it waits for."""
+
+
 @dataclasses.dataclass
 class Runtime:
     settings: OperatorSettings

@@ -7,6 +7,7 @@ re-check of an unchanged world writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,6 +22,16 @@ def now_utc() -> datetime.datetime:
 def timestamp(now: datetime.datetime) -> str:
     """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
     return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """A condition to set on a status: its type, whether it holds, a CamelCase reason, a message."""
+
+    type: str
+    status: bool
+    reason: str
+    message: str
 
 
 def set_condition(
@@ -58,6 +69,20 @@ def set_condition(
         new["observedGeneration"] = generation
     result.append(new)
     return sorted(result, key=lambda c: str(c.get("type")))
+
+
+def set_conditions(
+    conditions: Iterable[Mapping[str, Any]],
+    new: Iterable[Condition],
+    *,
+    now: datetime.datetime,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """``conditions`` with each of ``new`` set in turn (see ``set_condition``)."""
+    result = [dict(c) for c in conditions]
+    for c in new:
+        result = set_condition(result, c.type, c.status, c.reason, c.message, now=now, generation=generation)
+    return result
 
 
 def compute_pool_status(
