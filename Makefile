@@ -82,13 +82,15 @@ bench-gpu: python-deps
 
 ## ---- contracts --------------------------------------------------------------
 
-sync-crds:
+sync-crds: python-deps
 	@mkdir -p charts/lorafleet/crds
 	cp crds/*.yaml charts/lorafleet/crds/
+	$(PY) scripts/sync_field_contract.py
 
 # Fails when the chart's copy of the CRDs is stale (tests/chart/test_crds_sync.py checks the same).
 check-crds:
 	diff -r crds charts/lorafleet/crds
+	$(PY) scripts/sync_field_contract.py --check
 
 e2e-kind:
 	bash scripts/e2e-kind.sh
