@@ -42,9 +42,11 @@ $(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
 kube-clients: python-deps
 	@$(PY) scripts/kube_clients.py --bin-dir $(BIN)
 
-# kube-apiserver, kube-controller-manager and etcd, built from the Go module pinned in tools/.
+# kube-apiserver, kube-controller-manager and etcd, built from the Go module pinned in tools/; the
+# manifest checkers (kubeconform, kube-score) from their own small module in tools/checkers/.
 tools:
 	@bash scripts/build-tools.sh $(BIN)
+	@bash scripts/build-checkers.sh $(BIN)
 
 ## ---- quality ---------------------------------------------------------------
 

@@ -49,8 +49,11 @@ def test_gpu_requested_unless_disabled() -> None:
     limited = pools.parse(pool_body(resources={"limits": {"memory": "8Gi"}}))
     gpu = container(building.build_pod(limited, 0, SETTINGS))
     # The pool's memory limit stands (its request follows it); the CPU takes the default.
-    assert gpu["resources"]["limits"] == {"memory": "8Gi", "cpu": "2", "nvidia.com/gpu": 1}
-    assert gpu["resources"]["requests"] == {"cpu": "2", "nvidia.com/gpu": 1}
+    scratch = "18816Mi"  # emptyDirs: 2 x 8Gi adapters + 1152Mi model cache + 1Gi tmp, and 256Mi of logs
+    assert gpu["resources"]["limits"] == {
+        "memory": "8Gi", "cpu": "2", "ephemeral-storage": scratch, "nvidia.com/gpu": 1
+    }  # fmt: skip
+    assert gpu["resources"]["requests"] == {"cpu": "2", "ephemeral-storage": scratch, "nvidia.com/gpu": 1}
     cpu = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
     assert "nvidia.com/gpu" not in str(cpu["resources"])
     assert {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cpu"} in cpu["env"]
@@ -146,16 +149,21 @@ def test_bad_pool_spec_names_the_field() -> None:
 def test_default_resources_follow_what_the_pod_holds() -> None:
     # builtin:tiny is 64Mi of weights: 8Gi cache + 2 x 64Mi + 1Gi overhead.
     c = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
+    memory = f"{8 * 1024 + 128 + 1024}Mi"
     assert c["resources"] == {
-        "requests": {"cpu": "2", "memory": f"{8 * 1024 + 128 + 1024}Mi"},
-        "limits": {"cpu": "2", "memory": f"{8 * 1024 + 128 + 1024}Mi"},
+        "requests": {"cpu": "2", "memory": memory, "ephemeral-storage": "18816Mi"},
+        "limits": {"cpu": "2", "memory": memory, "ephemeral-storage": "18816Mi"},
     }
     # A model the operator does not know counts as LORAFLEET_OPERATOR_TRAINER_MODEL_MEMORY (4Gi).
     big = pools.parse(pool_body(baseModel="org/model", cache={"capacity": "2Gi"}, gpu=False))
     assert container(building.build_pod(big, 0, SETTINGS))["resources"]["requests"]["memory"] == "11264Mi"
     sized = OperatorSettings(trainer_cpu="500m", trainer_memory_overhead="512Mi", trainer_model_memory="1Gi")
     requests = container(building.build_pod(big, 0, sized))["resources"]["requests"]
-    assert requests == {"cpu": "500m", "memory": f"{2048 + 2048 + 512}Mi"}
+    assert requests["cpu"] == "500m" and requests["memory"] == f"{2048 + 2048 + 512}Mi"
+    # With a claim for the adapters, the node's disk holds only the model cache, tmp and logs.
+    claimed = pools.parse(pool_body(gpu=False, storage={"persistentVolumeClaim": {"claimName": "c"}}))
+    requests = container(building.build_pod(claimed, 0, SETTINGS))["resources"]["requests"]
+    assert requests["ephemeral-storage"] == f"{1152 + 1024 + 256}Mi"
 
 
 def test_every_resource_value_is_overridable_by_the_pool() -> None:
@@ -165,6 +173,7 @@ def test_every_resource_value_is_overridable_by_the_pool() -> None:
         )
     )
     res = container(building.build_pod(both, 0, SETTINGS))["resources"]
+    del res["requests"]["ephemeral-storage"], res["limits"]["ephemeral-storage"]
     assert res == {"requests": {"cpu": 4, "memory": "20Gi"}, "limits": {"cpu": 4, "memory": "24Gi"}}
     only_limit = pools.parse(pool_body(gpu=False, resources={"limits": {"cpu": "8"}}))
     res = container(building.build_pod(only_limit, 0, SETTINGS))["resources"]

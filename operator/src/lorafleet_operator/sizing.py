@@ -11,6 +11,7 @@ the kubelet kills. The defaults, each overridable through the pool's ``resources
   the request would be taken from the node's other pods.
 - cpu request = limit = ``LORAFLEET_OPERATOR_TRAINER_CPU``; the trainer sizes its threads to that
   quota, so the limit costs no throttling.
+- ephemeral-storage request = limit = the emptyDirs' sizes + 256Mi (logs; the root is read-only).
 - emptyDir sizes: model cache = 2 x model bytes + 1Gi (a download and its converted copy), adapters
   (a pool without storage) = 2 x cache capacity (every version the cache could hold, and a new one
   written beside it), tmp = ``LORAFLEET_OPERATOR_TRAINER_TMP_SIZE``.
@@ -31,6 +32,7 @@ from lorafleet_operator.settings import OperatorSettings
 
 GI = 2**30
 MI = 2**20
+LOGS = 256 * MI  # container logs: the root filesystem is read-only, the emptyDirs hold the rest
 # Host bytes of the builtin models' float32 weights (builtin:tiny is a few million parameters).
 BUILTIN_MODEL_BYTES = {"builtin:tiny": 64 * MI, "builtin:smollm2": 540 * MI}
 
@@ -66,7 +68,15 @@ def volume_sizes(pool: Pool, settings: OperatorSettings) -> dict[str, str]:
 
 def resources(pool: Pool, settings: OperatorSettings) -> dict[str, dict[str, Any]]:
     """Requests and limits: the defaults above, with every key the pool sets taking precedence."""
-    defaults = {"cpu": settings.trainer_cpu, "memory": mebibytes(memory_bytes(pool, settings))}
+    volumes = volume_sizes(pool, settings)
+    if pool.spec.storage.persistent_volume_claim is not None:
+        del volumes["adapters"]  # on the claim, not on the node's disk
+    scratch = sum(quantities.to_bytes(size, field="sizeLimit") for size in volumes.values()) + LOGS
+    defaults = {
+        "cpu": settings.trainer_cpu,
+        "memory": mebibytes(memory_bytes(pool, settings)),
+        "ephemeral-storage": mebibytes(scratch),
+    }
     requests: dict[str, Any] = dict(pool.spec.resources.requests)
     limits: dict[str, Any] = dict(pool.spec.resources.limits)
     for key, default in defaults.items():
