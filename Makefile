@@ -42,9 +42,11 @@ $(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
 kube-clients: python-deps
 	@$(PY) scripts/kube_clients.py --bin-dir $(BIN)
 
-# kube-apiserver, kube-controller-manager and etcd, built from the Go module pinned in tools/.
+# kube-apiserver, kube-controller-manager and etcd, built from the Go module pinned in tools/; the
+# manifest checkers (kubeconform, kube-score) from their own small module in tools/checkers/.
 tools:
 	@bash scripts/build-tools.sh $(BIN)
+	@bash scripts/build-checkers.sh $(BIN)
 
 ## ---- quality ---------------------------------------------------------------
 
@@ -82,13 +84,15 @@ bench-gpu: python-deps
 
 ## ---- contracts --------------------------------------------------------------
 
-sync-crds:
+sync-crds: python-deps
 	@mkdir -p charts/lorafleet/crds
 	cp crds/*.yaml charts/lorafleet/crds/
+	$(PY) scripts/sync_field_contract.py
 
 # Fails when the chart's copy of the CRDs is stale (tests/chart/test_crds_sync.py checks the same).
 check-crds:
 	diff -r crds charts/lorafleet/crds
+	$(PY) scripts/sync_field_contract.py --check
 
 e2e-kind:
 	bash scripts/e2e-kind.sh

@@ -50,6 +50,14 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
+def promtool_stdin(args: Sequence[str], text: str) -> subprocess.CompletedProcess[str]:
+    """promtool reading ``text`` on stdin (`promtool check metrics` takes a page that way)."""
+    binary = tool("promtool", "run `make system-deps` (Debian package prometheus)")
+    return subprocess.run(
+        [binary, *args], input=text, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 def template_args(
     values_files: Sequence[Path] = (),
     sets: Sequence[str] = (),

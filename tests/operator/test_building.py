@@ -48,8 +48,12 @@ def test_pod_identity_labels_and_owner() -> None:
 def test_gpu_requested_unless_disabled() -> None:
     limited = pools.parse(pool_body(resources={"limits": {"memory": "8Gi"}}))
     gpu = container(building.build_pod(limited, 0, SETTINGS))
-    assert gpu["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
-    assert gpu["resources"]["requests"] == {"nvidia.com/gpu": 1}
+    # The pool's memory limit stands (its request follows it); the CPU takes the default.
+    scratch = "18816Mi"  # emptyDirs: 2 x 8Gi adapters + 1152Mi model cache + 1Gi tmp, and 256Mi of logs
+    assert gpu["resources"]["limits"] == {
+        "memory": "8Gi", "cpu": "2", "ephemeral-storage": scratch, "nvidia.com/gpu": 1
+    }  # fmt: skip
+    assert gpu["resources"]["requests"] == {"cpu": "2", "ephemeral-storage": scratch, "nvidia.com/gpu": 1}
     cpu = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
     assert "nvidia.com/gpu" not in str(cpu["resources"])
     assert {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cpu"} in cpu["env"]
@@ -95,7 +99,8 @@ def test_storage_pvc_or_empty_dir() -> None:
     assert mounts["adapters"] == "/var/lib/lorafleet/adapters"
     plain = building.build_pod(pools.parse(pool_body()), 0, SETTINGS)
     plain_volumes = {v["name"]: v for v in plain["spec"]["volumes"]}
-    assert plain_volumes["adapters"] == {"name": "adapters", "emptyDir": {}}
+    # Without storage the adapters live on an emptyDir that can hold twice the cache (8Gi default).
+    assert plain_volumes["adapters"] == {"name": "adapters", "emptyDir": {"sizeLimit": "16384Mi"}}
 
 
 def test_restricted_pod_security() -> None:
@@ -139,3 +144,51 @@ def test_bad_pool_spec_names_the_field() -> None:
         pools.parse(pool_body(gpuResidency="always"))
     with pytest.raises(ValueError, match=r"spec\.cache\.capacity"):
         building.build_pod(pools.parse(pool_body(cache={"capacity": "lots"})), 0, SETTINGS)
+
+
+def test_default_resources_follow_what_the_pod_holds() -> None:
+    # builtin:tiny is 64Mi of weights: 8Gi cache + 2 x 64Mi + 1Gi overhead.
+    c = container(building.build_pod(pools.parse(pool_body(gpu=False)), 0, SETTINGS))
+    memory = f"{8 * 1024 + 128 + 1024}Mi"
+    assert c["resources"] == {
+        "requests": {"cpu": "2", "memory": memory, "ephemeral-storage": "18816Mi"},
+        "limits": {"cpu": "2", "memory": memory, "ephemeral-storage": "18816Mi"},
+    }
+    # A model the operator does not know counts as LORAFLEET_OPERATOR_TRAINER_MODEL_MEMORY (4Gi).
+    big = pools.parse(pool_body(baseModel="org/model", cache={"capacity": "2Gi"}, gpu=False))
+    assert container(building.build_pod(big, 0, SETTINGS))["resources"]["requests"]["memory"] == "11264Mi"
+    sized = OperatorSettings(trainer_cpu="500m", trainer_memory_overhead="512Mi", trainer_model_memory="1Gi")
+    requests = container(building.build_pod(big, 0, sized))["resources"]["requests"]
+    assert requests["cpu"] == "500m" and requests["memory"] == f"{2048 + 2048 + 512}Mi"
+    # With a claim for the adapters, the node's disk holds only the model cache, tmp and logs.
+    claimed = pools.parse(pool_body(gpu=False, storage={"persistentVolumeClaim": {"claimName": "c"}}))
+    requests = container(building.build_pod(claimed, 0, SETTINGS))["resources"]["requests"]
+    assert requests["ephemeral-storage"] == f"{1152 + 1024 + 256}Mi"
+
+
+def test_every_resource_value_is_overridable_by_the_pool() -> None:
+    both = pools.parse(
+        pool_body(
+            gpu=False, resources={"requests": {"cpu": 4, "memory": "20Gi"}, "limits": {"memory": "24Gi"}}
+        )
+    )
+    res = container(building.build_pod(both, 0, SETTINGS))["resources"]
+    del res["requests"]["ephemeral-storage"], res["limits"]["ephemeral-storage"]
+    assert res == {"requests": {"cpu": 4, "memory": "20Gi"}, "limits": {"cpu": 4, "memory": "24Gi"}}
+    only_limit = pools.parse(pool_body(gpu=False, resources={"limits": {"cpu": "8"}}))
+    res = container(building.build_pod(only_limit, 0, SETTINGS))["resources"]
+    assert "cpu" not in res["requests"] and res["limits"]["cpu"] == "8"  # Kubernetes copies the limit
+
+
+def test_every_empty_dir_has_a_size_limit_and_no_token_is_mounted() -> None:
+    pod = building.build_pod(pools.parse(pool_body(cache={"capacity": "1Gi"})), 0, SETTINGS)
+    sizes = {v["name"]: v["emptyDir"]["sizeLimit"] for v in pod["spec"]["volumes"] if "emptyDir" in v}
+    assert sizes == {"adapters": "2048Mi", "model-cache": f"{128 + 1024}Mi", "tmp": "1024Mi"}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_the_cpu_request_reaches_the_trainer_for_its_threads() -> None:
+    c = container(building.build_pod(pools.parse(pool_body()), 0, SETTINGS))
+    (item,) = [e for e in c["env"] if e["name"] == "LORAFLEET_TRAINER_CPU_REQUEST_MILLICORES"]
+    ref = item["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": c["name"], "resource": "requests.cpu", "divisor": "1m"}

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.e2e import faults
-from tests.e2e.fleet import EXAMPLES
-from tests.e2e.kube import eventually
+from tests.reliability import faults
 from tests.reliability.fleetstate import Faulty
+
+from lorafleet_local.fleet import EXAMPLES
+from lorafleet_local.polling import eventually
 
 pytestmark = pytest.mark.e2e
 

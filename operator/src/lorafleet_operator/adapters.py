@@ -1,14 +1,55 @@
 """The LoraAdapter spec as a typed model, and its translation into the trainer's init request.
 
 The CRD uses camelCase and the trainer's HTTP API uses snake_case; this module is the one place
-that maps one onto the other, so a renamed field shows up as one failing unit test.
+that maps one onto the other, so a renamed field shows up as one failing unit test. The LoRA and
+training fields take their bounds, patterns and defaults from ``adapter_fields.json``, a generated
+copy of the CRD's schema (scripts/sync_field_contract.py): the limit the API server enforces is the
+one this model applies, and the trainer reads the same copy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from importlib import resources
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_FIELDS: dict[str, dict[str, dict[str, Any]]] = json.loads(
+    resources.files("lorafleet_operator").joinpath("adapter_fields.json").read_text(encoding="utf-8")
+)
+
+
+def _bounds(schema: dict[str, Any]) -> dict[str, Any]:
+    """Pydantic constraints of one CRD schema (a field's, or a list's items)."""
+    out: dict[str, Any] = {}
+    if "minimum" in schema:
+        out["gt" if schema.get("exclusiveMinimum") else "ge"] = schema["minimum"]
+    if "maximum" in schema:
+        out["lt" if schema.get("exclusiveMaximum") else "le"] = schema["maximum"]
+    keys = {"minItems": "min_length", "maxItems": "max_length", "minLength": "min_length"}
+    keys |= {"maxLength": "max_length", "pattern": "pattern"}
+    out |= {ours: schema[theirs] for theirs, ours in keys.items() if theirs in schema}
+    return out
+
+
+def _field(section: str, name: str, *, optional: bool = False) -> Any:
+    """A strict pydantic Field for ``spec.<section>.<name>`` (camelCase alias), from the CRD copy."""
+    schema = _FIELDS[section][name]
+    default = None if optional else schema.get("default")
+    kwargs = {**_bounds(schema), "alias": name, "strict": True}
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), **kwargs)
+    return Field(default, **kwargs)
+
+
+def _unique(values: list[str]) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError("must not repeat an item")
+    return values
+
+
+_ModuleName = Annotated[str, Field(**_bounds(_FIELDS["lora"]["targetModules"]["items"]), strict=True)]
 
 
 class _Spec(BaseModel):
@@ -16,19 +57,19 @@ class _Spec(BaseModel):
 
 
 class Lora(_Spec):
-    rank: int = Field(default=8, ge=1, le=1024)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], alias="targetModules")
+    rank: int = _field("lora", "rank")
+    alpha: float = _field("lora", "alpha")
+    dropout: float = _field("lora", "dropout")
+    target_modules: Annotated[list[_ModuleName], AfterValidator(_unique)] = _field("lora", "targetModules")
 
 
 class Training(_Spec):
-    learning_rate: float | None = Field(default=None, alias="learningRate", gt=0)
-    alpha: float | None = Field(default=None, ge=0, le=1)
-    is_clip: float | None = Field(default=None, alias="isClip", gt=0)
-    max_grad_norm: float | None = Field(default=None, alias="maxGradNorm", gt=0)
-    kl_reg_weight: float | None = Field(default=None, alias="klRegWeight", ge=0)
-    teacher_top_k: int | None = Field(default=None, alias="teacherTopK", ge=1)
+    learning_rate: float | None = _field("training", "learningRate", optional=True)
+    alpha: float | None = _field("training", "alpha", optional=True)
+    is_clip: float | None = _field("training", "isClip", optional=True)
+    max_grad_norm: float | None = _field("training", "maxGradNorm", optional=True)
+    kl_reg_weight: float | None = _field("training", "klRegWeight", optional=True)
+    teacher_top_k: int | None = _field("training", "teacherTopK", optional=True)
 
 
 class Cache(_Spec):

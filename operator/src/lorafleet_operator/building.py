@@ -3,13 +3,15 @@
 ``build_pod(pool, ordinal, settings)`` returns a plain dict and does no I/O, so every property the
 pods must have (GPU request, probes, auth Secret, storage, the "restricted" Pod Security Standard)
 is checked by dict asserts in unit tests, and the same dict is what the API server receives.
+The pods are fit for a shared cluster: requests and limits sized from what they hold (``sizing``),
+a ``sizeLimit`` on every emptyDir, and no ServiceAccount token (a trainer never calls the API).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lorafleet_operator import names
+from lorafleet_operator import names, sizing
 from lorafleet_operator.pools import Pool
 from lorafleet_operator.settings import OperatorSettings
 
@@ -67,18 +69,12 @@ def trainer_args(pool: Pool, settings: OperatorSettings) -> list[str]:
     return args
 
 
-def _resources(pool: Pool) -> dict[str, Any]:
-    requests = dict(pool.spec.resources.requests)
-    limits = dict(pool.spec.resources.limits)
+def _resources(pool: Pool, settings: OperatorSettings) -> dict[str, Any]:
+    result = sizing.resources(pool, settings)
     if pool.spec.gpu:
         # Extended resources must be equal in requests and limits; one GPU per pod by design.
-        requests[GPU_RESOURCE] = 1
-        limits[GPU_RESOURCE] = 1
-    result: dict[str, Any] = {}
-    if requests:
-        result["requests"] = requests
-    if limits:
-        result["limits"] = limits
+        result["requests"][GPU_RESOURCE] = 1
+        result["limits"][GPU_RESOURCE] = 1
     return result
 
 
@@ -91,6 +87,17 @@ def _env(pool: Pool) -> list[dict[str, Any]]:
         {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
         {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cuda" if pool.spec.gpu else "cpu"},
         {"name": "LORAFLEET_TRAINER_GPU_RESIDENCY", "value": pool.spec.gpu_residency},
+        # Sizes torch's threads where no cgroup CPU quota is visible (the quota wins when it is).
+        {
+            "name": "LORAFLEET_TRAINER_CPU_REQUEST_MILLICORES",
+            "valueFrom": {
+                "resourceFieldRef": {
+                    "containerName": names.CONTAINER,
+                    "resource": "requests.cpu",
+                    "divisor": "1m",
+                }
+            },
+        },
         # The root filesystem is read-only: every cache and scratch path points at an emptyDir.
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/hf"},
         {"name": "XDG_CACHE_HOME", "value": MODEL_CACHE},
@@ -101,13 +108,17 @@ def _env(pool: Pool) -> list[dict[str, Any]]:
 
 def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     claim = pool.spec.storage.persistent_volume_claim
+    size = sizing.volume_sizes(pool, settings)
+    # Every emptyDir has a sizeLimit: a full one gets its pod evicted, not the node's disk filled.
     adapters: dict[str, Any] = (
-        {"persistentVolumeClaim": {"claimName": claim.claim_name}} if claim else {"emptyDir": {}}
+        {"persistentVolumeClaim": {"claimName": claim.claim_name}}
+        if claim
+        else {"emptyDir": {"sizeLimit": size["adapters"]}}
     )
     volumes: list[dict[str, Any]] = [
         {"name": "adapters", **adapters},
-        {"name": "model-cache", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "model-cache", "emptyDir": {"sizeLimit": size["model-cache"]}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": size["tmp"]}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "adapters", "mountPath": settings.storage_path},
@@ -156,7 +167,7 @@ def build_pod(pool: Pool, ordinal: int, settings: OperatorSettings) -> dict[str,
         "startupProbe": _probe("/healthz", 10, 120),
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
-        "resources": _resources(pool),
+        "resources": _resources(pool, settings),
         "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -171,6 +182,8 @@ def build_pod(pool: Pool, ordinal: int, settings: OperatorSettings) -> dict[str,
         "subdomain": pool.name,  # with the headless Service: <pod>.<pool>.<ns>.svc resolves
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": 30,
+        # A trainer never calls the Kubernetes API: no token to steal from it.
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,

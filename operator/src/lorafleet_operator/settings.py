@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LORAFLEET_OPERATOR_"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 
 
 class OperatorSettings(BaseSettings):
@@ -24,6 +25,12 @@ class OperatorSettings(BaseSettings):
     trainer_image: str = Field(default="ghcr.io/lorafleet/trainer:0.1.0", min_length=1)
     trainer_port: int = Field(default=8080, ge=1, le=65535)
     storage_path: str = Field(default="/var/lib/lorafleet/adapters", min_length=1)
+    # Trainer pod sizing (sizing.py has the formula); a pool's `resources` overrides each value.
+    trainer_cpu: str = Field(default="2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    trainer_memory_overhead: str = Field(default="1Gi", pattern=QUANTITY)
+    # Host bytes of a base model the operator does not know (the builtin models' sizes are known).
+    trainer_model_memory: str = Field(default="4Gi", pattern=QUANTITY)
+    trainer_tmp_size: str = Field(default="1Gi", pattern=QUANTITY)
     # Comma-separated namespaces to watch; empty means every namespace.
     namespaces: str = ""
     # How long a placed adapter's pod may stay not-Ready before the adapter moves elsewhere.

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from lorafleet_trainer import settings as settings_mod
+from lorafleet_trainer import threads
 from lorafleet_trainer.auth import read_token
 from lorafleet_trainer.errors import TrainerError
 from lorafleet_trainer.serving import TrainerService
@@ -72,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    # Before the model loads: torch sizes its thread pool once, on first use.
+    chosen = threads.plan(config.threads, config.cpu_request_millicores)
+    threads.apply(chosen)
+
     from lorafleet_trainer.app import create_app  # after validation: it imports the model stack
 
     try:
@@ -82,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"lorafleet-trainer: invalid setting: {source}: {exc.message}", file=sys.stderr)
         return 2
+    threads.export(app.state.service.metrics.registry, chosen)
     server = _Server(
         uvicorn.Config(
             app,

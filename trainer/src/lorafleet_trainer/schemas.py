@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from lorafleet_trainer.configs import MAX_RANK, LoraSpec
+from lorafleet_trainer import limits
+from lorafleet_trainer.limits import LORA, TRAINING
 from lorafleet_trainer.samples import MAX_SAMPLE_TOKENS
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -23,7 +24,8 @@ _RESPONSE = ConfigDict(extra="ignore")
 
 TokenId = Annotated[int, Field(ge=0)]
 LogProb = Annotated[float, Field(le=0.0)]
-ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# The LoRA and training fields take their bounds, patterns and defaults from the CRD (``limits``).
+ModuleName = Annotated[str, limits.item_field(LORA["target_modules"])]
 
 
 class Lora(BaseModel):
@@ -31,11 +33,11 @@ class Lora(BaseModel):
 
     model_config = _REQUEST
 
-    rank: int = Field(LoraSpec.rank, ge=1, le=MAX_RANK)
-    alpha: float = Field(LoraSpec.alpha, gt=0.0)
-    dropout: float = Field(LoraSpec.dropout, ge=0.0, lt=1.0)
-    target_modules: list[ModuleName] = Field(
-        default_factory=lambda: list(LoraSpec.target_modules), min_length=1, max_length=64
+    rank: int = limits.field(LORA["rank"])
+    alpha: float = limits.field(LORA["alpha"])
+    dropout: float = limits.field(LORA["dropout"])
+    target_modules: Annotated[list[ModuleName], AfterValidator(limits.unique)] = limits.field(
+        LORA["target_modules"]
     )
 
 
@@ -44,12 +46,12 @@ class Training(BaseModel):
 
     model_config = _REQUEST
 
-    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    alpha: float | None = Field(None, ge=0.0, le=1.0, description="weight of the reverse KL term")
-    is_clip: float | None = Field(None, gt=0.0, description="importance-sampling ratio clip")
-    max_grad_norm: float | None = Field(None, gt=0.0)
-    kl_reg_weight: float | None = Field(None, ge=0.0)
-    teacher_top_k: int | None = Field(None, ge=1)
+    learning_rate: float | None = limits.field(TRAINING["learning_rate"], None)
+    alpha: float | None = limits.field(TRAINING["alpha"], None)
+    is_clip: float | None = limits.field(TRAINING["is_clip"], None)
+    max_grad_norm: float | None = limits.field(TRAINING["max_grad_norm"], None)
+    kl_reg_weight: float | None = limits.field(TRAINING["kl_reg_weight"], None)
+    teacher_top_k: int | None = limits.field(TRAINING["teacher_top_k"], None)
 
 
 class CacheOptions(BaseModel):

@@ -78,6 +78,12 @@ class TrainerSettings(BaseSettings):
     max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body, e.g. 16Mi")
     auth_token_file: Path | None = Field(None, description="file holding the bearer token for /v1")
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch intra-op threads (default: from the cgroup CPU quota)"
+    )
+    cpu_request_millicores: int | None = Field(
+        None, ge=1, description="the container's CPU request; sizes the threads when no quota applies"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     shutdown_timeout: float = Field(
         120.0, gt=0, description="seconds SIGTERM waits for the running step before closing connections"

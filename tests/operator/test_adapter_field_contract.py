@@ -1,0 +1,91 @@
+"""One contract for the LoRA and training fields: the CRD, the operator and the trainer agree on it.
+
+The test walks every field of the LoraAdapter CRD's ``spec.lora`` and ``spec.training`` schemas,
+derives probe values from each limit it finds (each bound, one past it, the items' pattern and
+lengths, the list's size and uniqueness, the default) and asks three judges about each probe: the CRD
+schema (what ``kubectl apply`` admits), the operator's spec parsing, and the trainer's request
+schema plus its own config parser. All three must give the same verdict, so a value the API server
+admits is never refused by the trainer after the adapter was placed. A keyword the walk does not
+know fails the test, so a new kind of limit cannot slip past it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from tests.operator.field_probes import ROOT, SECTIONS, crd_admits, fields, probes, section, snake
+
+from lorafleet_operator import adapters
+
+schemas = pytest.importorskip("lorafleet_trainer.schemas")
+configs = pytest.importorskip("lorafleet_trainer.configs")
+errors = pytest.importorskip("lorafleet_trainer.errors")
+
+CASES = [
+    pytest.param(sec, name, value, id=f"{sec}.{name}={str(value)[:40]}")
+    for sec, name, sub in fields()
+    for value in probes(sec, name, sub)
+]
+
+
+def operator_admits(sec: str, name: str, value: Any) -> bool:
+    try:
+        adapters.parse_spec({"spec": {"pool": "p", sec: {name: value}}})
+    except ValidationError:
+        return False
+    return True
+
+
+def trainer_admits(sec: str, name: str, value: Any) -> bool:
+    body = {"lora": {}, "epoch": 1, sec: {snake(name): value}}
+    try:
+        parsed = schemas.InitRequest.model_validate(body)
+    except ValidationError:
+        return False
+    # The request schema admitted it: the engine's own parser must too (one verdict per value).
+    try:
+        configs.LoraSpec.from_dict(parsed.lora.model_dump())
+        configs.TrainingSpec.from_dict((parsed.training or schemas.Training()).model_dump(exclude_none=True))
+    except errors.InvalidInput as exc:
+        pytest.fail(f"trainer schema admits {sec}.{name}={value!r} but its parser refuses: {exc}")
+    return True
+
+
+@pytest.mark.parametrize(("sec", "name", "value"), CASES)
+def test_crd_operator_and_trainer_agree(sec: str, name: str, value: Any) -> None:
+    crd = crd_admits(sec, name, value)
+    verdicts = {"operator": operator_admits(sec, name, value), "trainer": trainer_admits(sec, name, value)}
+    differ = {judge: got for judge, got in verdicts.items() if got != crd}
+    word = "admits" if crd else "refuses"
+    assert not differ, f"the CRD {word} spec.{sec}.{name}={value!r}; {differ} disagree"
+
+
+@pytest.mark.parametrize(("sec", "name", "sub"), fields(), ids=lambda x: x if isinstance(x, str) else "")
+def test_defaults_agree(sec: str, name: str, sub: dict[str, Any]) -> None:
+    operator_model = {"lora": adapters.Lora, "training": adapters.Training}[sec]()
+    trainer_model = {"lora": schemas.Lora, "training": schemas.Training}[sec]()
+    assert getattr(operator_model, snake(name)) == sub.get("default"), f"operator spec.{sec}.{name}"
+    assert getattr(trainer_model, snake(name)) == sub.get("default"), f"trainer {sec}.{snake(name)}"
+    if sec == "lora":
+        engine = configs.LoraSpec()
+        got = getattr(engine, snake(name))
+        assert (list(got) if isinstance(got, tuple) else got) == sub["default"], f"LoraSpec.{snake(name)}"
+
+
+@pytest.mark.parametrize("sec", SECTIONS)
+def test_no_side_has_a_field_the_crd_lacks(sec: str) -> None:
+    crd = {snake(name) for name in section(sec)["properties"]}
+    operator = set({"lora": adapters.Lora, "training": adapters.Training}[sec].model_fields)
+    trainer = set({"lora": schemas.Lora, "training": schemas.Training}[sec].model_fields)
+    assert operator == crd and trainer == crd
+
+
+def test_both_packages_hold_the_crds_limits() -> None:
+    """The JSON copies the operator and the trainer read are what the CRD says (`make sync-crds`)."""
+    check = [sys.executable, str(ROOT / "scripts/sync_field_contract.py"), "--check"]
+    done = subprocess.run(check, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
