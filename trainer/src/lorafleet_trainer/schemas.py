@@ -210,7 +210,9 @@ class GenerateRequest(BaseModel):
 
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     prompt_token_ids: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_SAMPLE_TOKENS)
-    max_tokens: int = Field(64, ge=1, description="most tokens to sample (<= --max-generate-tokens)")
+    max_tokens: int | None = Field(
+        None, ge=1, description="most tokens to sample, <= --max-generate-tokens (default: 64 or that bound)"
+    )
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy decoding")
     seed: int | None = Field(
         None,

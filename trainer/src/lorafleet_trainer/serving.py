@@ -237,7 +237,8 @@ class TrainerService:
         self.require_ready()
         if (body.messages is None) == (body.prompt_token_ids is None):
             raise InvalidInput("give either messages or prompt_token_ids, not both", field="messages")
-        if body.max_tokens > self.max_generate_tokens:
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(64, self.max_generate_tokens)
+        if max_tokens > self.max_generate_tokens:
             raise InvalidInput(
                 f"must be at most {self.max_generate_tokens} (the server's --max-generate-tokens)",
                 field="max_tokens",
@@ -245,7 +246,7 @@ class TrainerService:
         messages = tuple(sampling.Message(m.role, m.content) for m in body.messages or ())
         prompt = sampling.Prompt(messages=messages, token_ids=tuple(body.prompt_token_ids or ()))
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        params = sampling.SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, seed=seed)
+        params = sampling.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, seed=seed)
         job = self.queue.submit(lambda: self.engine.generate(adapter, prompt, params))
         result: Generation = await self._wait(job, disconnected)
         timing = schemas.GenerateTiming(
