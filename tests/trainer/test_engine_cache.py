@@ -65,7 +65,7 @@ def test_warm_step_reads_nothing_cold_step_reads_adapter_once(make_engine: Calla
     stats = engine.stats()
     assert (stats.cache_hits, stats.cache_misses, stats.evictions["explicit"]) == (1, 2, 1)
     assert set(again.timing_ms) == {"restore", "compute", "snapshot", "persist"}
-    assert engine.get_adapter(A).to_dict()["cached"] is True
+    assert engine.get_adapter(A).cached is True
 
 
 def test_budget_lru_pin_and_epoch(make_engine: Callable[..., Any]) -> None:

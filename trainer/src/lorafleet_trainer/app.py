@@ -94,6 +94,7 @@ def build_engine(settings: TrainerSettings) -> Engine:
     """The real engine for these settings (imports torch, so only when a server starts)."""
     from lorafleet_trainer.engine import EngineConfig, TrainerEngine
 
+    holds = PhaseHolds(settings.test_hold_dir).enable() if settings.test_hold_dir is not None else None
     config = EngineConfig(
         base_model=settings.base_model,
         storage_root=settings.storage,
@@ -102,9 +103,7 @@ def build_engine(settings: TrainerSettings) -> Engine:
         gpu_residency=settings.gpu_residency,
         model_cache_dir=settings.model_cache_dir,
         default_training=TrainingSpec(),
-        step_holds=PhaseHolds(settings.test_hold_dir).enable()
-        if settings.test_hold_dir is not None
-        else None,
+        step_holds=holds,
     )
     return TrainerEngine(config)
 
@@ -115,6 +114,7 @@ def create_app(settings: TrainerSettings, engine: Engine | None = None, token: s
         engine if engine is not None else build_engine(settings),
         max_queue=settings.max_queue,
         default_training=TrainingSpec(),
+        max_generate_tokens=settings.max_generate_tokens,
     )
 
     @asynccontextmanager

@@ -15,19 +15,20 @@ import threading
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorafleet_trainer import holds, models, stepping
+from lorafleet_trainer import decoding, holds, models, sampling, stepping
 from lorafleet_trainer.cache import AdapterCache, CacheInfo
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.residency import MODES, Residency
-from lorafleet_trainer.results import AdapterState, EngineStats, InitResult, StepResult
+from lorafleet_trainer.results import AdapterState, EngineStats, Generation, InitResult, StepResult
 from lorafleet_trainer.samples import DistillSample
 from lorafleet_trainer.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
 from lorafleet_trainer.storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMeta, AdapterStore
@@ -322,17 +323,55 @@ class TrainerEngine:
             storage_read_bytes=self.store.read_bytes - read_before,
         )
 
-    def logits(self, adapter: AdapterId, input_ids: Sequence[int]) -> torch.Tensor:
-        """The adapted model's logits for one sequence (``[len, vocab]``, on the CPU)."""
+    # ---- sampling ----------------------------------------------------------------------------
+    def generate(
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
+    ) -> Generation:
+        """Sample from ``adapter``'s current version (the bare base model when None); changes nothing.
+
+        The adapter's state comes into its slot as for a step (a cache hit, else storage).
+        """
         slots = self._require_ready()
+        with self._tokenizer_lock:
+            ids = list(prompt.token_ids) or sampling.chat_prompt_ids(self._tokenizer, prompt.messages)
+            stop = sampling.stop_ids(self._tokenizer, self._model)
+        field = "prompt_token_ids" if prompt.token_ids else "messages"
+        sampling.check_prompt(ids, self._vocab_size, self._max_positions, field)
         with self._lock:
-            meta = self._meta_for(adapter)
-            slot = self._slot(meta.lora)
-            slots.activate(slot)
-            with self._residency.on_device(slots.peft_model, None), torch.no_grad():
-                self._restore(adapter, meta, slot)
-                ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self._device)
-                return slots.peft_model(input_ids=ids).logits[0].float().cpu()
+            version: int | None = None
+            hit: bool | None = None
+            t0 = time.perf_counter()
+            if adapter is not None:
+                meta = self._meta_for(adapter)
+                slot = self._slot(meta.lora)
+                slots.activate(slot)
+            model: Any = slots.peft_model if slots.peft_model is not None else slots.base
+            with self._residency.on_device(model, None):
+                if adapter is not None:
+                    hit = self._restore(adapter, meta, slot)
+                    version = meta.version
+                    self._sync()
+                t1 = time.perf_counter()
+                # The bare base model: PEFT's layers, once injected, must be switched off.
+                bare = adapter is None and model is not slots.base
+                with model.disable_adapter() if bare else nullcontext():
+                    out = decoding.sample(model, ids, params, stop, self._device, self._max_positions)
+                t2 = time.perf_counter()
+        with self._tokenizer_lock:
+            text = self._tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            prompt_text = self._tokenizer.decode(ids)
+        return Generation(
+            version=version,
+            cache_hit=hit,
+            prompt_token_ids=ids,
+            token_ids=out.token_ids,
+            logprobs=out.logprobs,
+            text=text,
+            prompt_text=prompt_text,
+            finish_reason=out.finish_reason,
+            seed=params.seed,
+            timing_ms={"restore": (t1 - t0) * 1000.0, "compute": (t2 - t1) * 1000.0},
+        )
 
     # ---- observability ---------------------------------------------------------------------
     def _count(self, key: str, n: int) -> None:

@@ -1,10 +1,11 @@
-"""Base models: the builtin synthetic ones, generated on first use, and loading any model id.
+"""Base models: the builtin ones, made on first use, and loading any model id.
 
 ``builtin:tiny`` (about 3.5M parameters) and ``builtin:small`` (about 100M) are Qwen2-architecture
 causal LMs with seeded random weights and a byte-level tokenizer with a ChatML chat template. They
 are written once into a local cache directory and then loaded through ``from_pretrained`` exactly
 like a hub id or a local directory, so tests and benchmarks exercise the production load path.
-Generation is deterministic (fixed seed, fixed config) and needs no network.
+Generation is deterministic (fixed seed, fixed config) and needs no network. ``builtin:smollm2``
+is a real instruct model, converted once from a PyPI wheel (see :mod:`converting`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 
+from lorafleet_trainer import converting
 from lorafleet_trainer.errors import InvalidInput
 
 BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2"  # the real instruct model; the others are synthetic
 # Bumped whenever the generated files change, so a stale cache directory is never reused.
 _BUILTIN_FORMAT = 1
 _SEED = 20260128
@@ -131,12 +134,14 @@ def resolve(model_id: str, cache_dir: Path | None = None) -> str:
     if not model_id.startswith(BUILTIN_PREFIX):
         return model_id
     name = model_id[len(BUILTIN_PREFIX) :]
-    if name not in BUILTINS:
+    if name not in BUILTINS and name != SMOLLM2:
         raise InvalidInput(
-            f"unknown builtin model {model_id!r}; known: {sorted(BUILTINS)}", field="base_model"
+            f"unknown builtin model {model_id!r}; known: {sorted([*BUILTINS, SMOLLM2])}", field="base_model"
         )
     root = cache_dir or default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
+    if name == SMOLLM2:
+        return str(converting.materialise(root))
     target = root / f"builtin-{name}-v{_BUILTIN_FORMAT}"
     if not (target / "config.json").exists():
         _generate(BUILTINS[name], target)

@@ -1,13 +1,14 @@
-"""What engine calls return: adapter state, init and step results, and counters for metrics.
+"""What engine calls return: adapter state, init, step and sampling results, and counters.
 
-Plain dataclasses with ``to_dict`` giving the HTTP API's snake_case JSON, so the service layer
-only serialises and never reaches into the engine's internals.
+Plain typed dataclasses in the engine's own terms (an :class:`AdapterId`, a :class:`LoraSpec`). The
+service turns each into its one HTTP response model (``schemas``) field by field; nothing here
+knows the wire format.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.ids import AdapterId
@@ -24,17 +25,6 @@ class AdapterState:
     cache_bytes: int
     pinned: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "namespace": self.adapter.namespace,
-            "name": self.adapter.name,
-            "version": self.version,
-            "epoch": self.epoch,
-            "lora": self.lora.to_dict(),
-            "cached": self.cached,
-            "cache_bytes": self.cache_bytes,
-        }
-
 
 @dataclass(frozen=True)
 class InitResult:
@@ -50,13 +40,21 @@ class StepResult:
     timing_ms: dict[str, float]
     storage_read_bytes: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "cache": "hit" if self.cache_hit else "miss",
-            "metrics": dict(self.metrics),
-            "timing_ms": dict(self.timing_ms),
-        }
+
+@dataclass(frozen=True)
+class Generation:
+    """A sampled response and the prompt it continues, in the terms of a distill sample."""
+
+    version: int | None  # the adapter version that answered; None for the bare base model
+    cache_hit: bool | None  # whether that version came from the CPU cache; None for the base model
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    prompt_text: str
+    finish_reason: Literal["stop", "length"]
+    seed: int
+    timing_ms: dict[str, float]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """The HTTP routes of a trainer pod (DESIGN.md, "Trainer HTTP API"): thin adapters onto the service.
 
-Each handler turns path and body into engine types and calls :mod:`serving`; errors are raised as
-:class:`TrainerError` and rendered once, by the app, as ``{"error": "<field>: <message>"}``.
-Handlers that only read are plain functions, which FastAPI runs in its thread pool, so they answer
-while a step runs on the worker.
+Each handler turns the path into an :class:`AdapterId`, calls :mod:`serving` (never the engine)
+and returns the response model the service built; errors are raised as :class:`TrainerError` and
+rendered once, by the app, as ``{"error": "<field>: <message>"}``. Handlers that only read are
+plain functions, which FastAPI runs in its thread pool, so they answer while a step runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -39,6 +40,17 @@ def authorized(request: Request, _: Annotated[Any, Depends(_bearer)]) -> None:
 
 
 Service = Annotated[TrainerService, Depends(service)]
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """Resolves when the client hangs up, so a request still waiting in the queue is dropped."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Error} for code in (401, 404, 409, 413, 422, 429, 503, 507)
@@ -82,16 +94,14 @@ async def init_adapter(
     namespace: Namespace, name: Name, body: schemas.InitRequest, svc: Service
 ) -> JSONResponse:
     """Create the stored adapter if absent (201), or confirm the same config (200); 409 otherwise."""
-    result = await svc.init(AdapterId(namespace, name), body)
-    state = schemas.AdapterState.model_validate(result.state.to_dict())
-    return JSONResponse(state.model_dump(mode="json"), status_code=201 if result.created else 200)
+    state, created = await svc.init(AdapterId(namespace, name), body)
+    return JSONResponse(state.model_dump(mode="json"), status_code=201 if created else 200)
 
 
 @v1.get("/adapters/{namespace}/{name}", response_model=schemas.AdapterState)
 def get_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.AdapterState:
     """The adapter's version, epoch, LoRA config and cache residency."""
-    state = svc.engine.get_adapter(AdapterId(namespace, name))
-    return schemas.AdapterState.model_validate(state.to_dict())
+    return svc.get(AdapterId(namespace, name))
 
 
 @v1.post("/adapters/{namespace}/{name}/distill", response_model=schemas.DistillResponse)
@@ -99,27 +109,35 @@ async def distill(
     namespace: Namespace, name: Name, body: schemas.DistillRequest, request: Request, svc: Service
 ) -> schemas.DistillResponse:
     """One SDPO step on the adapter, in its turn on the worker (429 past the queue bound)."""
-    adapter = AdapterId(namespace, name)
+    return await svc.distill(AdapterId(namespace, name), body, _disconnected(request))
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
-    return await svc.distill(adapter, body, disconnected)
+@v1.post("/adapters/{namespace}/{name}/generate", response_model=schemas.GenerateResponse)
+async def generate(
+    namespace: Namespace, name: Name, body: schemas.GenerateRequest, request: Request, svc: Service
+) -> schemas.GenerateResponse:
+    """Sample an answer with the adapter's current version, in its turn after queued steps."""
+    return await svc.generate(AdapterId(namespace, name), body, _disconnected(request))
+
+
+@v1.post("/generate", response_model=schemas.GenerateResponse, tags=["base model"])
+async def generate_base(
+    body: schemas.GenerateRequest, request: Request, svc: Service
+) -> schemas.GenerateResponse:
+    """Sample an answer with the bare base model (no adapter)."""
+    return await svc.generate(None, body, _disconnected(request))
 
 
 @v1.delete("/adapters/{namespace}/{name}/cache", response_model=schemas.Evicted)
 async def evict_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Evicted:
     """Drop the adapter from the CPU cache (idempotent); its stored state stays."""
-    adapter = AdapterId(namespace, name)
-    return schemas.Evicted(evicted=await svc.write(lambda: svc.engine.evict(adapter)))
+    return await svc.evict(AdapterId(namespace, name))
 
 
 @v1.delete("/adapters/{namespace}/{name}", response_model=schemas.Deleted)
 async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Deleted:
     """Delete the stored adapter and its cache entry."""
-    adapter = AdapterId(namespace, name)
-    return schemas.Deleted(deleted=await svc.write(lambda: svc.engine.delete(adapter)))
+    return await svc.delete(AdapterId(namespace, name))
 
 
 @v1.get(
@@ -130,7 +148,7 @@ async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> sche
 def export_adapter(namespace: Namespace, name: Name, svc: Service) -> Response:
     """A zip of adapter_config.json and adapter_model.safetensors, loadable by PEFT and vLLM."""
     adapter = AdapterId(namespace, name)
-    data = svc.engine.export_zip(adapter)
+    data = svc.export(adapter)
     filename = f"{adapter.namespace}-{adapter.name}.zip"
     return Response(
         data,
@@ -142,4 +160,4 @@ def export_adapter(namespace: Namespace, name: Name, svc: Service) -> Response:
 @v1.get("/cache", response_model=schemas.CacheState)
 def cache(svc: Service) -> schemas.CacheState:
     """The CPU cache: capacity, bytes used, and one entry per cached adapter."""
-    return schemas.CacheState.model_validate(svc.engine.cache_info().to_dict())
+    return svc.cache()

@@ -4,17 +4,23 @@ They give ``/openapi.json`` its types and bounds and refuse malformed JSON early
 The engine's own parsers (``LoraSpec``, ``TrainingSpec``, ``DistillSample``) stay the authority on
 meaning: a request that passes here is validated again there, against the loaded model too (token
 ids against its vocabulary). Strict types: a JSON string is never silently turned into a number.
+Each response model is built once, by the service, from the engine's typed result (``of``), and
+FastAPI serialises it as is.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from lorafleet_trainer import limits
+from lorafleet_trainer import limits, results
+from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.limits import LORA, TRAINING
 from lorafleet_trainer.samples import MAX_SAMPLE_TOKENS
+
+if TYPE_CHECKING:  # the cache module imports torch; this one must not
+    from lorafleet_trainer.cache import CacheInfo
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_SAMPLES = 1024
@@ -111,6 +117,24 @@ class AdapterState(BaseModel):
     cached: bool
     cache_bytes: int
 
+    @classmethod
+    def of(cls, state: results.AdapterState) -> AdapterState:
+        lora = state.lora
+        return cls(
+            namespace=state.adapter.namespace,
+            name=state.adapter.name,
+            version=state.version,
+            epoch=state.epoch,
+            lora=Lora(
+                rank=lora.rank,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+            ),
+            cached=state.cached,
+            cache_bytes=state.cache_bytes,
+        )
+
 
 class StepTiming(BaseModel):
     model_config = _RESPONSE
@@ -158,6 +182,118 @@ class CacheState(BaseModel):
     capacity_bytes: int
     used_bytes: int
     entries: list[CacheEntry]
+
+    @classmethod
+    def of(cls, info: CacheInfo) -> CacheState:
+        return cls(
+            capacity_bytes=info.capacity_bytes,
+            used_bytes=info.used_bytes,
+            entries=[
+                CacheEntry(adapter=e["adapter"], bytes=e["bytes"], pinned=e["pinned"], version=e["version"])
+                for e in info.entries
+            ],
+        )
+
+
+class Message(BaseModel):
+    """One chat turn, rendered through the model's chat template."""
+
+    model_config = _REQUEST
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_SAMPLE_TOKENS * 8)
+
+
+class GenerateRequest(BaseModel):
+    """Sample one answer: give ``messages`` or ``prompt_token_ids``, not both."""
+
+    model_config = _REQUEST
+
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256)
+    prompt_token_ids: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_SAMPLE_TOKENS)
+    max_tokens: int | None = Field(
+        None, ge=1, description="most tokens to sample, <= --max-generate-tokens (default: 64 or that bound)"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy decoding")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="seeds sampling at temperature > 0; drawn (and returned) if absent",
+    )
+
+
+class SampleDraft(BaseModel):
+    """A distill sample for this rollout, every field but ``feedback``: add it and post to distill."""
+
+    model_config = _RESPONSE
+
+    prompt: str
+    response: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float]
+    user_prompt: str | None
+    system_prompt: str
+
+
+class GenerateTiming(BaseModel):
+    model_config = _RESPONSE
+
+    queue: float = Field(description="ms waiting for the worker")
+    restore: float = Field(description="ms putting the adapter's version into its slot")
+    compute: float = Field(description="ms decoding")
+    total: float = Field(description="ms from acceptance to result (queue included)")
+
+
+class GenerateResponse(BaseModel):
+    model_config = _RESPONSE
+
+    adapter: str | None = Field(description="namespace/name, or null for the bare base model")
+    version: int | None = Field(description="the adapter version that answered (null: base model)")
+    cache: Literal["hit", "miss"] | None = Field(description="where that version came from")
+    text: str = Field(description="the answer, special tokens left out")
+    token_ids: list[int] = Field(description="the sampled tokens, an end-of-turn token included")
+    logprobs: list[float] = Field(
+        description="per token: log_softmax of the model's logits at temperature 1, whatever the "
+        "sampling temperature; what a distill step recomputes as the student's logprob"
+    )
+    prompt_token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    seed: int
+    timing_ms: GenerateTiming
+    sample: SampleDraft
+
+    @classmethod
+    def of(
+        cls,
+        adapter: AdapterId | None,
+        gen: results.Generation,
+        user_prompt: str | None,
+        system_prompt: str,
+        timing: GenerateTiming,
+    ) -> GenerateResponse:
+        return cls(
+            adapter=str(adapter) if adapter is not None else None,
+            version=gen.version,
+            cache=None if gen.cache_hit is None else "hit" if gen.cache_hit else "miss",
+            text=gen.text,
+            token_ids=gen.token_ids,
+            logprobs=gen.logprobs,
+            prompt_token_ids=gen.prompt_token_ids,
+            finish_reason=gen.finish_reason,
+            seed=gen.seed,
+            timing_ms=timing,
+            sample=SampleDraft(
+                prompt=gen.prompt_text,
+                response=gen.text,
+                prompt_token_ids=gen.prompt_token_ids,
+                response_token_ids=gen.token_ids,
+                response_logprobs=gen.logprobs,
+                user_prompt=user_prompt,
+                system_prompt=system_prompt,
+            ),
+        )
 
 
 class Error(BaseModel):

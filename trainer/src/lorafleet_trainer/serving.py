@@ -1,21 +1,24 @@
 """The trainer service: the engine behind one step queue, its readiness, and its step metrics.
 
-Routes stay thin: they parse a request into the engine's types and call this layer. Writes go
-through the single-worker queue so each adapter's writes keep their arrival order; reads go
-straight to the engine from the thread pool so they never wait behind a long step. A distill whose
-client disconnects while it still waits is cancelled: a step either completes or never starts.
+Routes stay thin: they call this layer only, and it answers with the response models of
+``schemas``, built once from the engine's typed results. Writes and sampling go through the
+single-worker queue, so each adapter's requests keep their arrival order (a generate sees every
+step posted before it); reads go straight to the engine from the thread pool so they never wait
+behind a long step. A distill or generate whose client disconnects while it still waits is
+cancelled: it either completes or never starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from lorafleet_trainer import schemas
+from lorafleet_trainer import sampling, schemas
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import (
     AdapterNotFound,
@@ -27,7 +30,11 @@ from lorafleet_trainer.errors import (
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.metrics import TrainerMetrics
 from lorafleet_trainer.queueing import Job, StepQueue
+from lorafleet_trainer.results import AdapterState, EngineStats, Generation, InitResult, StepResult
 from lorafleet_trainer.samples import DistillSample, parse_samples
+
+if TYPE_CHECKING:  # it imports torch, which the service itself never loads
+    from lorafleet_trainer.cache import CacheInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,17 +48,20 @@ class Engine(Protocol):
     def load(self) -> None: ...
     def init_adapter(
         self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None
-    ) -> Any: ...
-    def get_adapter(self, adapter: AdapterId) -> Any: ...
+    ) -> InitResult: ...
+    def get_adapter(self, adapter: AdapterId) -> AdapterState: ...
     def distill(
         self, adapter: AdapterId, samples: Sequence[DistillSample], training: Mapping[str, Any] | None
-    ) -> Any: ...
+    ) -> StepResult: ...
+    def generate(
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
+    ) -> Generation: ...
     def evict(self, adapter: AdapterId) -> bool: ...
     def delete(self, adapter: AdapterId) -> bool: ...
-    def pin(self, adapter: AdapterId, pinned: bool) -> Any: ...
+    def pin(self, adapter: AdapterId, pinned: bool) -> None: ...
     def export_zip(self, adapter: AdapterId) -> bytes: ...
-    def cache_info(self) -> Any: ...
-    def stats(self) -> Any: ...
+    def cache_info(self) -> CacheInfo: ...
+    def stats(self) -> EngineStats: ...
 
 
 class ClientGone(Exception):
@@ -74,9 +84,17 @@ def outcome_of(exc: BaseException) -> str:
 class TrainerService:
     """Owns the engine's lifecycle (background load, graceful stop) and its step queue."""
 
-    def __init__(self, engine: Engine, *, max_queue: int, default_training: TrainingSpec) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        default_training: TrainingSpec,
+        max_generate_tokens: int = 512,
+    ) -> None:
         self.engine = engine
         self.default_training = default_training
+        self.max_generate_tokens = max_generate_tokens
         self.queue = StepQueue(max_queue)
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
         self.load_error: str | None = None
@@ -130,6 +148,18 @@ class TrainerService:
         self.queue.close()
         return self.queue.join(timeout)
 
+    # ---- reads (straight to the engine, from the thread pool) -------------------------------
+
+    def get(self, adapter: AdapterId) -> schemas.AdapterState:
+        return schemas.AdapterState.of(self.engine.get_adapter(adapter))
+
+    def export(self, adapter: AdapterId) -> bytes:
+        """The adapter's latest committed version as a PEFT zip."""
+        return self.engine.export_zip(adapter)
+
+    def cache(self) -> schemas.CacheState:
+        return schemas.CacheState.of(self.engine.cache_info())
+
     # ---- writes (through the queue) ----------------------------------------------------------
 
     async def write(self, fn: Callable[[], T]) -> T:
@@ -137,7 +167,14 @@ class TrainerService:
         job = self.queue.submit(fn, bounded=False)
         return await asyncio.wrap_future(job.future)
 
-    async def init(self, adapter: AdapterId, body: schemas.InitRequest) -> Any:
+    async def evict(self, adapter: AdapterId) -> schemas.Evicted:
+        return schemas.Evicted(evicted=await self.write(lambda: self.engine.evict(adapter)))
+
+    async def delete(self, adapter: AdapterId) -> schemas.Deleted:
+        return schemas.Deleted(deleted=await self.write(lambda: self.engine.delete(adapter)))
+
+    async def init(self, adapter: AdapterId, body: schemas.InitRequest) -> tuple[schemas.AdapterState, bool]:
+        """The adapter's state after init, and whether init created it."""
         self.require_ready()
         lora = LoraSpec.from_dict(body.lora.model_dump(), field="lora")
         training = None
@@ -145,13 +182,14 @@ class TrainerService:
             training = self.default_training.merged(body.training.model_dump(exclude_none=True))
         pinned = body.cache.pinned if body.cache is not None else None
 
-        def run() -> Any:
+        def run() -> InitResult:
             result = self.engine.init_adapter(adapter, lora, body.epoch, training)
             if pinned is not None:
                 self.engine.pin(adapter, pinned)
             return result
 
-        return await self.write(run)
+        result = await self.write(run)
+        return schemas.AdapterState.of(result.state), result.created
 
     async def distill(
         self, adapter: AdapterId, body: schemas.DistillRequest, disconnected: Callable[[], Awaitable[None]]
@@ -183,6 +221,46 @@ class TrainerService:
         )
         metrics = {k: float(v) for k, v in dict(result.metrics).items()}
         return schemas.DistillResponse(version=result.version, cache=cache, metrics=metrics, timing_ms=timing)
+
+    async def generate(
+        self,
+        adapter: AdapterId | None,
+        body: schemas.GenerateRequest,
+        disconnected: Callable[[], Awaitable[None]],
+    ) -> schemas.GenerateResponse:
+        """Sample with the adapter's current version (the base model when ``adapter`` is None).
+
+        It waits its turn behind the writes already queued, so it answers with every step posted
+        before it; it counts to the queue bound like a step.
+        """
+        accepted = time.perf_counter()
+        self.require_ready()
+        if (body.messages is None) == (body.prompt_token_ids is None):
+            raise InvalidInput("give either messages or prompt_token_ids, not both", field="messages")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(64, self.max_generate_tokens)
+        if max_tokens > self.max_generate_tokens:
+            raise InvalidInput(
+                f"must be at most {self.max_generate_tokens} (the server's --max-generate-tokens)",
+                field="max_tokens",
+            )
+        messages = tuple(sampling.Message(m.role, m.content) for m in body.messages or ())
+        prompt = sampling.Prompt(messages=messages, token_ids=tuple(body.prompt_token_ids or ()))
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        params = sampling.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, seed=seed)
+        job = self.queue.submit(lambda: self.engine.generate(adapter, prompt, params))
+        result: Generation = await self._wait(job, disconnected)
+        timing = schemas.GenerateTiming(
+            queue=job.queue_seconds * 1000.0,
+            restore=result.timing_ms.get("restore", 0.0),
+            compute=result.timing_ms.get("compute", 0.0),
+            total=(time.perf_counter() - accepted) * 1000.0,
+        )
+        # What the teacher of a distill step reads: the user's last words and the system prompt.
+        users = [m.content for m in messages if m.role == "user"]
+        systems = [m.content for m in messages if m.role == "system"]
+        return schemas.GenerateResponse.of(
+            adapter, result, users[-1] if users else None, "\n".join(systems), timing
+        )
 
     async def _wait(self, job: Job[T], disconnected: Callable[[], Awaitable[None]]) -> T:
         result = asyncio.wrap_future(job.future)

@@ -76,6 +76,9 @@ class TrainerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_residency: Literal["offload", "keep"] = "offload"
     max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
+    max_generate_tokens: int = Field(
+        512, ge=1, le=65536, description="most tokens one generate request may ask for (max_tokens)"
+    )
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body, e.g. 16Mi")
     auth_token_file: Path | None = Field(None, description="file holding the bearer token for /v1")
     threads: int | None = Field(
