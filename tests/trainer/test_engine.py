@@ -86,6 +86,7 @@ def test_init_create_same_conflict_and_epochs(engine: TrainerEngine) -> None:
         "lora": LORA.to_dict(),
         "cached": False,
         "cache_bytes": 0,
+        "artifact": "init/.one.v00000000",
     }
     again = engine.init_adapter(adapter, LORA, 1)
     assert not again.created and again.state.training.alpha == 1.0  # stored defaults kept

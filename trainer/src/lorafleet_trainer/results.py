@@ -23,6 +23,7 @@ class AdapterState:
     cached: bool
     cache_bytes: int
     pinned: bool = False
+    artifact: str = ""  # the version's directory relative to the store root (storage.artifact)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +34,7 @@ class AdapterState:
             "lora": self.lora.to_dict(),
             "cached": self.cached,
             "cache_bytes": self.cache_bytes,
+            "artifact": self.artifact,
         }
 
 
@@ -49,10 +51,12 @@ class StepResult:
     metrics: dict[str, float]
     timing_ms: dict[str, float]
     storage_read_bytes: int = 0
+    artifact: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "artifact": self.artifact,
             "cache": "hit" if self.cache_hit else "miss",
             "metrics": dict(self.metrics),
             "timing_ms": dict(self.timing_ms),
