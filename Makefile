@@ -10,7 +10,7 @@ BIN    := $(CURDIR)/bin
 export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
-.PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos \
+.PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
         lint demo bench bench-quick bench-gpu sync-crds check-crds e2e-kind clean
 
 help:
@@ -72,6 +72,10 @@ test-e2e: setup
 
 test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
+
+# The serving hand-off: a real trainer and a real vLLM on the real model (minutes on a CPU).
+test-vllm: setup
+	$(PY) -m pytest -m vllm -s tests/serving
 
 ## ---- the product -------------------------------------------------------------
 
