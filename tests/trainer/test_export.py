@@ -95,3 +95,33 @@ def test_unknown_builtin_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as err:
         models.resolve("builtin:huge", tmp_path)
     assert err.value.field == "base_model"
+
+
+def test_each_kept_version_loads_by_path_with_its_own_weights(
+    make_engine: Callable[..., Any], model_cache_dir: Path
+) -> None:
+    from lorafleet_trainer.storage import VersionNotFound
+
+    engine = make_engine(keep_versions=2, served_base_model_name="smollm2")
+    engine.init_adapter(A, LORA, 1)
+    greedy = sampling.SamplingParams(max_tokens=8)
+    answers, artifacts = {}, {}
+    for i in range(3):
+        step = engine.distill(A, samples(i))
+        answers[step.version] = engine.generate(A, sampling.Prompt(token_ids=tuple(IDS)), greedy)
+        artifacts[step.version] = step.artifact
+    assert artifacts == {v: f"team-a/.alice.v{v:08d}" for v in (1, 2, 3)}
+    assert engine.get_adapter(A).artifact == artifacts[3]
+    root = engine.config.storage_root
+    # Version 2 is still whole while 3 is the latest: PEFT loads it by path and answers as v2 did.
+    for version in (2, 3):
+        _agree(_peft_model(model_cache_dir, root / artifacts[version]), answers[version])
+        archive = zipfile.ZipFile(io.BytesIO(engine.export_zip(A, version)))
+        for name in (storage.ADAPTER_CONFIG, storage.ADAPTER_WEIGHTS):
+            assert archive.read(name) == (root / artifacts[version] / name).read_bytes()
+    assert answers[2].logprobs != answers[3].logprobs
+    with pytest.raises(VersionNotFound) as err:
+        engine.export_zip(A, 1)  # pruned: only the last two are kept
+    assert err.value.field == "version" and "no version 1" in str(err.value)
+    config = json.loads((root / artifacts[3] / storage.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == "smollm2"

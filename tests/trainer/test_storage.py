@@ -1,4 +1,4 @@
-"""Adapter storage: PEFT layout, atomic versions, crash safety, ENOSPC, byte counts."""
+"""Adapter storage: PEFT layout, immutable kept versions, crash safety, ENOSPC, byte counts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from lorafleet_trainer import storage
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.storage import AdapterMeta, AdapterStore, AdapterTensors
+from lorafleet_trainer.settings import TrainerSettings
+from lorafleet_trainer.storage import AdapterMeta, AdapterStore, AdapterTensors, VersionNotFound
 
 A = AdapterId("team-a", "alice")
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -39,8 +40,10 @@ def test_write_read_round_trip_and_layout(tmp_path: Path) -> None:
     assert sorted(os.listdir(d)) == sorted(
         [storage.ADAPTER_CONFIG, storage.ADAPTER_WEIGHTS, storage.OPTIMIZER_STATE, storage.META]
     )
-    # Only the current version directory is left behind.
-    assert sorted(p.name for p in (tmp_path / "team-a").iterdir())[1:] == ["alice"]
+    # Each version: its directory and the link naming it; "alice" names the latest.
+    names = sorted(p.name for p in (tmp_path / "team-a").iterdir())
+    assert names[-1] == "alice" and [n for n in names if n.startswith(".alice.v")] == names[:-1]
+    assert len(names) == 5 and store.versions(A) == [0, 1]
     assert store.read_meta(A) == _meta(1)
     t = store.read_tensors(A)
     assert t.step == 1 and torch.equal(t.weights[KEY], torch.full((2, 4), 2.0))
@@ -93,8 +96,9 @@ def test_no_space_raises_storage_full_and_changes_nothing(
         store.write(_meta(2), _tensors(2.0, 2), CONFIG)
     assert store.read_meta(A).version == 1
     assert torch.equal(store.read_tensors(A).weights[KEY], torch.full((2, 4), 1.0))
-    assert [p.name for p in (tmp_path / "team-a").iterdir() if p.name.startswith(".")] == [
-        store.path(A).resolve().name
+    assert sorted(p.name for p in (tmp_path / "team-a").iterdir() if p.name.startswith(".")) == [
+        ".alice.v00000001",
+        store.path(A).resolve().name,
     ]
 
 
@@ -137,3 +141,103 @@ def test_step_writes_link_the_unchanging_config(tmp_path: Path) -> None:
     assert (store.path(A) / storage.ADAPTER_CONFIG).stat().st_ino == inode
     assert json.loads((store.path(A) / storage.ADAPTER_CONFIG).read_text()) == CONFIG
     assert store.read_meta(A).version == 1
+
+
+def _dirs(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "team-a").iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(directory.iterdir())}
+
+
+def test_the_last_k_versions_stay_whole_and_loadable_by_path(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, keep_versions=2)
+    store.write(_meta(0), _tensors(0.0, 0), CONFIG)
+    store.write(_meta(1), _tensors(1.0, 1))
+    v1 = tmp_path / store.artifact(A, 1)
+    before = _snapshot(v1)
+    store.write(_meta(2), _tensors(2.0, 2))
+    # Version 1 is still there, byte for byte and inode for inode, while version 2 is the latest.
+    assert store.versions(A) == [1, 2] and _snapshot(v1) == before
+    assert store.artifact(A, 1) == "team-a/.alice.v00000001"
+    assert json.loads((v1 / storage.META).read_text())["version"] == 1
+    store.write(_meta(3), _tensors(3.0, 3))
+    assert store.versions(A) == [2, 3] and not v1.exists()
+    # Only the kept versions' directories remain; the latest link names the newest.
+    assert _dirs(tmp_path) == sorted(os.readlink(store.version_path(A, v)) for v in (2, 3))
+    assert store.path(A).resolve() == store.version_path(A, 3).resolve()
+
+
+def test_read_files_of_a_kept_version_and_404s_naming_the_version(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, keep_versions=2)
+    for v in range(3):
+        store.write(_meta(v), _tensors(float(v), v), CONFIG)
+    files = store.read_files(A, (storage.ADAPTER_WEIGHTS,), version=1)
+    assert torch.equal(storage.st_load(files[storage.ADAPTER_WEIGHTS])[KEY], torch.full((2, 4), 1.0))
+    latest = store.read_files(A, (storage.ADAPTER_WEIGHTS,))
+    assert latest == store.read_files(A, (storage.ADAPTER_WEIGHTS,), version=2)
+    for gone in (0, 7):  # pruned, never made
+        with pytest.raises(VersionNotFound) as err:
+            store.read_files(A, (storage.ADAPTER_WEIGHTS,), version=gone)
+        assert err.value.field == "version" and f"no version {gone}" in str(err.value)
+        assert "[1, 2]" in str(err.value)
+    with pytest.raises(AdapterNotFound) as missing:
+        store.read_files(AdapterId("team-a", "bob"), (storage.ADAPTER_WEIGHTS,), version=1)
+    assert not isinstance(missing.value, VersionNotFound)
+
+
+def test_a_new_epoch_keeps_the_versions_artifact_path(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.write(_meta(1), _tensors(1.0, 1), CONFIG)
+    store.write(_meta(2), _tensors(2.0, 2))
+    artifact = tmp_path / store.artifact(A, 2)
+    weights = (artifact / storage.ADAPTER_WEIGHTS).read_bytes()
+    old_dir = artifact.resolve()
+    store.write(_meta(2, epoch=5), None)
+    # Same path, same weights, the new epoch's metadata; the superseded directory is gone.
+    assert (artifact / storage.ADAPTER_WEIGHTS).read_bytes() == weights
+    assert json.loads((artifact / storage.META).read_text())["epoch"] == 5
+    assert not old_dir.exists() and store.versions(A) == [1, 2]
+    assert store.path(A).resolve() == artifact.resolve()
+
+
+def test_crash_between_the_version_link_and_the_latest_link(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, keep_versions=1)
+    store.write(_meta(1), _tensors(1.0, 1), CONFIG)
+    aside = store._write_aside(_meta(2), _tensors(2.0, 2), None)
+    storage._swap_link(A, store.version_path(A, 2), aside.name)  # the process dies here
+    reopened = AdapterStore(tmp_path, keep_versions=1)
+    assert reopened.read_meta(A).version == 1
+    # Nothing was pruned for the uncommitted version; the sweep drops it, not version 1.
+    assert reopened.sweep(A) == 2 and reopened.versions(A) == [1] and not aside.exists()
+    reopened.write(_meta(2), _tensors(2.0, 2))
+    assert reopened.read_meta(A).version == 2 and reopened.versions(A) == [2]
+
+
+def test_a_failed_commit_prunes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AdapterStore(tmp_path, keep_versions=1)
+    store.write(_meta(1), _tensors(1.0, 1), CONFIG)
+    real = storage._swap_link
+    calls = {"n": 0}
+
+    def latest_swap_fails(adapter: AdapterId, link: Path, target: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.EIO, "I/O error")
+        real(adapter, link, target)
+
+    monkeypatch.setattr(storage, "_swap_link", latest_swap_fails)
+    with pytest.raises(OSError):
+        store.write(_meta(2), _tensors(2.0, 2))
+    assert store.read_meta(A).version == 1 and store.versions(A) == [1]
+    assert (tmp_path / store.artifact(A, 1) / storage.ADAPTER_WEIGHTS).is_file()
+    assert _dirs(tmp_path) == [store.path(A).resolve().name]
+
+
+def test_keep_versions_must_be_positive(tmp_path: Path) -> None:
+    for bad in (0, -1, True):
+        with pytest.raises(InvalidInput) as err:
+            AdapterStore(tmp_path, keep_versions=bad)
+        assert err.value.field == "keep_versions"
+    assert TrainerSettings().keep_versions == storage.DEFAULT_KEEP_VERSIONS

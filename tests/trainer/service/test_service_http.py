@@ -122,6 +122,25 @@ def test_export_loads_with_peft(trainer: live.LiveTrainer, model_cache: Path, tm
     assert not torch.equal(before, after), "the trained adapter did not change the model's output"
 
 
+def test_each_version_has_an_artifact_and_exports_by_version(trainer: live.LiveTrainer) -> None:
+    c = trainer.client()
+    route = "/v1/adapters/team-a/versioned"
+    assert c.put(route, json=payloads.init_body()).status_code == 201
+    answers = [c.post(f"{route}/distill", json=payloads.distill_body()).json() for _ in range(2)]
+    assert [a["artifact"] for a in answers] == [f"team-a/.versioned.v{v:08d}" for v in (1, 2)]
+    assert c.get(route).json()["artifact"] == answers[-1]["artifact"]
+    # Version 1 is still served from its own directory, byte for byte, while version 2 is the latest.
+    r = c.get(f"{route}/export", params={"version": 1})
+    assert r.status_code == 200 and "versioned-v1.zip" in r.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        on_disk = trainer.storage / answers[0]["artifact"] / "adapter_model.safetensors"
+        assert zf.read("adapter_model.safetensors") == on_disk.read_bytes()
+    missing = c.get(f"{route}/export", params={"version": 9})
+    assert missing.status_code == 404 and missing.json()["error"].startswith("version: ")
+    assert "no version 9" in missing.json()["error"]
+    assert c.get(f"{route}/export", params={"version": -1}).status_code == 422
+
+
 def _raw(body: dict[str, Any], literal: str) -> str:
     """JSON text with the string "@" replaced by ``literal`` (NaN and Infinity are not JSON)."""
     return json.dumps(body).replace('"@"', literal)

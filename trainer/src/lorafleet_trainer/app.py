@@ -98,6 +98,8 @@ def build_engine(settings: TrainerSettings) -> Engine:
     config = EngineConfig(
         base_model=settings.base_model,
         storage_root=settings.storage,
+        keep_versions=settings.keep_versions,
+        served_base_model_name=settings.served_base_model_name,
         cache_capacity_bytes=settings.cache_capacity,
         device=settings.device,
         gpu_residency=settings.gpu_residency,

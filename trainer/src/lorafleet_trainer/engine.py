@@ -31,7 +31,13 @@ from lorafleet_trainer.residency import MODES, Residency
 from lorafleet_trainer.results import AdapterState, EngineStats, Generation, InitResult, StepResult
 from lorafleet_trainer.samples import DistillSample
 from lorafleet_trainer.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
-from lorafleet_trainer.storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMeta, AdapterStore
+from lorafleet_trainer.storage import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DEFAULT_KEEP_VERSIONS,
+    AdapterMeta,
+    AdapterStore,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -46,6 +52,9 @@ class EngineConfig:
     model_cache_dir: Path | None = None
     default_training: TrainingSpec = field(default_factory=TrainingSpec)
     step_holds: holds.PhaseHolds | None = None  # test-only: park steps at named phases
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # committed versions kept loadable by path
+    # base_model_name_or_path in adapter_config.json: the name inference servers serve the base under.
+    served_base_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -68,7 +77,7 @@ class TrainerEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._device = _resolve_device(config.device)
-        self.store = AdapterStore(config.storage_root)
+        self.store = AdapterStore(config.storage_root, config.keep_versions)
         self.cache = AdapterCache(config.cache_capacity_bytes, pin_memory=self._device.type == "cuda")
         self._residency = Residency(self._device, config.gpu_residency)
         self._load_lock = threading.Lock()
@@ -152,6 +161,7 @@ class TrainerEngine:
             cached=cached,
             cache_bytes=entry.nbytes if entry is not None and cached else 0,
             pinned=self.cache.is_pinned(meta.adapter),
+            artifact=self.store.artifact(meta.adapter, meta.version),
         )
 
     # ---- adapters --------------------------------------------------------------------------
@@ -178,9 +188,8 @@ class TrainerEngine:
                 meta = AdapterMeta(
                     adapter, 0, epoch, lora, training or self.config.default_training, self.config.base_model
                 )
-                self.store.write(
-                    meta, slot.initial_tensors(adapter), adapter_config_dict(lora, self.config.base_model)
-                )
+                served_as = self.config.served_base_model_name or self.config.base_model
+                self.store.write(meta, slot.initial_tensors(adapter), adapter_config_dict(lora, served_as))
                 self._set_meta(meta)
                 self.cache.evict(adapter, "invalidated")  # a same-named adapter deleted elsewhere
                 return InitResult(True, self._state(meta))
@@ -222,8 +231,9 @@ class TrainerEngine:
         self._meta_for(adapter)  # AdapterNotFound for an unknown adapter
         self.cache.pin(adapter, pinned)
 
-    def export_zip(self, adapter: AdapterId) -> bytes:
-        files = self.store.read_files(adapter, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+    def export_zip(self, adapter: AdapterId, version: int | None = None) -> bytes:
+        """The PEFT files of ``version`` (the latest by default) as a zip."""
+        files = self.store.read_files(adapter, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), version)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
             for name, data in files.items():
@@ -321,6 +331,7 @@ class TrainerEngine:
             metrics=metrics,
             timing_ms={k: v * 1000.0 for k, v in timing.items()},
             storage_read_bytes=self.store.read_bytes - read_before,
+            artifact=self.store.artifact(adapter, new.version),
         )
 
     # ---- sampling ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class AdapterState:
     cached: bool
     cache_bytes: int
     pinned: bool = False
+    artifact: str = ""  # the version's directory relative to the store root (storage.artifact)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class StepResult:
     metrics: dict[str, float]
     timing_ms: dict[str, float]
     storage_read_bytes: int = 0
+    artifact: str = ""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -145,11 +145,17 @@ async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> sche
     response_class=Response,
     responses={200: {"content": {"application/zip": {}}, "description": "a PEFT adapter as a zip"}},
 )
-def export_adapter(namespace: Namespace, name: Name, svc: Service) -> Response:
+def export_adapter(
+    namespace: Namespace,
+    name: Name,
+    svc: Service,
+    version: Annotated[int | None, Query(ge=0, description="a kept version (default: the latest)")] = None,
+) -> Response:
     """A zip of adapter_config.json and adapter_model.safetensors, loadable by PEFT and vLLM."""
     adapter = AdapterId(namespace, name)
-    data = svc.export(adapter)
-    filename = f"{adapter.namespace}-{adapter.name}.zip"
+    data = svc.export(adapter, version)
+    suffix = "" if version is None else f"-v{version}"
+    filename = f"{adapter.namespace}-{adapter.name}{suffix}.zip"
     return Response(
         data,
         media_type="application/zip",

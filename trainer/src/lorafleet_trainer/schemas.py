@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # the cache module imports torch; this one must not
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_SAMPLES = 1024
+ARTIFACT = (
+    "the version's PEFT adapter directory, relative to the adapter store's root; it is never "
+    "rewritten and stays while the version is among the kept ones"
+)
 
 _REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="ignore")
@@ -116,6 +120,7 @@ class AdapterState(BaseModel):
     lora: Lora
     cached: bool
     cache_bytes: int
+    artifact: str = Field(description=ARTIFACT)
 
     @classmethod
     def of(cls, state: results.AdapterState) -> AdapterState:
@@ -133,6 +138,7 @@ class AdapterState(BaseModel):
             ),
             cached=state.cached,
             cache_bytes=state.cache_bytes,
+            artifact=state.artifact,
         )
 
 
@@ -151,6 +157,7 @@ class DistillResponse(BaseModel):
     model_config = _RESPONSE
 
     version: int
+    artifact: str = Field(description=ARTIFACT)
     cache: Literal["hit", "miss"]
     metrics: dict[str, float] = Field(
         description="total_loss, distill_loss, kl_reg, mean_is_ratio, clip_fraction, grad_norm, "

@@ -59,7 +59,7 @@ class Engine(Protocol):
     def evict(self, adapter: AdapterId) -> bool: ...
     def delete(self, adapter: AdapterId) -> bool: ...
     def pin(self, adapter: AdapterId, pinned: bool) -> None: ...
-    def export_zip(self, adapter: AdapterId) -> bytes: ...
+    def export_zip(self, adapter: AdapterId, version: int | None = None) -> bytes: ...
     def cache_info(self) -> CacheInfo: ...
     def stats(self) -> EngineStats: ...
 
@@ -153,9 +153,9 @@ class TrainerService:
     def get(self, adapter: AdapterId) -> schemas.AdapterState:
         return schemas.AdapterState.of(self.engine.get_adapter(adapter))
 
-    def export(self, adapter: AdapterId) -> bytes:
-        """The adapter's latest committed version as a PEFT zip."""
-        return self.engine.export_zip(adapter)
+    def export(self, adapter: AdapterId, version: int | None = None) -> bytes:
+        """A kept committed version (default: the latest) as a PEFT zip."""
+        return self.engine.export_zip(adapter, version)
 
     def cache(self) -> schemas.CacheState:
         return schemas.CacheState.of(self.engine.cache_info())
@@ -220,7 +220,9 @@ class TrainerService:
             total=(time.perf_counter() - accepted) * 1000.0,
         )
         metrics = {k: float(v) for k, v in dict(result.metrics).items()}
-        return schemas.DistillResponse(version=result.version, cache=cache, metrics=metrics, timing_ms=timing)
+        return schemas.DistillResponse(
+            version=result.version, artifact=result.artifact, cache=cache, metrics=metrics, timing_ms=timing
+        )
 
     async def generate(
         self,

@@ -71,6 +71,13 @@ class TrainerSettings(BaseSettings):
     host: str = Field("127.0.0.1", min_length=1, description="listen address (0.0.0.0 in a pod)")
     port: int = Field(8080, ge=0, le=65535, description="listen port (0 picks a free one)")
     storage: Path = Field(Path("/var/lib/lorafleet/adapters"), description="adapter store root")
+    keep_versions: int = Field(3, ge=1, le=1000, description="committed versions kept per adapter")
+    served_base_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="base_model_name_or_path in exported adapters: the name inference servers "
+        "serve the base model under (default: --base-model)",
+    )
     model_cache_dir: Path | None = Field(None, description="where models are cached (default: HF_HOME)")
     cache_capacity: int = Field(8 * 2**30, description="CPU adapter cache bytes, e.g. 48Gi")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,19 +1,31 @@
-"""Durable adapter storage: one PEFT adapter directory per adapter, replaced atomically per version.
+"""Durable adapter storage: every committed version in its own directory, never rewritten.
 
-``<root>/<ns>/<name>`` is a symlink to a hidden version directory ``.<name>.v<version>-<id>`` that
-holds ``adapter_config.json`` + ``adapter_model.safetensors`` (a PEFT adapter, loadable as is),
-``optimizer.safetensors`` (AdamW moments and step; never pickle) and ``lorafleet.json`` (version,
-epoch, LoRA config, training defaults). A new version is written aside in full, every file and the
-directory fsynced, then the symlink is swapped by ``rename`` and the parent fsynced. A crash at any
-point leaves the previous symlink, and so the previous version, whole; orphans are swept later.
-DNS-1123 names never start with '.', so the hidden entries cannot collide with an adapter.
+In ``<root>/<ns>/``, for an adapter ``name``:
+
+- ``.<name>.v<version>-<id>/`` a version directory: ``adapter_config.json`` +
+  ``adapter_model.safetensors`` (a PEFT adapter, loadable as is by PEFT and vLLM),
+  ``optimizer.safetensors`` (AdamW moments and step; never pickle) and ``lorafleet.json`` (version,
+  epoch, LoRA config, training defaults). Nothing in it changes after it is committed.
+- ``.<name>.v<version>`` a link to the committed directory of that version: the version's
+  *artifact*, the path an inference server loads while newer versions are written.
+- ``<name>`` a link to the latest committed version's directory.
+
+A new version is written aside in full, every file and the directory fsynced; then its version
+link and then the latest link are swapped by ``rename``, the parent fsynced after each. A crash at
+any point leaves the previous latest version whole; what it left half-done is swept later. Only
+once the new version is durable are versions older than the newest ``keep_versions`` removed.
+A metadata-only change (a new epoch) writes a new directory for the same version, hard-linking its
+tensor files, and re-points that version's link, so an artifact path stays valid across it.
+DNS-1123 names never start with '.' or hold one, so the hidden entries cannot collide with an adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -27,7 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
-from lorafleet_trainer.errors import AdapterNotFound, StorageFull
+from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +48,10 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 META = "lorafleet.json"
 FORMAT = 1
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+DEFAULT_KEEP_VERSIONS = 3
+# After ".<name>.": a version link ("v00000007"), a version directory ("v00000007-<id>"), a link
+# being swapped in ("link-<id>").
+_ENTRY = re.compile(r"^v(?P<version>\d{8,})(?P<dir>-[0-9a-f]+)?$|^link-[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -91,20 +107,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class AdapterStore:
-    """Reads and atomically writes adapters under ``root``; counts every byte it moves."""
+def _swap_link(adapter: AdapterId, link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` atomically (a new link renamed over it), durably."""
+    tmp = link.parent / f".{adapter.name}.link-{uuid.uuid4().hex[:12]}"
+    os.symlink(target, tmp)
+    try:
+        os.rename(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(link.parent)
 
-    def __init__(self, root: Path) -> None:
+
+def _remove(entry: Path) -> None:
+    if entry.is_symlink() or entry.is_file():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+class VersionNotFound(AdapterNotFound):
+    """The adapter exists but does not keep the asked-for version (never made, or pruned)."""
+
+
+class AdapterStore:
+    """Reads and atomically writes adapters under ``root``; counts every byte it moves.
+
+    The newest ``keep_versions`` committed versions of each adapter stay loadable by path.
+    """
+
+    def __init__(self, root: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
+        if isinstance(keep_versions, bool) or not isinstance(keep_versions, int) or keep_versions < 1:
+            raise InvalidInput("must be an integer >= 1", field="keep_versions")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_versions = keep_versions
         self._counter_lock = threading.Lock()
         self.read_bytes = 0
         self.written_bytes = 0
 
     # ---- paths -------------------------------------------------------------------------
     def path(self, adapter: AdapterId) -> Path:
-        """The adapter's directory as users see it (the symlink to its current version)."""
+        """The adapter's directory as users see it (the link to its latest version)."""
         return self.root / adapter.namespace / adapter.name
+
+    def version_path(self, adapter: AdapterId, version: int) -> Path:
+        """The link naming ``version``'s directory (it exists while that version is kept)."""
+        return self.root / adapter.namespace / f".{adapter.name}.v{version:08d}"
+
+    def artifact(self, adapter: AdapterId, version: int) -> str:
+        """``version``'s artifact path relative to the root: what a server that mounts the store loads."""
+        return self.version_path(adapter, version).relative_to(self.root).as_posix()
 
     def exists(self, adapter: AdapterId) -> bool:
         return (self.path(adapter) / META).is_file()
@@ -114,6 +167,19 @@ class AdapterStore:
             for entry in sorted(ns.iterdir()):
                 if not entry.name.startswith(".") and (entry / META).is_file():
                     yield AdapterId(ns.name, entry.name)
+
+    def _entries(self, adapter: AdapterId) -> Iterator[tuple[Path, re.Match[str]]]:
+        prefix = f".{adapter.name}."
+        ns_dir = self.root / adapter.namespace
+        if not ns_dir.is_dir():
+            return
+        for entry in ns_dir.iterdir():
+            if entry.name.startswith(prefix) and (m := _ENTRY.fullmatch(entry.name[len(prefix) :])):
+                yield entry, m
+
+    def versions(self, adapter: AdapterId) -> list[int]:
+        """The versions whose artifacts are kept, oldest first."""
+        return sorted(int(m["version"]) for e, m in self._entries(adapter) if m["version"] and not m["dir"])
 
     # ---- reading -----------------------------------------------------------------------
     def _read(self, path: Path) -> bytes:
@@ -130,7 +196,7 @@ class AdapterStore:
         return AdapterMeta.from_json(json.loads(raw))
 
     def read_tensors(self, adapter: AdapterId) -> AdapterTensors:
-        # Resolve the symlink once so both files come from the same version even if a writer
+        # Resolve the link once so both files come from the same version even if a writer
         # swaps it between the two reads.
         current = self.path(adapter).resolve()
         try:
@@ -142,13 +208,21 @@ class AdapterStore:
         exp_avg_sq = {k[len("exp_avg_sq.") :]: t for k, t in opt.items() if k.startswith("exp_avg_sq.")}
         return AdapterTensors(weights, exp_avg, exp_avg_sq, step=int(opt["step"].item()))
 
-    def read_files(self, adapter: AdapterId, names: tuple[str, ...]) -> dict[str, bytes]:
-        """Several files of one version (the symlink is resolved once)."""
-        current = self.path(adapter).resolve()
+    def read_files(
+        self, adapter: AdapterId, names: tuple[str, ...], version: int | None = None
+    ) -> dict[str, bytes]:
+        """Several files of one version, the latest by default (its link is resolved once)."""
+        link = self.path(adapter) if version is None else self.version_path(adapter, version)
+        current = link.resolve()
         try:
             return {name: self._read(current / name) for name in names}
         except FileNotFoundError:
-            raise AdapterNotFound(f"adapter {adapter} does not exist", field="adapter") from None
+            if version is None or not self.exists(adapter):
+                raise AdapterNotFound(f"adapter {adapter} does not exist", field="adapter") from None
+            raise VersionNotFound(
+                f"adapter {adapter} keeps no version {version}; it keeps {self.versions(adapter)}",
+                field="version",
+            ) from None
 
     # ---- writing -----------------------------------------------------------------------
     def _write_bytes(self, path: Path, data: bytes) -> None:
@@ -169,14 +243,14 @@ class AdapterStore:
         tensors: AdapterTensors | None,
         adapter_config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Make ``meta`` (+ ``tensors``) the adapter's current version, atomically.
+        """Commit ``meta`` (+ ``tensors``) as the adapter's latest version, atomically.
 
         With ``tensors=None`` only the metadata changes (e.g. a new epoch): the tensor files of the
         current version are hard-linked into the new version directory, costing no copy. With
         ``adapter_config=None`` the current version's (immutable after creation) config is linked.
         """
         aside = self._write_aside(meta, tensors, adapter_config)
-        self._commit(meta.adapter, aside)
+        self._commit(meta, aside)
 
     def _write_aside(
         self, meta: AdapterMeta, tensors: AdapterTensors | None, adapter_config: Mapping[str, Any] | None
@@ -214,45 +288,62 @@ class AdapterStore:
         except BaseException as exc:
             shutil.rmtree(aside, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-                raise StorageFull(f"no space left to persist adapter {adapter}: {exc}") from exc
+                raise StorageFull(f"no space left to persist adapter {meta.adapter}: {exc}") from exc
             raise
         return aside
 
-    def _commit(self, adapter: AdapterId, aside: Path) -> None:
-        link = self.path(adapter)
-        previous = link.resolve() if link.is_symlink() else None
-        tmp_link = link.parent / f".{adapter.name}.link-{uuid.uuid4().hex[:12]}"
-        os.symlink(aside.name, tmp_link)
+    def _commit(self, meta: AdapterMeta, aside: Path) -> None:
+        # The version link first: once the latest link names a version, that version's artifact
+        # path resolves. A crash between the two leaves a version link ahead of the latest; the
+        # sweep drops it, and the latest version is still the one before, whole.
         try:
-            os.rename(tmp_link, link)  # atomic replace of the old symlink
+            _swap_link(meta.adapter, self.version_path(meta.adapter, meta.version), aside.name)
+            _swap_link(meta.adapter, self.path(meta.adapter), aside.name)
         except BaseException:
-            tmp_link.unlink(missing_ok=True)
-            shutil.rmtree(aside, ignore_errors=True)
+            # Undo what a failed swap left: a version link ahead of the latest goes with its
+            # directory; a re-pointed link of the latest version keeps the directory it names.
+            with contextlib.suppress(OSError):
+                self.sweep(meta.adapter)
             raise
-        _fsync_dir(link.parent)
-        if previous is not None and previous != aside:
-            shutil.rmtree(previous, ignore_errors=True)
-        self.sweep(adapter)
+        self.sweep(meta.adapter)
 
     def sweep(self, adapter: AdapterId) -> int:
-        """Remove version directories and links of ``adapter`` that a crash left behind."""
-        link = self.path(adapter)
-        current = link.resolve().name if link.is_symlink() else None
-        removed = 0
-        prefix = f".{adapter.name}."
-        for entry in link.parent.glob(f"{prefix}*"):
-            suffix = entry.name[len(prefix) :]
-            if entry.name == current or not (suffix.startswith("v") or suffix.startswith("link-")):
-                continue
-            if entry.is_symlink() or entry.is_file():
-                entry.unlink(missing_ok=True)
+        """Drop versions older than the newest ``keep_versions`` and what a crash left; count removals.
+
+        A version's link goes before its directory, so a reader never finds a link to a half-removed
+        directory. The latest version and what every kept link names always stay.
+        """
+        latest = self.path(adapter)
+        current = latest.resolve().name if latest.is_symlink() else None
+        current_version = -1
+        links: dict[int, Path] = {}
+        dirs: list[Path] = []
+        stray: list[Path] = []
+        for entry, m in self._entries(adapter):
+            if m["version"] is None:
+                stray.append(entry)  # a link that was never renamed into place
+            elif m["dir"]:
+                dirs.append(entry)
+                if entry.name == current:
+                    current_version = int(m["version"])
             else:
-                shutil.rmtree(entry, ignore_errors=True)
+                links[int(m["version"])] = entry
+        kept = sorted((v for v in links if v <= current_version), reverse=True)[: self.keep_versions]
+        removed = 0
+        for version, link in links.items():
+            if version not in kept:
+                link.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            _fsync_dir(latest.parent)
+        wanted = {current} | {os.readlink(links[v]) for v in kept}
+        for entry in [*stray, *(d for d in dirs if d.name not in wanted)]:
+            _remove(entry)
             removed += 1
         return removed
 
     def delete(self, adapter: AdapterId) -> bool:
-        """Remove the adapter; True if it existed. The symlink goes first, so readers see it gone."""
+        """Remove the adapter; True if it existed. The latest link goes first, so readers see it gone."""
         link = self.path(adapter)
         if not link.is_symlink():
             return False
