@@ -22,7 +22,7 @@ help:
 
 ## ---- set-up ---------------------------------------------------------------
 
-setup: python-deps vllm system-deps kube-clients tools
+setup: python-deps system-deps kube-clients tools
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -78,7 +78,7 @@ test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
 
 # The serving hand-off: a real trainer and a real vLLM on the real model (minutes on a CPU).
-test-vllm: setup
+test-vllm: setup vllm
 	$(PY) -m pytest -m vllm -s tests/serving
 
 ## ---- the product -------------------------------------------------------------
