@@ -102,7 +102,9 @@ def build_engine(settings: TrainerSettings) -> Engine:
         gpu_residency=settings.gpu_residency,
         model_cache_dir=settings.model_cache_dir,
         default_training=TrainingSpec(),
-        step_holds=PhaseHolds(settings.test_hold_dir).enable() if settings.test_hold_dir is not None else None,
+        step_holds=PhaseHolds(settings.test_hold_dir).enable()
+        if settings.test_hold_dir is not None
+        else None,
     )
     return TrainerEngine(config)
 
