@@ -91,6 +91,7 @@ def _env(pool: Pool) -> list[dict[str, Any]]:
         {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
         {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cuda" if pool.spec.gpu else "cpu"},
         {"name": "LORAFLEET_TRAINER_GPU_RESIDENCY", "value": pool.spec.gpu_residency},
+        {"name": "LORAFLEET_TRAINER_DTYPE", "value": pool.spec.dtype or "auto"},
         # The root filesystem is read-only: every cache and scratch path points at an emptyDir.
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/hf"},
         {"name": "XDG_CACHE_HOME", "value": MODEL_CACHE},
