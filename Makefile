@@ -11,13 +11,14 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint demo bench bench-quick bench-gpu sync-crds check-crds e2e-kind clean
+        lint demo bench bench-quick bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: LoraFleet end to end on a local control plane (builtin:tiny)"
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e)"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
+	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
 	@echo "make e2e-kind    the e2e tests on a kind cluster (needs Docker)"
 
 ## ---- set-up ---------------------------------------------------------------
@@ -96,6 +97,9 @@ bench-gpu: python-deps
 	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json
 
 ## ---- contracts --------------------------------------------------------------
+
+gpu-smoke: python-deps
+	$(PY) scripts/gpu_smoke.py
 
 sync-crds: python-deps
 	@mkdir -p charts/lorafleet/crds

@@ -129,7 +129,9 @@ def trainer_panels() -> list[Panel]:
         ),
         Panel(
             "GPU memory allocated and reserved",
-            "CUDA memory per pod; offload mode returns allocated to its pre-step level after each step.",
+            "CUDA memory per pod. 'after step' is measured right after each step: in offload mode it "
+            "stays at the pod's floor (nothing is held between steps); live figures are mostly "
+            "scraped mid-step.",
             "bytes",
             (
                 Query(
@@ -140,6 +142,10 @@ def trainer_panels() -> list[Panel]:
                     f"max by (pod) (lorafleet_trainer_gpu_memory_reserved_bytes{TRAINER})", "{{pod}} reserved"
                 ),
                 Query(f"max by (pod) (lorafleet_trainer_gpu_memory_peak_bytes{TRAINER})", "{{pod}} peak"),
+                Query(
+                    f"max by (pod) (lorafleet_trainer_gpu_memory_after_step_bytes{TRAINER})",
+                    "{{pod}} after step",
+                ),
             ),
         ),
         Panel(

@@ -42,6 +42,7 @@ DESIGN_METRICS = {
         "gpu_memory_allocated_bytes",
         "gpu_memory_reserved_bytes",
         "gpu_memory_peak_bytes",
+        "gpu_memory_after_step_bytes",
         "host_pinned_bytes",
     ]
 } | {

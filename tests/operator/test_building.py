@@ -59,6 +59,15 @@ def test_gpu_requested_unless_disabled() -> None:
     assert {"name": "LORAFLEET_TRAINER_DEVICE", "value": "cpu"} in cpu["env"]
 
 
+def test_dtype_reaches_the_trainer() -> None:
+    bf16 = container(building.build_pod(pools.parse(pool_body(dtype="bfloat16")), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_DTYPE", "value": "bfloat16"} in bf16["env"]
+    unset = container(building.build_pod(pools.parse(pool_body()), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_DTYPE", "value": "auto"} in unset["env"]  # the trainer decides
+    with pytest.raises(ValidationError):
+        pools.parse(pool_body(dtype="int8"))
+
+
 def test_args_probes_and_image() -> None:
     pool = pools.parse(pool_body(cache={"capacity": "2Gi"}))
     c = container(building.build_pod(pool, 0, SETTINGS))

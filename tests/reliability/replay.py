@@ -12,17 +12,18 @@ from pathlib import Path
 from tests.reliability import killing
 from tests.trainer.service import payloads
 
+from lorafleet_trainer.bundles import StateBundle
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.engine import EngineConfig, TrainerEngine
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.samples import DistillSample
-from lorafleet_trainer.storage import AdapterStore, AdapterTensors
+from lorafleet_trainer.storage import AdapterStore
 
 # Different thread counts may reorder float sums between the server and this process.
 TOLERANCE = 1e-5
 
 
-def replay(storage: Path, model_cache: Path, applied: list[int]) -> AdapterTensors:
+def replay(storage: Path, model_cache: Path, applied: list[int]) -> StateBundle:
     adapter = AdapterId(killing.NAMESPACE, killing.NAME)
     config = EngineConfig(
         storage_root=storage, cache_capacity_bytes=1 << 28, device="cpu", model_cache_dir=model_cache
@@ -36,11 +37,11 @@ def replay(storage: Path, model_cache: Path, applied: list[int]) -> AdapterTenso
     return engine.store.read_tensors(adapter)
 
 
-def stored_tensors(storage: Path) -> AdapterTensors:
+def stored_tensors(storage: Path) -> StateBundle:
     return AdapterStore(storage).read_tensors(AdapterId(killing.NAMESPACE, killing.NAME))
 
 
-def max_difference(a: AdapterTensors, b: AdapterTensors) -> float:
+def max_difference(a: StateBundle, b: StateBundle) -> float:
     """The largest absolute difference over weights and both AdamW moments."""
     worst = 0.0
     for x, y in ((a.weights, b.weights), (a.exp_avg, b.exp_avg), (a.exp_avg_sq, b.exp_avg_sq)):

@@ -38,12 +38,7 @@ def samples(seed: int, n: int = 2) -> list[DistillSample]:
 
 def stored_state(store: AdapterStore, adapter: AdapterId) -> dict[str, torch.Tensor]:
     """The stored adapter as the flat layout cache entries use (w./m./v. + step)."""
-    t = store.read_tensors(adapter)
-    out = {f"w.{k}": v for k, v in t.weights.items()}
-    out.update({f"m.{k}": v for k, v in t.exp_avg.items()})
-    out.update({f"v.{k}": v for k, v in t.exp_avg_sq.items()})
-    out["step"] = torch.tensor([t.step])
-    return out
+    return store.read_tensors(adapter).as_dict()
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

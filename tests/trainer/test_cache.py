@@ -6,22 +6,27 @@ import random
 import threading
 
 import pytest
-import torch
 
-from lorafleet_trainer.cache import AdapterCache, state_bytes
+from lorafleet_trainer.bundles import Layout, StateBundle
+from lorafleet_trainer.cache import AdapterCache
 from lorafleet_trainer.ids import AdapterId
 
 
-def _state(fill: float, n: int = 25) -> dict[str, torch.Tensor]:
-    # 4 * n float32 + 8 bytes of step: 108 bytes for n = 25.
-    return {
-        "w.a": torch.full((n,), float(fill)),
-        "m.a": torch.full((n,), float(fill)),
-        "step": torch.tensor([int(fill)]),
-    }
+def _state(adapter: AdapterId, version: int, epoch: int, fill: float, n: int = 25) -> StateBundle:
+    # 3 sections of n float32: 300 bytes for n = 25.
+    bundle = StateBundle.empty(Layout.of({"a": (n,)}))
+    bundle.flat.fill_(float(fill))
+    bundle.step = int(fill)
+    bundle.label(adapter, version, epoch)
+    return bundle
 
 
-ONE = state_bytes(_state(0.0))
+def _put(cache: AdapterCache, adapter: AdapterId, version: int, epoch: int, fill: float, n: int = 25) -> bool:
+    admitted, _ = cache.put(_state(adapter, version, epoch, fill, n))
+    return admitted
+
+
+ONE = Layout.of({"a": (25,)}).nbytes
 
 
 def _ids(n: int) -> list[AdapterId]:
@@ -29,57 +34,59 @@ def _ids(n: int) -> list[AdapterId]:
 
 
 def test_exact_bytes_and_lru_eviction() -> None:
-    assert ONE == 25 * 4 * 2 + 8
+    assert ONE == 25 * 4 * 3
     cache = AdapterCache(2 * ONE + 10)
     a, b, c = _ids(3)
-    cache.put(a, 1, 0, _state(1))
-    cache.put(b, 1, 0, _state(2))
+    _put(cache, a, 1, 0, 1)
+    _put(cache, b, 1, 0, 2)
     assert cache.used_bytes == 2 * ONE
     cache.get(a)  # a becomes most recently used, b is the LRU
-    cache.put(c, 1, 0, _state(3))
+    _put(cache, c, 1, 0, 3)
     assert cache.lru_order() == [a, c]
     assert cache.evictions["lru"] == 1
     assert cache.used_bytes == 2 * ONE <= cache.capacity_bytes
     entry = cache.peek(a)
-    assert entry is not None and float(entry.tensors["w.a"][0]) == 1.0
+    assert entry is not None and float(entry.weights["a"][0]) == 1.0
 
 
 def test_entries_are_keyed_by_their_own_adapter() -> None:
     cache = AdapterCache(10 * ONE)
     a, b = _ids(2)
-    cache.put(a, 3, 0, _state(1))
-    cache.put(b, 7, 0, _state(2))
+    _put(cache, a, 3, 0, 1)
+    _put(cache, b, 7, 0, 2)
     ea, eb = cache.peek(a), cache.peek(b)
     assert ea is not None and eb is not None
-    assert (ea.adapter, ea.version, float(ea.tensors["w.a"][0])) == (a, 3, 1.0)
-    assert (eb.adapter, eb.version, float(eb.tensors["w.a"][0])) == (b, 7, 2.0)
+    assert (ea.adapter, ea.version, float(ea.weights["a"][0])) == (a, 3, 1.0)
+    assert (eb.adapter, eb.version, float(eb.weights["a"][0])) == (b, 7, 2.0)
 
 
-def test_snapshot_reuses_buffers() -> None:
+def test_a_replaced_entry_comes_back_as_the_spare() -> None:
     cache = AdapterCache(10 * ONE)
     (a,) = _ids(1)
-    first = cache.put(a, 1, 0, _state(1))
-    assert first is not None
-    ptrs = {k: t.data_ptr() for k, t in first.tensors.items()}
-    second = cache.put(a, 2, 0, _state(5))
-    assert second is first
-    assert {k: t.data_ptr() for k, t in second.tensors.items()} == ptrs
-    assert float(second.tensors["m.a"][3]) == 5.0 and int(second.tensors["step"][0]) == 5
+    first = _state(a, 1, 0, 1.0)
+    assert cache.put(first) == (True, None)  # nothing replaced: the caller allocates its next spare
+    second = _state(a, 2, 0, 5.0)
+    admitted, spare = cache.put(second)
+    assert admitted and spare is first  # the old buffer is the next snapshot's
+    assert cache.peek(a) is second and float(second.exp_avg["a"][3]) == 5.0 and second.step == 5
     assert cache.used_bytes == ONE
+    refused = _state(a, 3, 0, 1.0, n=1000)
+    assert cache.put(refused) == (False, refused)  # too large: the caller keeps its buffer
+    assert a not in cache and cache.evictions["invalidated"] == 1  # the stale version went
 
 
 def test_pin_is_never_lru_evicted_and_oversize_is_refused() -> None:
     cache = AdapterCache(2 * ONE)
     a, b, c = _ids(3)
     cache.pin(a)  # pinned before it is cached: remembered
-    cache.put(a, 1, 0, _state(1))
-    cache.put(b, 1, 0, _state(2))
-    cache.put(c, 1, 0, _state(3))
+    _put(cache, a, 1, 0, 1)
+    _put(cache, b, 1, 0, 2)
+    _put(cache, c, 1, 0, 3)
     assert a in cache and b not in cache and c in cache
     cache.pin(c)
-    assert cache.put(b, 2, 0, _state(2)) is None  # only pinned entries left: nothing evicted
+    assert not _put(cache, b, 2, 0, 2)  # only pinned entries left: nothing evicted
     assert cache.lru_order() == [a, c] and cache.used_bytes == 2 * ONE
-    assert cache.put(b, 1, 0, _state(1, n=1000)) is None  # larger than the whole budget
+    assert not _put(cache, b, 1, 0, 1, n=1000)  # larger than the whole budget
     assert cache.evict(a) is True  # explicit eviction ignores the pin
     assert cache.evict(a) is False
     assert cache.evictions == {"lru": 1, "explicit": 1, "invalidated": 0, "deleted": 0}
@@ -88,8 +95,8 @@ def test_pin_is_never_lru_evicted_and_oversize_is_refused() -> None:
 def test_epoch_invalidation_and_forget() -> None:
     cache = AdapterCache(4 * ONE)
     a, b = _ids(2)
-    cache.put(a, 1, 2, _state(1))
-    cache.put(b, 1, 2, _state(1))
+    _put(cache, a, 1, 2, 1)
+    _put(cache, b, 1, 2, 1)
     assert cache.invalidate_before(a, 2) is False  # same epoch keeps it
     assert cache.invalidate_before(a, 3) is True
     assert a not in cache and cache.evictions["invalidated"] == 1
@@ -101,7 +108,7 @@ def test_epoch_invalidation_and_forget() -> None:
 def test_disabled_cache_stores_nothing() -> None:
     cache = AdapterCache(0)
     assert not cache.enabled
-    assert cache.put(_ids(1)[0], 1, 0, _state(1)) is None
+    assert not _put(cache, _ids(1)[0], 1, 0, 1)
     assert cache.info().to_dict() == {"capacity_bytes": 0, "used_bytes": 0, "entries": []}
     with pytest.raises(ValueError):
         AdapterCache(-1)
@@ -119,7 +126,7 @@ def test_concurrent_use_keeps_accounting_consistent() -> None:
                 a = rng.choice(ids)
                 op = rng.random()
                 if op < 0.6:
-                    cache.put(a, i, 0, _state(float(i % 50)))
+                    _put(cache, a, i, 0, float(i % 50))
                 elif op < 0.8:
                     cache.get(a)
                 elif op < 0.9:

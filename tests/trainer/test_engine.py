@@ -192,7 +192,7 @@ def test_failed_persist_leaves_cache_and_storage_at_previous_version(
     stored = stored_state(engine.store, adapter)
     entry = engine.cache.peek(adapter)
     assert entry is not None
-    cached = {k: t.clone() for k, t in entry.tensors.items()}
+    cached = {k: t.clone() for k, t in entry.as_dict().items()}
 
     def no_space(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -204,7 +204,7 @@ def test_failed_persist_leaves_cache_and_storage_at_previous_version(
     state = engine.get_adapter(adapter)
     assert state.version == 1 and state.cached
     assert max_diff(stored_state(engine.store, adapter), stored) == 0.0
-    assert max_diff(engine.cache.peek(adapter).tensors, cached) == 0.0  # type: ignore[union-attr]
+    assert max_diff(engine.cache.peek(adapter).as_dict(), cached) == 0.0  # type: ignore[union-attr]
     # The next step starts from version 1, as if the failed one never happened.
     assert engine.distill(adapter, samples(1)).version == 2
     assert engine.stats().steps_failed >= 1
@@ -228,7 +228,7 @@ def test_non_finite_loss_changes_nothing(engine: TrainerEngine, monkeypatch: pyt
     assert engine.get_adapter(adapter).version == 1
     assert max_diff(stored_state(engine.store, adapter), stored) == 0.0
     entry = engine.cache.peek(adapter)
-    assert entry is not None and max_diff(entry.tensors, stored) == 0.0
+    assert entry is not None and max_diff(entry.as_dict(), stored) == 0.0
 
 
 def test_crash_before_the_rename_keeps_the_old_version(

@@ -28,6 +28,7 @@ class Stats:
     gpu_memory_allocated_bytes: int = 0
     gpu_memory_reserved_bytes: int = 0
     gpu_memory_peak_bytes: int = 0
+    gpu_memory_after_step_bytes: int = 0
 
 
 class Source:

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from lorafleet_trainer import storage
+from lorafleet_trainer.bundles import StateBundle
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.settings import TrainerSettings
-from lorafleet_trainer.storage import AdapterMeta, AdapterStore, AdapterTensors, VersionNotFound
+from lorafleet_trainer.storage import AdapterMeta, AdapterStore, VersionNotFound
 
 A = AdapterId("team-a", "alice")
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -26,9 +27,11 @@ def _meta(version: int, epoch: int = 1) -> AdapterMeta:
     return AdapterMeta(A, version, epoch, LoraSpec(rank=2), TrainingSpec(), "builtin:tiny")
 
 
-def _tensors(fill: float, step: int) -> AdapterTensors:
+def _tensors(fill: float, step: int) -> StateBundle:
     w = {KEY: torch.full((2, 4), fill)}
-    return AdapterTensors(w, {KEY: torch.full((2, 4), fill / 2)}, {KEY: torch.full((2, 4), fill / 4)}, step)
+    return StateBundle.from_tensors(
+        w, {KEY: torch.full((2, 4), fill / 2)}, {KEY: torch.full((2, 4), fill / 4)}, step
+    )
 
 
 def test_write_read_round_trip_and_layout(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ class PoolSpec(_Spec):
     resources: Resources = Field(default_factory=Resources)
     cache: Cache = Field(default_factory=Cache)
     gpu_residency: Literal["offload", "keep"] = Field(default="offload", alias="gpuResidency")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: the trainer's default
     storage: Storage = Field(default_factory=Storage)
     max_adapters_per_pod: int = Field(default=64, alias="maxAdaptersPerPod", ge=1)
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")

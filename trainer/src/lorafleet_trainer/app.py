@@ -103,6 +103,7 @@ def build_engine(settings: TrainerSettings) -> Engine:
         cache_capacity_bytes=settings.cache_capacity,
         device=settings.device,
         gpu_residency=settings.gpu_residency,
+        dtype=settings.dtype,
         model_cache_dir=settings.model_cache_dir,
         default_training=TrainingSpec(),
         step_holds=holds,

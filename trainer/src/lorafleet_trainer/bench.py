@@ -9,7 +9,13 @@ mode up (imports, allocator, first reads) and is not measured. With ``--rounds N
 N times in alternating order and its steps are pooled, so a busy moment on a shared host does not
 land on one mode only.
 
+``--dtype`` sets the base weights' dtype (LoRA state stays fp32); ``--modes`` runs a subset.
+``--bandwidth`` (CUDA) times the adapter state's restore and snapshot copies against a plain
+page-locked copy of the same number of bytes: both are one contiguous copy, so the ratio is the
+engine's overhead and nothing else. The offloaded base upload is reported on its own.
+
     python -m lorafleet_trainer.bench [--quick] [--json PATH] [--device auto|cpu|cuda] [--bandwidth]
+        [--dtype auto|bfloat16|float16|float32] [--modes cached,persistent]
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Plan:
     response_tokens: int
     batch: int
     rank: int
+    dtype: str = "auto"
 
 
 QUICK = Plan("builtin:tiny", adapters=2, steps=3, prompt_tokens=32, response_tokens=32, batch=2, rank=8)
@@ -92,6 +99,7 @@ def _engine(plan: Plan, root: Path, capacity: int, device: str, model_cache: Pat
             base_model=plan.model,
             cache_capacity_bytes=capacity,
             device=device,
+            dtype=plan.dtype,
             model_cache_dir=model_cache,
         )
     )
@@ -154,17 +162,21 @@ def summarise(mode: str, model: str, rows: list[dict[str, float]], peak_rss: int
 
 
 def measure_bandwidth(engine: Any, adapter: Any, rows: list[dict[str, float]]) -> dict[str, Any]:
-    """Restore (host->device) and snapshot (device->host) rates against one plain pinned copy."""
+    """Restore (host->device) and snapshot (device->host) copies of one adapter's state bundle,
+    each timed alone, against a plain page-locked copy of the same bytes; plus the step's phases."""
     import torch
+
+    from lorafleet_trainer.bundles import StateBundle
 
     entry = engine.cache.peek(adapter)
     nbytes = entry.nbytes
+    device_state = StateBundle.empty(entry.layout, engine.device)
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=engine.device)
 
     def timed(fn: Any) -> float:
         best = float("inf")
-        for _ in range(5):
+        for _ in range(10):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
@@ -172,17 +184,20 @@ def measure_bandwidth(engine: Any, adapter: Any, rows: list[dict[str, float]]) -
             best = min(best, time.perf_counter() - t0)
         return best
 
+    restore = timed(lambda: device_state.copy_from(entry, non_blocking=True))
+    snapshot = timed(lambda: entry.flat.copy_(device_state.flat, non_blocking=True))
     h2d = timed(lambda: dev.copy_(host, non_blocking=True))
     d2h = timed(lambda: host.copy_(dev, non_blocking=True))
-    restore_s = _percentile([r["restore"] for r in rows], 50) / 1000.0
-    snapshot_s = _percentile([r["snapshot"] for r in rows], 50) / 1000.0
-    gbps = 1e-9 * nbytes
+    gb = 1e-9 * nbytes
     return {
         "adapter_state_bytes": nbytes,
-        "restore_h2d_gb_per_s": gbps / restore_s,
-        "snapshot_d2h_gb_per_s": gbps / snapshot_s,
-        "plain_pinned_h2d_gb_per_s": gbps / h2d,
-        "plain_pinned_d2h_gb_per_s": gbps / d2h,
+        "entry_pinned": bool(entry.flat.is_pinned()),
+        "restore_h2d_gb_per_s": gb / restore,
+        "plain_pinned_h2d_gb_per_s": gb / h2d,
+        "snapshot_d2h_gb_per_s": gb / snapshot,
+        "plain_pinned_d2h_gb_per_s": gb / d2h,
+        "restore_phase_ms_p50": _percentile([r["restore"] for r in rows], 50),
+        "snapshot_phase_ms_p50": _percentile([r["snapshot"] for r in rows], 50),
     }
 
 
@@ -214,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         "--bandwidth", action="store_true", help="also measure host<->device copy rates (CUDA)"
     )
     parser.add_argument("--model", help="override the plan's base model")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="base weights' dtype",
+    )
+    parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--adapters", type=int, help="K: adapters trained round-robin")
     parser.add_argument("--steps", type=int, help="S: steps per adapter (the first is warm-up)")
     parser.add_argument("--model-cache", type=Path, help="where builtin models are generated")
@@ -250,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         response_tokens=base.response_tokens,
         batch=base.batch,
         rank=base.rank,
+        dtype=args.dtype,
     )
+    modes = tuple(m for m in MODES if args.modes is None or m in args.modes.split(","))
+    if not modes:
+        parser.error(f"--modes: choose from {','.join(MODES)}")
     args.rounds = max(1, args.rounds or (1 if args.quick else 2))
     # Generate the builtin model once, before timing anything.
     from lorafleet_trainer import models
@@ -258,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     models.resolve(plan.model, args.model_cache)
     threads = args.threads or "torch default"
     print(f"plan: {plan}  rounds: {args.rounds}  device: {args.device}  threads: {threads}", flush=True)
-    samples: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-    peak: dict[str, int] = dict.fromkeys(MODES, 0)
+    samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    peak: dict[str, int] = dict.fromkeys(modes, 0)
     bandwidth: dict[str, Any] = {}
     for rnd in range(args.rounds):
         # Alternate the order so no mode always runs when the host happens to be busiest.
-        for mode in MODES if rnd % 2 == 0 else tuple(reversed(MODES)):
+        for mode in modes if rnd % 2 == 0 else tuple(reversed(modes)):
             cmd = [sys.executable, "-m", "lorafleet_trainer.bench", "--worker", mode, "--device", args.device]
             cmd += ["--plan", json.dumps(plan.__dict__)]
             if args.model_cache:
@@ -279,17 +305,19 @@ def main(argv: list[str] | None = None) -> int:
             peak[mode] = max(peak[mode], out["peak_rss_bytes"])
             bandwidth.update(out["bandwidth"])
             print(f"  round {rnd + 1}: {mode} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = [summarise(m, plan.model, samples[m], peak[m]) for m in MODES]
+    rows = [summarise(m, plan.model, samples[m], peak[m]) for m in modes]
     print(_table(rows))
-    cached = next(r for r in rows if r["mode"] == "cached")
+    cached = next((r for r in rows if r["mode"] == "cached"), None)
     for other in ("persistent", "recreate"):
-        r = next(x for x in rows if x["mode"] == other)
+        r = next((x for x in rows if x["mode"] == other), None)
+        if cached is None or r is None:
+            continue
         print(
             f"cached vs {other}: step p50 {r['step_ms_p50'] / cached['step_ms_p50']:.2f}x, "
             f"non-compute p50 {r['overhead_ms_p50'] / cached['overhead_ms_p50']:.2f}x"
         )
     if bandwidth:
-        print("bandwidth (GB/s): " + ", ".join(f"{k}={v:.3g}" for k, v in bandwidth.items()))
+        print("bandwidth: " + ", ".join(f"{k}={v:.3g}" for k, v in bandwidth.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([{k: r[k] for k in KEYS} for r in rows], indent=2) + "\n")

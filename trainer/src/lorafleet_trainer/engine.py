@@ -3,9 +3,20 @@
 The base model is loaded once and wrapped with PEFT once (see ``slots``). A step restores the
 adapter's weights and AdamW state into its shape's slot (from the CPU cache on a hit, from storage
 on a miss), computes the SDPO loss and updates, writes the new version through to storage, and only
-then snapshots the slot into the cache, so a failure at any point leaves both at the old version.
-Steps and every state change are serialised by one lock; reads (state, cache, stats) do not wait
-for a running step.
+then hands the snapshot to the cache, so a failure at any point leaves both at the old version.
+A hit and a miss restore through the same code: the cache and storage both give a
+:class:`~lorafleet_trainer.bundles.StateBundle`, and the slot copies it in one copy.
+
+Locks, in the only order they are ever taken (each later one is held only briefly, and never
+while waiting for an earlier one): ``_load_lock`` (the one model load) -> ``_lock`` (steps and
+every change of adapter state; in the service the step queue already runs writes one at a time,
+so it is uncontended there and guards direct callers such as tests and the benchmark) ->
+``_info_lock`` (the metadata map and the counters) -> the cache's and the store's own locks.
+Reads (state, cache, stats) never take ``_lock``, so they do not wait for a running step.
+
+A failed step leaves nothing behind: its exception is returned to the caller with the locals of
+every finished frame cleared, so neither the error nor the future holding it keeps an autograd
+graph, a batch or a device buffer alive.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import traceback
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -40,6 +52,7 @@ from lorafleet_trainer.storage import (
 )
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class EngineConfig:
     cache_capacity_bytes: int = 0  # 0 disables the cache: every step reads and writes storage
     device: str = "auto"
     gpu_residency: str = "offload"
+    dtype: str = "auto"  # the base weights'; "auto" is bfloat16 on CUDA, float32 on the CPU
     model_cache_dir: Path | None = None
     default_training: TrainingSpec = field(default_factory=TrainingSpec)
     step_holds: holds.PhaseHolds | None = None  # test-only: park steps at named phases
@@ -59,6 +73,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise InvalidInput(f"must be one of {DEVICES}", field="device")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidInput(f"must be one of {('auto', *DTYPES)}", field="dtype")
         if self.gpu_residency not in MODES:
             raise InvalidInput(f"must be one of {MODES}", field="gpu_residency")
         if isinstance(self.cache_capacity_bytes, bool) or self.cache_capacity_bytes < 0:
@@ -73,19 +89,42 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "float16" and device.type != "cuda":
+        # CPU kernels for half precision are few and slow; bfloat16 is the CPU's reduced precision.
+        raise InvalidInput("float16 needs a CUDA device; use bfloat16 or float32 on the CPU", field="dtype")
+    return DTYPES[name]
+
+
+def _strip_frames(exc: BaseException) -> None:
+    """Drop the locals of every finished frame in ``exc``'s tracebacks (chained ones too).
+
+    The traceback still prints in full; what goes is what its frames referenced: a failed step's
+    autograd graph, activations and device buffers.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
 class TrainerEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self._device)
         self.store = AdapterStore(config.storage_root, config.keep_versions)
-        self.cache = AdapterCache(config.cache_capacity_bytes, pin_memory=self._device.type == "cuda")
+        self.cache = AdapterCache(config.cache_capacity_bytes)
         self._residency = Residency(self._device, config.gpu_residency)
         self._load_lock = threading.Lock()
-        self._lock = threading.RLock()  # steps and every change of adapter state
-        self._meta_lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()
+        self._lock = threading.RLock()  # steps and every change of adapter state (see the module doc)
+        self._info_lock = threading.Lock()  # the metadata map and the counters
         self._meta: dict[AdapterId, AdapterMeta] = {}
-        self._counter_lock = threading.Lock()
+        self._gpu_after_step = 0
         self._counts = {"hits": 0, "misses": 0, "tokens": 0, "ok": 0, "failed": 0}
         self._model: Any = None
         self._tokenizer: Any = None
@@ -100,12 +139,14 @@ class TrainerEngine:
         with self._load_lock:
             if self._model is not None:
                 return
-            model, tokenizer = models.load(self.config.base_model, self.config.model_cache_dir)
+            model, tokenizer = models.load(self.config.base_model, self.config.model_cache_dir, self.dtype)
             self._linear_names = linear_module_names(model)
             self._vocab_size = int(model.get_input_embeddings().num_embeddings)
             self._max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
             self._residency.attach(model)
-            self._slots = SlotManager(model, self.config.base_model)
+            self._slots = SlotManager(
+                model, self.config.base_model, self._residency.slot_home, pin=self._device.type == "cuda"
+            )
             self._tokenizer = tokenizer
             self.load_count += 1
             self._model = model  # last: publishing the model is what makes the engine ready
@@ -129,16 +170,11 @@ class TrainerEngine:
         return self._slots
 
     def _slot(self, lora: LoraSpec) -> LoraSlot:
-        slots = self._require_ready()
-        before = len(slots)
-        slot = slots.slot_for(lora)
-        if len(slots) != before:
-            self._residency.attach(slots.peft_model)  # pin (or move) the new slot's tensors too
-        return slot
+        return self._require_ready().slot_for(lora)
 
     # ---- metadata --------------------------------------------------------------------------
     def _meta_for(self, adapter: AdapterId) -> AdapterMeta:
-        with self._meta_lock:
+        with self._info_lock:
             meta = self._meta.get(adapter)
             if meta is None:
                 meta = self.store.read_meta(adapter)
@@ -146,12 +182,12 @@ class TrainerEngine:
             return meta
 
     def _set_meta(self, meta: AdapterMeta) -> None:
-        with self._meta_lock:
+        with self._info_lock:
             self._meta[meta.adapter] = meta
 
     def _state(self, meta: AdapterMeta) -> AdapterState:
         entry = self.cache.peek(meta.adapter)
-        cached = entry is not None and entry.version == meta.version and entry.epoch == meta.epoch
+        cached = entry is not None and entry.holds(meta.adapter, meta.version, meta.epoch)
         return AdapterState(
             adapter=meta.adapter,
             version=meta.version,
@@ -189,7 +225,7 @@ class TrainerEngine:
                     adapter, 0, epoch, lora, training or self.config.default_training, self.config.base_model
                 )
                 served_as = self.config.served_base_model_name or self.config.base_model
-                self.store.write(meta, slot.initial_tensors(adapter), adapter_config_dict(lora, served_as))
+                self.store.write(meta, slot.initial_state(adapter), adapter_config_dict(lora, served_as))
                 self._set_meta(meta)
                 self.cache.evict(adapter, "invalidated")  # a same-named adapter deleted elsewhere
                 return InitResult(True, self._state(meta))
@@ -223,7 +259,7 @@ class TrainerEngine:
         with self._lock:
             cached = self.cache.forget(adapter)
             stored = self.store.delete(adapter)
-            with self._meta_lock:
+            with self._info_lock:
                 self._meta.pop(adapter, None)
             return stored or cached
 
@@ -245,46 +281,54 @@ class TrainerEngine:
 
     # ---- training --------------------------------------------------------------------------
     def _restore(self, adapter: AdapterId, meta: AdapterMeta, slot: LoraSlot) -> bool:
-        """Put ``adapter``'s current state into ``slot``; True on a cache hit."""
-        wanted = (adapter, meta.version, meta.epoch)
+        """Put ``adapter``'s current state into ``slot``; True on a cache hit.
+
+        A hit and a miss take the same path: a state bundle (the cache entry, or one read from
+        storage) handed to the slot, which copies it in unless it already holds that version.
+        Only a cache entry is trusted to match the slot's copy; a miss always copies.
+        """
         entry = self.cache.get(adapter)
-        if entry is not None and entry.version == meta.version and entry.epoch == meta.epoch:
-            # The slot may still hold exactly this state from the adapter's previous step (not
-            # when offloading: the device copies were dropped after that step).
-            if slot.holds != wanted or self._residency.offloading:
-                slot.load_flat(entry.tensors)
-            slot.holds = wanted
+        if entry is not None and entry.holds(adapter, meta.version, meta.epoch):
+            slot.restore(entry)
             return True
         if entry is not None:
             self.cache.evict(adapter, "invalidated")
-        slot.holds = None
-        slot.load_tensors(self.store.read_tensors(adapter))
-        slot.holds = wanted
+        source = self.store.read_tensors(adapter)
+        source.label(adapter, meta.version, meta.epoch)
+        slot.restore(source, reuse=False)
         return False
-
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
 
     def distill(
         self, adapter: AdapterId, samples: Sequence[DistillSample], training: Mapping[str, Any] | None = None
     ) -> StepResult:
         """One SDPO step; returns once the new version is durable. Failures change nothing."""
         slots = self._require_ready()
-        with self._tokenizer_lock:  # a fast tokenizer must not be borrowed by two threads at once
-            batch = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions)
-        with self._lock:
-            meta = self._meta_for(adapter)
-            spec = meta.training.merged(training)
-            try:
-                result = self._step(slots, adapter, meta, spec, batch)
-            except BaseException:
-                self._count("failed", 1)
-                raise
+        try:
+            with self._lock:
+                result = self._distill(slots, adapter, samples, training)
+        except BaseException as exc:
+            self._count("failed", 1)
+            _strip_frames(exc)
+            raise
+        finally:
+            self._measure_gpu()
         self._count("ok", 1)
         self._count("tokens", int(result.metrics["tokens_processed"]))
         self._count("hits" if result.cache_hit else "misses", 1)
         return result
+
+    def _distill(
+        self,
+        slots: SlotManager,
+        adapter: AdapterId,
+        samples: Sequence[DistillSample],
+        training: Mapping[str, Any] | None,
+    ) -> StepResult:
+        # Under the step lock: a fast tokenizer must not be borrowed by two threads at once.
+        prepared = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions)
+        batch = stepping.Batch.pack(prepared, pin=self._device.type == "cuda")
+        meta = self._meta_for(adapter)
+        return self._step(slots, adapter, meta, meta.training.merged(training), batch)
 
     def _step(
         self,
@@ -292,39 +336,46 @@ class TrainerEngine:
         adapter: AdapterId,
         meta: AdapterMeta,
         spec: TrainingSpec,
-        batch: list[stepping.Prepared],
+        batch: stepping.Batch,
     ) -> StepResult:
         slot = self._slot(meta.lora)
         slots.activate(slot)
         read_before = self.store.read_bytes
-        with self._residency.on_device(slots.peft_model, slot.optimizer):
+        gpu = self._device.type == "cuda"
+        # CUDA events time the restore copy without a wait of its own; the step's one metrics read
+        # has completed them by the time they are read.
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if gpu else []
+        with self._residency.on_device(slot):
             holds.at(self.config.step_holds, "restore")
             t0 = time.perf_counter()
+            for ev in events[:1]:
+                ev.record()
             hit = self._restore(adapter, meta, slot)
-            self._sync()
+            for ev in events[1:]:
+                ev.record()
             t1 = time.perf_counter()
-            slot.holds = None  # from here until the snapshot the slot is ahead of every copy
+            slot.begin_update()
             holds.at(self.config.step_holds, "compute")
-            metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device)
-            self._sync()
-            holds.at(self.config.step_holds, "persist")
+            metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device, self.dtype)
             t2 = time.perf_counter()
             new = replace(meta, version=meta.version + 1)
-            self.store.write(new, slot.export())  # the adapter_config.json is linked, it never changes
+            snapshot = slot.snapshot(adapter, new.version, new.epoch)  # the one copy back, and its wait
+            t3 = time.perf_counter()
+            holds.at(self.config.step_holds, "persist")
+            self.store.write(new, snapshot)  # the adapter_config.json is linked, it never changes
             self._set_meta(new)
             holds.at(self.config.step_holds, "snapshot")
-            t3 = time.perf_counter()
-            if self.cache.enabled:
-                try:
-                    if self.cache.put(adapter, new.version, new.epoch, slot.flat()) is not None:
-                        slot.holds = (adapter, new.version, new.epoch)
-                except BaseException:
-                    # Storage already holds the new version; a half-copied entry must not survive.
-                    self.cache.evict(adapter, "invalidated")
-                    raise
+            _, spare = self.cache.put(snapshot) if self.cache.enabled else (False, snapshot)
+            slot.commit(snapshot, spare)
             t4 = time.perf_counter()
         holds.at(self.config.step_holds, "answer")
-        timing = {"restore": t1 - t0, "compute": t2 - t1, "persist": t3 - t2, "snapshot": t4 - t3}
+        restore_s = events[0].elapsed_time(events[1]) / 1000.0 if events else t1 - t0
+        timing = {
+            "restore": restore_s,
+            "compute": t2 - t0 - restore_s,
+            "snapshot": t3 - t2,
+            "persist": t4 - t3,
+        }
         return StepResult(
             version=new.version,
             cache_hit=hit,
@@ -343,32 +394,34 @@ class TrainerEngine:
         The adapter's state comes into its slot as for a step (a cache hit, else storage).
         """
         slots = self._require_ready()
-        with self._tokenizer_lock:
+        # Everything under the step lock: a fast tokenizer must not be borrowed by two threads at once.
+        with self._lock:
             ids = list(prompt.token_ids) or sampling.chat_prompt_ids(self._tokenizer, prompt.messages)
             stop = sampling.stop_ids(self._tokenizer, self._model)
-        field = "prompt_token_ids" if prompt.token_ids else "messages"
-        sampling.check_prompt(ids, self._vocab_size, self._max_positions, field)
-        with self._lock:
+            field = "prompt_token_ids" if prompt.token_ids else "messages"
+            sampling.check_prompt(ids, self._vocab_size, self._max_positions, field)
             version: int | None = None
             hit: bool | None = None
+            slot: LoraSlot | None = None
             t0 = time.perf_counter()
             if adapter is not None:
                 meta = self._meta_for(adapter)
                 slot = self._slot(meta.lora)
                 slots.activate(slot)
             model: Any = slots.peft_model if slots.peft_model is not None else slots.base
-            with self._residency.on_device(model, None):
-                if adapter is not None:
+            autocast = torch.autocast(
+                self._device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+            )
+            with self._residency.on_device(slot):
+                if adapter is not None and slot is not None:
                     hit = self._restore(adapter, meta, slot)
                     version = meta.version
-                    self._sync()
                 t1 = time.perf_counter()
                 # The bare base model: PEFT's layers, once injected, must be switched off.
                 bare = adapter is None and model is not slots.base
-                with model.disable_adapter() if bare else nullcontext():
+                with autocast, model.disable_adapter() if bare else nullcontext():
                     out = decoding.sample(model, ids, params, stop, self._device, self._max_positions)
                 t2 = time.perf_counter()
-        with self._tokenizer_lock:
             text = self._tokenizer.decode(out.token_ids, skip_special_tokens=True)
             prompt_text = self._tokenizer.decode(ids)
         return Generation(
@@ -386,11 +439,17 @@ class TrainerEngine:
 
     # ---- observability ---------------------------------------------------------------------
     def _count(self, key: str, n: int) -> None:
-        with self._counter_lock:
+        with self._info_lock:
             self._counts[key] += n
 
+    def _measure_gpu(self) -> None:
+        """GPU memory right after a step: the between-steps level the alert watches (a scrape
+        lands mid-step on a busy pod, so the live gauge rarely shows it)."""
+        if self._device.type == "cuda":
+            self._gpu_after_step = torch.cuda.memory_allocated(self._device)
+
     def stats(self) -> EngineStats:
-        with self._counter_lock:
+        with self._info_lock:
             counts = dict(self._counts)
         info = self.cache.info()
         gpu = self._device.type == "cuda"
@@ -406,8 +465,20 @@ class TrainerEngine:
             cache_entries=len(info.entries),
             cache_bytes=info.used_bytes,
             cache_capacity_bytes=info.capacity_bytes,
-            host_pinned_bytes=self.cache.pinned_host_bytes() + self._residency.pinned_bytes,
+            host_pinned_bytes=host_pinned_bytes(self._residency.registered_bytes) if gpu else 0,
             gpu_memory_allocated_bytes=torch.cuda.memory_allocated(self._device) if gpu else 0,
             gpu_memory_reserved_bytes=torch.cuda.memory_reserved(self._device) if gpu else 0,
             gpu_memory_peak_bytes=torch.cuda.max_memory_allocated(self._device) if gpu else 0,
+            gpu_memory_after_step_bytes=self._gpu_after_step,
         )
+
+
+def host_pinned_bytes(registered: int) -> int:
+    """Page-locked host memory as the pinned allocator itself counts it (its blocks are rounded up
+    to powers of two and freed ones are kept, so the sum of tensor sizes would understate it),
+    plus memory registered outside it (the offloaded base). Where torch has no allocator
+    statistics, only the registered bytes are known and reported."""
+    stats = getattr(torch.cuda.memory, "host_memory_stats", None)
+    if stats is None:
+        return registered
+    return int(stats().get("allocated_bytes.current", 0)) + registered

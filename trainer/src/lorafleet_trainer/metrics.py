@@ -41,10 +41,18 @@ ENGINE_GAUGES = {
     "cache_entries": ("cache_entries", "Adapters held in the CPU cache."),
     "cache_bytes": ("cache_bytes", "Bytes of LoRA weights and optimizer state in the CPU cache."),
     "cache_capacity_bytes": ("cache_capacity_bytes", "Capacity of the CPU cache in bytes."),
-    "host_pinned_bytes": ("host_pinned_bytes", "Page-locked host memory held for transfers."),
+    "host_pinned_bytes": (
+        "host_pinned_bytes",
+        "Page-locked host memory as the pinned allocator counts it (rounded blocks, cached ones "
+        "included) plus the registered base weights; 0 without CUDA.",
+    ),
     "gpu_memory_allocated_bytes": ("gpu_memory_allocated_bytes", "GPU memory held by tensors (0 on CPU)."),
     "gpu_memory_reserved_bytes": ("gpu_memory_reserved_bytes", "GPU memory reserved by the allocator."),
     "gpu_memory_peak_bytes": ("gpu_memory_peak_bytes", "Peak GPU memory held by tensors."),
+    "gpu_memory_after_step_bytes": (
+        "gpu_memory_after_step_bytes",
+        "GPU memory held by tensors right after the last step (the between-steps level; 0 on CPU).",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ import collections
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -136,18 +137,27 @@ class StepQueue:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 self._running = job
-            job.started_at = time.perf_counter()
-            try:
-                result = job.fn()
-            except BaseException as exc:  # the caller decides what an error means
-                job.finished_at = time.perf_counter()
-                job.future.set_exception(exc)
-            else:
-                job.finished_at = time.perf_counter()
-                job.future.set_result(result)
-            finally:
-                with self._cond:
-                    self._running = None
-                    if job.bounded:
-                        w = _EWMA_WEIGHT if self._mean_run_seconds else 1.0
-                        self._mean_run_seconds += w * (job.run_seconds - self._mean_run_seconds)
+            self._run(job)
+            # Hold nothing while waiting for the next job: a finished job (its result, or its error
+            # with a traceback) must not stay alive for as long as the queue idles.
+            del job
+
+    def _run(self, job: Job[Any]) -> None:
+        job.started_at = time.perf_counter()
+        try:
+            result = job.fn()
+        except BaseException as exc:  # the caller decides what an error means
+            job.finished_at = time.perf_counter()
+            # The error goes to the caller with its traceback printable but its frames' locals
+            # cleared: a failed step's graph and buffers must not live as long as the future.
+            traceback.clear_frames(exc.__traceback__)
+            job.future.set_exception(exc)
+        else:
+            job.finished_at = time.perf_counter()
+            job.future.set_result(result)
+        finally:
+            with self._cond:
+                self._running = None
+                if job.bounded:
+                    w = _EWMA_WEIGHT if self._mean_run_seconds else 1.0
+                    self._mean_run_seconds += w * (job.run_seconds - self._mean_run_seconds)

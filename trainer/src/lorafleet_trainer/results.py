@@ -78,6 +78,7 @@ class EngineStats:
     gpu_memory_allocated_bytes: int = 0
     gpu_memory_reserved_bytes: int = 0
     gpu_memory_peak_bytes: int = 0
+    gpu_memory_after_step_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -74,8 +74,8 @@ class LossTerms:
     total: Tensor
     distill: Tensor
     kl_reg: Tensor
-    mean_is_ratio: float
-    clip_fraction: float
+    mean_is_ratio: Tensor  # 0-dim, left on the device: the caller reads every figure at once
+    clip_fraction: Tensor
     tokens: int
 
 
@@ -103,8 +103,13 @@ def sdpo_loss(
     through ``student_logits``.
     """
     teacher_logits = teacher_logits.detach()
-    mask = torch.ones_like(old_logprobs, dtype=torch.float32) if mask is None else mask.float()
-    if float(mask.sum()) <= 0:
+    if mask is None:
+        tokens = old_logprobs.numel()  # known on the host: no read from the device
+        mask = torch.ones_like(old_logprobs, dtype=torch.float32)
+    else:
+        mask = mask.float()
+        tokens = int(mask.sum())
+    if tokens <= 0:
         raise ValueError("the mask selects no response token")
     student_logp_full = torch.log_softmax(student_logits.float(), dim=-1)
     student_token_logp = student_logp_full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
@@ -128,7 +133,7 @@ def sdpo_loss(
         total=distill + kl_reg_weight * kl_reg,
         distill=distill,
         kl_reg=kl_reg,
-        mean_is_ratio=float(_masked_mean(ratio, mask)),
-        clip_fraction=float(_masked_mean((ratio > is_clip).float(), mask)),
-        tokens=int(mask.sum()),
+        mean_is_ratio=_masked_mean(ratio, mask),
+        clip_fraction=_masked_mean((ratio > is_clip).float(), mask),
+        tokens=tokens,
     )

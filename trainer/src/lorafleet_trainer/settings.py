@@ -81,7 +81,13 @@ class TrainerSettings(BaseSettings):
     model_cache_dir: Path | None = Field(None, description="where models are cached (default: HF_HOME)")
     cache_capacity: int = Field(8 * 2**30, description="CPU adapter cache bytes, e.g. 48Gi")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpu_residency: Literal["offload", "keep"] = "offload"
+    gpu_residency: Literal["offload", "keep"] = Field(
+        "offload", description="offload: the GPU holds nothing between steps (shared GPU); keep: base stays"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="base weights' dtype (LoRA and AdamW stay float32); auto: bfloat16 on CUDA, else float32",
+    )
     max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
     max_generate_tokens: int = Field(
         512, ge=1, le=65536, description="most tokens one generate request may ask for (max_tokens)"

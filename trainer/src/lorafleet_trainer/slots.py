@@ -3,8 +3,8 @@
 PEFT injects LoRA layers into the base model in place, so wrapping it again per step would stack
 wrappers and contaminate the base. Instead the model is wrapped the first time a slot is needed and
 each new LoRA shape adds one more named PEFT adapter (``slot0``, ``slot1``, ...). Every slot owns one
-AdamW whose state is created up front; an adapter is trained by copying its weights, moments and
-step into the slot's tensors in place and copying them back out after the step.
+AdamW and one state bundle (``bundles``) that its parameters and moments are views of; an adapter is
+trained by copying its bundle into the slot's (one copy) and snapshotting it out after the step.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorafleet_trainer.bundles import Layout, StateBundle
 from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.errors import NonFiniteLoss
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.storage import AdapterTensors
 
 # Decay would shrink an adapter a little on every step, so rarely-trained adapters would drift
 # with step count rather than feedback; the LoRA update is regularised by kl_reg_weight instead.
 WEIGHT_DECAY = 0.0
-STEP_KEY = "step"
 
 
 def peft_config(lora: LoraSpec, base_model: str) -> Any:
@@ -66,82 +65,110 @@ def linear_module_names(model: nn.Module) -> set[str]:
 
 
 class LoraSlot:
-    """One PEFT adapter inside the wrapped model plus its AdamW; holds one adapter's state at a time."""
+    """One PEFT adapter inside the wrapped model plus its AdamW; holds one adapter's state at a time.
 
-    def __init__(self, name: str, lora: LoraSpec, params: dict[str, nn.Parameter]) -> None:
+    The slot's parameters and moments are views into one :class:`StateBundle` (``state``), so a
+    restore and a snapshot are one copy each. The slot alone writes ``state``'s label, the token
+    saying which adapter version it holds: a restore sets it, an update clears it (the slot is then
+    ahead of every copy), a committed step sets it again and a release (offload) clears it.
+    """
+
+    def __init__(
+        self, name: str, lora: LoraSpec, params: dict[str, nn.Parameter], home: torch.device, pin: bool
+    ) -> None:
         self.name = name
         self.lora = lora
-        self.keys = sorted(params)
+        self.layout = Layout.of({k: p.shape for k, p in params.items()})
+        self.keys = self.layout.keys
         self.params = params
+        self.pin = pin  # snapshot buffers are page-locked when the state lives on a GPU
         ordered = [params[k] for k in self.keys]
         self.optimizer = torch.optim.AdamW(ordered, lr=1e-4, weight_decay=WEIGHT_DECAY)
         for p in ordered:
-            # Created now so restore can copy into it and the optimizer never lazily allocates.
-            self.optimizer.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
-        self._step = torch.zeros(1, dtype=torch.int64)
-        # (adapter, version, epoch) whose exact state the slot holds, or None when unknown/dirty.
-        # Lets consecutive steps of one adapter skip a restore copy that would change nothing.
-        self.holds: tuple[AdapterId, int, int] | None = None
+            # Created now so the optimizer never allocates lazily; the moments are placed below.
+            self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32)}
+        # Where the state rests between steps: the device in ``keep`` (and on the CPU), a host
+        # placeholder when offloading (each step then places a device copy, see ``place``).
+        self.home = StateBundle.empty(self.layout, home)
+        self.state = self.home
+        self.place(self.home)
+        self.spare: StateBundle | None = None  # the next snapshot's host buffer, reused
         self.restores = 0
 
     @property
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.flat().values())
+        return self.layout.nbytes
 
-    def _state(self, key: str) -> dict[str, torch.Tensor]:
-        return self.optimizer.state[self.params[key]]
-
-    def flat(self) -> dict[str, torch.Tensor]:
-        """Live views of the slot's state, the layout cache entries copy: w./m./v. + step."""
-        out: dict[str, torch.Tensor] = {}
+    @torch.no_grad()
+    def place(self, bundle: StateBundle) -> None:
+        """Point the parameters and AdamW moments at ``bundle``'s views (no copy)."""
+        weights, exp_avg, exp_avg_sq = bundle.weights, bundle.exp_avg, bundle.exp_avg_sq
         for k in self.keys:
-            out[f"w.{k}"] = self.params[k].data
-            out[f"m.{k}"] = self._state(k)["exp_avg"]
-            out[f"v.{k}"] = self._state(k)["exp_avg_sq"]
-        self._step.fill_(int(self._state(self.keys[0])["step"].item()))
-        out[STEP_KEY] = self._step
-        return out
+            p = self.params[k]
+            p.data = weights[k]
+            p.grad = None
+            state = self.optimizer.state[p]
+            state["exp_avg"] = exp_avg[k]
+            state["exp_avg_sq"] = exp_avg_sq[k]
+        self.state = bundle
+
+    def release(self) -> None:
+        """Back to the home buffer after an offloaded step; the device copy is dropped."""
+        self.place(self.home)
+        self.home.label(None)
+
+    def restore(self, source: StateBundle, *, reuse: bool = True) -> bool:
+        """Make the slot hold ``source``'s state; False when it already held exactly that version
+        (and ``reuse`` allows trusting that)."""
+        held = source.adapter is not None and self.state.holds(source.adapter, source.version, source.epoch)
+        if reuse and held:
+            return False
+        self.restores += 1
+        self.state.copy_from(source, non_blocking=True)
+        self._set_step(source.step)
+        return True
 
     def _set_step(self, step: int) -> None:
+        self.state.step = step
         for k in self.keys:
-            self._state(k)["step"].fill_(float(step))
+            # AdamW keeps its step count as a host scalar, as torch expects: no device traffic.
+            self.optimizer.state[self.params[k]]["step"].fill_(float(step))
+
+    def begin_update(self) -> None:
+        """From here until ``commit`` the slot is ahead of every copy of the adapter."""
+        self.state.label(None)
+
+    def stepped(self) -> None:
+        """AdamW applied one step (its own step tensors advanced; the bundle's count follows)."""
+        self.state.step += 1
 
     @torch.no_grad()
-    def load_flat(self, source: Mapping[str, torch.Tensor]) -> None:
-        """Copy a cache entry's state into the slot, in place."""
-        self.restores += 1
-        for k in self.keys:
-            self.params[k].data.copy_(source[f"w.{k}"], non_blocking=True)
-            self._state(k)["exp_avg"].copy_(source[f"m.{k}"], non_blocking=True)
-            self._state(k)["exp_avg_sq"].copy_(source[f"v.{k}"], non_blocking=True)
-        self._set_step(int(source[STEP_KEY].item()))
+    def snapshot(self, adapter: AdapterId, version: int, epoch: int) -> StateBundle:
+        """The slot's state as a host bundle labelled with the new version: one copy.
 
-    @torch.no_grad()
-    def load_tensors(self, tensors: AdapterTensors) -> None:
-        """Copy state read from storage into the slot, in place."""
-        self.restores += 1
-        if sorted(tensors.weights) != self.keys:
-            raise ValueError(f"stored tensors do not match slot {self.name} (LoRA layout differs)")
-        for k in self.keys:
-            self.params[k].data.copy_(tensors.weights[k])
-            self._state(k)["exp_avg"].copy_(tensors.exp_avg[k])
-            self._state(k)["exp_avg_sq"].copy_(tensors.exp_avg_sq[k])
-        self._set_step(tensors.step)
+        The weights' finiteness is read in the same wait that completes the copy, so a step that
+        made a weight non-finite is refused without a second synchronisation.
+        """
+        spare = self.spare
+        if spare is None or spare.layout != self.layout:
+            spare = StateBundle.empty(self.layout, "cpu", pin=self.pin)
+        self.spare = None
+        spare.copy_from(self.state, non_blocking=True)
+        finite = bool(torch.isfinite(self.state.section("w")).all())  # waits for the copy too
+        if not finite:
+            self.spare = spare
+            raise NonFiniteLoss(
+                "the update made a weight non-finite; nothing was committed", field="training"
+            )
+        spare.label(adapter, version, epoch)
+        return spare
 
-    def export(self) -> AdapterTensors:
-        """The slot's state as host tensors for persisting (a view on CPU, a copy from a GPU)."""
-        return AdapterTensors(
-            weights={k: self.params[k].data.cpu() for k in self.keys},
-            exp_avg={k: self._state(k)["exp_avg"].cpu() for k in self.keys},
-            exp_avg_sq={k: self._state(k)["exp_avg_sq"].cpu() for k in self.keys},
-            step=int(self._state(self.keys[0])["step"].item()),
-        )
+    def commit(self, snapshot: StateBundle, spare: StateBundle | None) -> None:
+        """The snapshot is durable: the slot holds that version; ``spare`` is the next buffer."""
+        self.state.label(snapshot.adapter, snapshot.version, snapshot.epoch)
+        self.spare = spare
 
-    def initial_tensors(self, adapter: AdapterId) -> AdapterTensors:
+    def initial_state(self, adapter: AdapterId) -> StateBundle:
         """Deterministic initial state for ``adapter``: a function of its id and LoRA config only.
 
         A is drawn uniformly in +-1/sqrt(fan_in) (the usual LoRA init), B is zero so the adapter
@@ -149,25 +176,23 @@ class LoraSlot:
         """
         ident = json.dumps([str(adapter), self.lora.to_dict()], sort_keys=True).encode()
         gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(ident).digest()[:8], "little"))
-        weights: dict[str, torch.Tensor] = {}
-        for k in self.keys:
-            p = self.params[k]
+        bundle = StateBundle.empty(self.layout)
+        bundle.flat.zero_()
+        for k, w in bundle.weights.items():
             if ".lora_A." in k:
-                bound = 1.0 / math.sqrt(p.shape[1])
-                w = torch.rand(tuple(p.shape), generator=gen, dtype=torch.float32) * (2 * bound) - bound
-                weights[k] = w.to(p.dtype)
-            else:
-                weights[k] = torch.zeros(tuple(p.shape), dtype=p.dtype)
-        zeros = {k: torch.zeros(tuple(self.params[k].shape), dtype=self.params[k].dtype) for k in self.keys}
-        return AdapterTensors(weights, zeros, {k: z.clone() for k, z in zeros.items()}, step=0)
+                bound = 1.0 / math.sqrt(w.shape[1])
+                w.copy_(torch.rand(tuple(w.shape), generator=gen, dtype=torch.float32) * (2 * bound) - bound)
+        return bundle
 
 
 class SlotManager:
     """Wraps the base model with PEFT once and hands out one slot per LoRA shape."""
 
-    def __init__(self, model: nn.Module, base_model_id: str) -> None:
+    def __init__(self, model: nn.Module, base_model_id: str, home: torch.device, pin: bool) -> None:
         self.base = model
         self.base_model_id = base_model_id
+        self.home = home  # where slot state rests between steps (see LoraSlot.home)
+        self.pin = pin
         self.peft_model: Any = None
         self._slots: dict[tuple[Any, ...], LoraSlot] = {}
         self.active: LoraSlot | None = None
@@ -208,7 +233,7 @@ class SlotManager:
         }
         if not params:
             raise ValueError(f"LoRA config {lora.to_dict()} created no trainable parameters")
-        slot = LoraSlot(name, lora, params)
+        slot = LoraSlot(name, lora, params, self.home, self.pin)
         self.active = None
         return slot
 

@@ -4,7 +4,8 @@
 lengths within its context) and builds the teacher prompts, before any adapter state is touched.
 ``train_step`` runs the frozen teacher (and, with a KL weight, the frozen base) with the adapter
 disabled, the student with it enabled, and refuses to apply an update whose loss or gradient is
-not finite.
+not finite. A step moves the minimum between host and device: the packed batch up in one copy,
+the metrics down in one read (the one wait that decides whether to apply the update).
 """
 
 from __future__ import annotations
@@ -57,66 +58,135 @@ def prepare(
     return out
 
 
-def _response_logits(model: Any, ids: list[int], n: int, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Batch:
+    """A prepared batch packed into one host tensor, so it reaches the device in one copy.
+
+    Every id sequence (students, teachers, responses) is int64; the sampler's log-probabilities
+    ride along as float64 bit patterns in the same tensor and are viewed back on the device.
+    """
+
+    packed: torch.Tensor
+    spans: dict[str, list[tuple[int, int]]]  # "student"/"teacher" -> (start, end) per sample
+    response: tuple[int, int]
+    logprobs: tuple[int, int]
+    response_lengths: list[int]
+
+    @classmethod
+    def pack(cls, batch: list[Prepared], pin: bool) -> Batch:
+        parts: list[int] = []
+        spans: dict[str, list[tuple[int, int]]] = {"student": [], "teacher": []}
+        for ex in batch:
+            for name, seq in (("student", ex.student_ids), ("teacher", ex.teacher_ids)):
+                spans[name].append((len(parts), len(parts) + len(seq)))
+                parts.extend(seq)
+        response = [t for ex in batch for t in ex.response_ids]
+        start = len(parts)
+        parts.extend(response)
+        ids = torch.tensor(parts, dtype=torch.int64)
+        logprobs = torch.tensor([lp for ex in batch for lp in ex.old_logprobs], dtype=torch.float64)
+        packed = torch.empty(ids.numel() + logprobs.numel(), dtype=torch.int64, pin_memory=pin)
+        packed[: ids.numel()] = ids
+        packed[ids.numel() :] = logprobs.view(torch.int64)
+        return cls(
+            packed,
+            spans,
+            (start, start + len(response)),
+            (ids.numel(), packed.numel()),
+            [len(ex.response_ids) for ex in batch],
+        )
+
+    def upload(self, device: torch.device) -> torch.Tensor:
+        return self.packed.to(device, non_blocking=True)
+
+
+def _response_logits(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Logits predicting the last ``n`` tokens of ``ids`` (only those rows go through the head)."""
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    return model(input_ids=x, logits_to_keep=n + 1).logits[0, :-1]
+    # use_cache=False: a training forward never decodes further, so a KV cache is pure waste.
+    return model(input_ids=ids.unsqueeze(0), logits_to_keep=n + 1, use_cache=False).logits[0, :-1]
+
+
+METRIC_NAMES = ("total_loss", "distill_loss", "kl_reg", "mean_is_ratio", "clip_fraction", "grad_norm")
 
 
 def train_step(
-    model: Any, slot: LoraSlot, spec: TrainingSpec, batch: list[Prepared], device: torch.device
+    model: Any, slot: LoraSlot, spec: TrainingSpec, batch: Batch, device: torch.device, dtype: torch.dtype
 ) -> dict[str, float]:
-    """Forward, SDPO loss, backward, clip, AdamW. Raises NonFiniteLoss before any update."""
+    """Forward, SDPO loss, backward, clip, AdamW. Raises NonFiniteLoss before any update.
+
+    The batch goes up in one copy; the metrics come back in one read, which is also the one wait
+    that decides whether the update may be applied (loss and gradient norm finite).
+    """
     opt = slot.optimizer
     for group in opt.param_groups:
         group["lr"] = spec.learning_rate
     opt.zero_grad(set_to_none=True)
+    try:
+        values = _loss_and_gradients(model, slot, spec, batch, device, dtype)
+    except BaseException:
+        opt.zero_grad(set_to_none=True)
+        raise
+    metrics = dict(zip(METRIC_NAMES, values, strict=True))
+    for name in ("total_loss", "grad_norm"):
+        if not math.isfinite(metrics[name]):
+            opt.zero_grad(set_to_none=True)
+            what = "loss" if name == "total_loss" else "gradient norm"
+            raise NonFiniteLoss(f"the {what} is {metrics[name]}; nothing was applied", field="samples")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    slot.stepped()
+    metrics["tokens_processed"] = float(sum(batch.response_lengths))
+    metrics["batch_size"] = float(len(batch.response_lengths))
+    return metrics
+
+
+def _loss_and_gradients(
+    model: Any, slot: LoraSlot, spec: TrainingSpec, batch: Batch, device: torch.device, dtype: torch.dtype
+) -> list[float]:
+    """Everything that builds the autograd graph, in a frame of its own: when it returns, the graph
+    and its activations are gone, whatever the caller does with the numbers."""
+    packed = batch.upload(device)
+    # Autocast runs the forward in the base's dtype; LoRA weights, gradients and AdamW stay fp32.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     student, teacher, base = [], [], []
     model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        for ex in batch:
-            n = len(ex.response_ids)
-            teacher.append(_response_logits(model, ex.teacher_ids, n, device))
-            if spec.kl_reg_weight > 0.0:
-                base.append(_response_logits(model, ex.student_ids, n, device))
+    with autocast, torch.no_grad(), model.disable_adapter():
+        for (s, e), n in zip(batch.spans["teacher"], batch.response_lengths, strict=True):
+            teacher.append(_response_logits(model, packed[s:e], n))
+        if spec.kl_reg_weight > 0.0:
+            for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
+                base.append(_response_logits(model, packed[s:e], n))
     # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
     model.train(slot.lora.dropout > 0.0)
     try:
-        for ex in batch:
-            student.append(_response_logits(model, ex.student_ids, len(ex.response_ids), device))
+        with autocast:
+            for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
+                student.append(_response_logits(model, packed[s:e], n))
     finally:
         model.eval()
     terms = sdpo.sdpo_loss(
         torch.cat(student),
         torch.cat(teacher),
-        torch.tensor([t for ex in batch for t in ex.response_ids], device=device),
-        torch.tensor([lp for ex in batch for lp in ex.old_logprobs], device=device),
+        packed[batch.response[0] : batch.response[1]],
+        packed[batch.logprobs[0] : batch.logprobs[1]].view(torch.float64),
         alpha=spec.alpha,
         is_clip=spec.is_clip,
         top_k=spec.teacher_top_k,
         kl_reg_weight=spec.kl_reg_weight,
         base_logits=torch.cat(base) if base else None,
     )
-    total = float(terms.total.detach())
-    if not math.isfinite(total):
-        raise NonFiniteLoss(f"the loss is {total}; nothing was applied", field="samples")
     terms.total.backward()
     params = [slot.params[k] for k in slot.keys]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
-    if not math.isfinite(grad_norm):
-        opt.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"the gradient norm is {grad_norm}; nothing was applied", field="samples")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if not all(bool(torch.isfinite(p).all()) for p in params):
-        raise NonFiniteLoss("the update made a weight non-finite; nothing was committed", field="training")
-    return {
-        "total_loss": total,
-        "distill_loss": float(terms.distill.detach()),
-        "kl_reg": float(terms.kl_reg.detach()),
-        "mean_is_ratio": terms.mean_is_ratio,
-        "clip_fraction": terms.clip_fraction,
-        "grad_norm": grad_norm,
-        "tokens_processed": float(terms.tokens),
-        "batch_size": float(len(batch)),
-    }
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+    out = torch.stack(
+        [
+            terms.total.detach(),
+            terms.distill.detach(),
+            terms.kl_reg.detach(),
+            terms.mean_is_ratio,
+            terms.clip_fraction,
+            grad_norm.to(terms.total.dtype),
+        ]
+    )
+    values: list[float] = out.tolist()  # the step's one read from the device
+    return values

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lorafleet_trainer.bundles import StateBundle
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
@@ -87,16 +88,6 @@ class AdapterMeta:
             training=TrainingSpec.from_dict(d["training"]),
             base_model=str(d["base_model"]),
         )
-
-
-@dataclass
-class AdapterTensors:
-    """LoRA weights and AdamW state keyed by PEFT state-dict names (no adapter name inside)."""
-
-    weights: dict[str, torch.Tensor]
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
-    step: int = 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -195,7 +186,7 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {adapter} does not exist", field="adapter") from None
         return AdapterMeta.from_json(json.loads(raw))
 
-    def read_tensors(self, adapter: AdapterId) -> AdapterTensors:
+    def read_tensors(self, adapter: AdapterId) -> StateBundle:
         # Resolve the link once so both files come from the same version even if a writer
         # swaps it between the two reads.
         current = self.path(adapter).resolve()
@@ -206,7 +197,7 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {adapter} does not exist", field="adapter") from None
         exp_avg = {k[len("exp_avg.") :]: t for k, t in opt.items() if k.startswith("exp_avg.")}
         exp_avg_sq = {k[len("exp_avg_sq.") :]: t for k, t in opt.items() if k.startswith("exp_avg_sq.")}
-        return AdapterTensors(weights, exp_avg, exp_avg_sq, step=int(opt["step"].item()))
+        return StateBundle.from_tensors(weights, exp_avg, exp_avg_sq, step=int(opt["step"].item()))
 
     def read_files(
         self, adapter: AdapterId, names: tuple[str, ...], version: int | None = None
@@ -240,7 +231,7 @@ class AdapterStore:
     def write(
         self,
         meta: AdapterMeta,
-        tensors: AdapterTensors | None,
+        tensors: StateBundle | None,
         adapter_config: Mapping[str, Any] | None = None,
     ) -> None:
         """Commit ``meta`` (+ ``tensors``) as the adapter's latest version, atomically.
@@ -253,7 +244,7 @@ class AdapterStore:
         self._commit(meta, aside)
 
     def _write_aside(
-        self, meta: AdapterMeta, tensors: AdapterTensors | None, adapter_config: Mapping[str, Any] | None
+        self, meta: AdapterMeta, tensors: StateBundle | None, adapter_config: Mapping[str, Any] | None
     ) -> Path:
         adapter = meta.adapter
         ns_dir = self.root / adapter.namespace
