@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.e2e.kube import Kube
 from tests.operator.field_probes import ROOT, crd_admits, fields, probes
 from tests.trainer.service import live
 
+from lorafleet_local.kube import Kube
 from lorafleet_operator import adapters
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.trainer.service.live import free_port
+
+from lorafleet_local.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("LORAFLEET_VLLM_VENV", REPO / ".venv-vllm"))
