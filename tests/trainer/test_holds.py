@@ -37,6 +37,17 @@ def test_an_unknown_phase_is_refused(tmp_path: Path) -> None:
         PhaseHolds(tmp_path).arm("later")
 
 
+def test_a_marker_left_by_a_killed_trainer_never_passes_for_a_new_hold(tmp_path: Path) -> None:
+    holds = PhaseHolds(tmp_path)
+    for phase in ("compute", "answer"):
+        (tmp_path / f"{phase}.held").write_text("4242")  # parked when it was killed -9
+    holds.arm("compute")
+    assert not holds.held("compute")  # re-arming for the next step forgets the dead one's marker
+    holds.release("compute")
+    PhaseHolds(tmp_path).enable()  # a restarted trainer has nothing parked
+    assert not holds.held("answer")
+
+
 @pytest.mark.parametrize(("phase", "durable_while_held"), [("persist", False), ("snapshot", True)])
 def test_a_step_parks_at_the_armed_phase_until_released(
     make_engine: Callable[..., Any], tmp_path: Path, phase: str, durable_while_held: bool

@@ -44,6 +44,9 @@ class PhaseHolds:
     # ---- the trainer's side ----------------------------------------------------------------
     def enable(self) -> PhaseHolds:
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A trainer killed while parked left its marker behind; nothing of this process is parked.
+        for phase in PHASES:
+            self._held(phase).unlink(missing_ok=True)
         log.warning("test step holds are enabled in %s; never use this in production", self.directory)
         return self
 
@@ -67,6 +70,8 @@ class PhaseHolds:
     def arm(self, phase: str) -> None:
         """The next step to reach ``phase`` parks there."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A marker left by a trainer killed while parked here must not pass for the next step's.
+        self._held(phase).unlink(missing_ok=True)
         self._armed(phase).touch()
 
     def held(self, phase: str) -> bool:
