@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests import opting_in
 from tests.reliability.fleetstate import CLAIM, FAULTS_NAMESPACE, POOL, POOL_MANIFEST, Faulty
 
 from lorafleet_local.fleet import Fleet
@@ -29,17 +30,17 @@ def _chaos_opted_in(config: pytest.Config) -> bool:
             return True
     except ValueError:  # the option was not registered in this invocation
         pass
-    return str(config.getoption("markexpr", "") or "").strip() == "chaos"
+    return opting_in.selected(config, "chaos")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _chaos_opted_in(config):
-        return
-    skip = pytest.mark.skip(reason="long chaos suite: run with `make test-chaos`")
-    here = Path(__file__).parent
-    for item in items:
-        if item.get_closest_marker("chaos") is not None and here in Path(item.path).parents:
-            item.add_marker(skip)
+    opting_in.skip_unless(
+        items,
+        marker="chaos",
+        under=Path(__file__).parent,
+        reason="long chaos suite: run with `make test-chaos`",
+        opted_in=_chaos_opted_in(config),
+    )
 
 
 @pytest.fixture(scope="session")

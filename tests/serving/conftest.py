@@ -11,18 +11,19 @@ import os
 from pathlib import Path
 
 import pytest
+from tests import opting_in
 
 from lorafleet_trainer import models
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if str(config.getoption("markexpr", "") or "").strip() == "vllm":
-        return
-    skip = pytest.mark.skip(reason="starts a real vLLM: run with `make test-vllm`")
-    here = Path(__file__).parent
-    for item in items:
-        if item.get_closest_marker("vllm") is not None and here in Path(item.path).parents:
-            item.add_marker(skip)
+    opting_in.skip_unless(
+        items,
+        marker="vllm",
+        under=Path(__file__).parent,
+        reason="starts a real vLLM: run with `make test-vllm`",
+        opted_in=opting_in.selected(config, "vllm"),
+    )
 
 
 @pytest.fixture(scope="session")

