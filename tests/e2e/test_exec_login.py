@@ -60,7 +60,14 @@ def pool_manifest() -> str:
         "apiVersion": "lorafleet.io/v1alpha1",
         "kind": "TrainerPool",
         "metadata": {"name": POOL},
-        "spec": {"baseModel": "builtin:tiny", "replicas": 1, "gpu": False, "cache": {"capacity": "256Mi"}},
+        # Ephemeral by choice: this test is about logging in, not about keeping weights.
+        "spec": {
+            "baseModel": "builtin:tiny",
+            "replicas": 1,
+            "gpu": False,
+            "cache": {"capacity": "256Mi"},
+            "storage": {"ephemeral": True},
+        },
     }
     return yaml.safe_dump(pool)
 
