@@ -142,3 +142,17 @@ def test_longest_mount_wins() -> None:
     assert pod_specs.map_path("/data/cache/a", volumes) == "/local/cache/a"
     assert pod_specs.map_path("/data/b", volumes) == "/local/data/b"
     assert pod_specs.map_path("/database", volumes) == "/database"
+
+
+def test_resource_field_refs_resolve_as_the_kubelet_does() -> None:
+    container = {"resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "500m"}}}
+
+    def ref(resource: str, divisor: str = "1") -> str:
+        return pod_specs._resource_field_ref(container, {"resource": resource, "divisor": divisor})
+
+    assert ref("requests.cpu", "1m") == "2000"
+    assert ref("limits.cpu", "1m") == "500"
+    assert ref("limits.cpu") == "1"  # rounded up, as the kubelet does
+    assert ref("requests.memory") == str(2**30)
+    # Unset: the node's capacity (here, this machine's) stands in.
+    assert int(pod_specs._resource_field_ref({}, {"resource": "requests.cpu", "divisor": "1m"})) >= 1000

@@ -167,9 +167,52 @@ def _env(pod: Pod, container: Mapping[str, Any], ip: str, lookup: Lookup) -> dic
                     f"env {item['name']}: {kind} {ref[key]['name']} has no key {ref[key]['key']!r}"
                 )
             env[item["name"]] = data.get(ref[key]["key"], "")
+        elif "resourceFieldRef" in ref:
+            env[item["name"]] = _resource_field_ref(container, ref["resourceFieldRef"])
         else:
-            env[item["name"]] = ""  # resourceFieldRef: limits mean nothing to a local process
+            raise PodSpecError(
+                f"env {item['name']}: valueFrom {sorted(ref)} is not supported by the local runner"
+            )
     return env
+
+
+_SUFFIXES = {
+    "m": 1e-3,
+    "": 1,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def _quantity(text: str) -> float:
+    number = text.rstrip("".join({c for suffix in _SUFFIXES for c in suffix}))
+    suffix = text[len(number) :]
+    if suffix not in _SUFFIXES or not number:
+        raise PodSpecError(f"quantity {text!r} is not supported by the local runner")
+    return float(number) * _SUFFIXES[suffix]
+
+
+def _resource_field_ref(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """What the kubelet puts there: the container's request or limit, in units of ``divisor``
+    rounded up; where the container sets none, this machine's capacity stands for the node's."""
+    kind, _, resource = str(ref["resource"]).partition(".")
+    value = (container.get("resources") or {}).get(kind, {}).get(resource)
+    if value is not None:
+        amount = _quantity(str(value))
+    elif resource == "cpu":
+        amount = float(os.cpu_count() or 1)
+    elif resource == "memory":
+        amount = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    else:
+        raise PodSpecError(f"resourceFieldRef {ref['resource']!r} is not supported by the local runner")
+    divisor = _quantity(str(ref.get("divisor", "1")))
+    return str(max(1, -int(-amount // divisor)) if amount else 0)
 
 
 def _readiness(container: Mapping[str, Any]) -> tuple[str, int] | None:
