@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tests.trainer.engine_helpers import max_diff, samples, stored_state
 
-from lorafleet_trainer import storage
+from lorafleet_trainer import sampling, storage
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.ids import AdapterId
 
@@ -47,6 +47,29 @@ def test_cache_and_no_cache_train_identically(make_engine: Callable[..., Any]) -
     # Entries are keyed by their own adapter: alice's entry is not bob's state.
     ea, eb = cached.cache.peek(A), cached.cache.peek(B)
     assert ea is not None and eb is not None and max_diff(ea.as_dict(), eb.as_dict()) > 1e-4
+
+
+def test_a_generate_that_misses_fills_the_cache_so_the_next_call_reads_nothing(
+    make_engine: Callable[..., Any],
+) -> None:
+    engine = make_engine()
+    engine.init_adapter(A, LORA, 1)
+    engine.distill(A, samples(1))
+    assert engine.evict(A) is True
+    size = _adapter_bytes(engine, A)
+    reads = engine.store.read_bytes
+    prompt, greedy = sampling.Prompt(token_ids=(5, 9, 14)), sampling.SamplingParams(max_tokens=4)
+    first = engine.generate(A, prompt, greedy)
+    assert first.cache_hit is False and engine.store.read_bytes == reads + size
+    entry = engine.cache.peek(A)
+    assert entry is not None and entry.version == 1  # what was read is now the entry
+    assert max_diff(entry.as_dict(), stored_state(engine.store, A)) == 0.0
+    reads = engine.store.read_bytes  # the check above read storage too
+    again = engine.generate(A, prompt, greedy)
+    assert again.cache_hit is True and again.token_ids == first.token_ids
+    step = engine.distill(A, samples(2))
+    assert step.cache_hit and step.storage_read_bytes == 0 and engine.store.read_bytes == reads
+    assert step.version == 2 and engine.cache.peek(A) is not None
 
 
 def test_warm_step_reads_nothing_cold_step_reads_adapter_once(make_engine: Callable[..., Any]) -> None:

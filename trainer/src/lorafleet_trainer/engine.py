@@ -285,7 +285,8 @@ class TrainerEngine:
 
         A hit and a miss take the same path: a state bundle (the cache entry, or one read from
         storage) handed to the slot, which copies it in unless it already holds that version.
-        Only a cache entry is trusted to match the slot's copy; a miss always copies.
+        Only a cache entry is trusted to match the slot's copy; a miss always copies, and then
+        becomes the cache entry.
         """
         entry = self.cache.get(adapter)
         if entry is not None and entry.holds(adapter, meta.version, meta.epoch):
@@ -296,6 +297,10 @@ class TrainerEngine:
         source = self.store.read_tensors(adapter)
         source.label(adapter, meta.version, meta.epoch)
         slot.restore(source, reuse=False)
+        if self.cache.enabled:
+            # What was read is what the cache would hold: a later call (a generate, the next step)
+            # hits instead of reading storage again, and a step's snapshot reuses its buffer.
+            self.cache.put(source)
         return False
 
     def distill(

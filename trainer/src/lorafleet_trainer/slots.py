@@ -150,7 +150,8 @@ class LoraSlot:
         made a weight non-finite is refused without a second synchronisation.
         """
         spare = self.spare
-        if spare is None or spare.layout != self.layout:
+        # A bundle read from storage (a cache miss) is pageable: a copy into it would wait.
+        if spare is None or spare.layout != self.layout or (self.pin and not spare.flat.is_pinned()):
             spare = StateBundle.empty(self.layout, "cpu", pin=self.pin)
         self.spare = None
         spare.copy_from(self.state, non_blocking=True)
