@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet_local.fleet import EXAMPLES, POOL, RELEASE, Fleet, feedback_for
+from lorafleet_local.fleet import EXAMPLES, POOL, RELEASE, Fleet, feedback_for, pool_manifest
 from lorafleet_local.kube import CommandError, Kube
 from lorafleet_local.polling import eventually
 
@@ -73,7 +73,7 @@ def test_invalid_manifests_are_rejected_by_the_api_server(scenario: Fleet, manif
 def test_the_example_pool_and_adapters_become_ready(scenario: Fleet) -> None:
     kube = scenario.kube
     start = time.monotonic()
-    kube.apply(EXAMPLES / "pool.yaml", namespace=NS)
+    kube.apply(pool_manifest("builtin:tiny"), namespace=NS)
     kube.apply(EXAMPLES / "adapters.yaml", namespace=NS)
     kube.kubectl(
         "wait", f"trainerpool/{POOL}", "-n", NS, "--for=condition=Ready", f"--timeout={READY_TIMEOUT}"

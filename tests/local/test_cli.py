@@ -22,10 +22,11 @@ def lorafleet_local(*args: str, timeout: float = 300) -> subprocess.CompletedPro
     )
 
 
-def test_demo_refuses_a_run_too_short_to_warm_the_cache() -> None:
-    done = lorafleet_local("demo", "--steps", "1")
+@pytest.mark.parametrize("steps", ["0", "51"])
+def test_demo_refuses_a_step_count_out_of_range(steps: str) -> None:
+    done = lorafleet_local("demo", "--steps", steps)
     assert done.returncode == 2
-    assert "--steps must be at least 2" in done.stderr
+    assert f"--steps must be between 1 and 50, not {steps}" in done.stderr
 
 
 def test_down_without_a_cluster_says_so_and_succeeds(tmp_path: Path) -> None:

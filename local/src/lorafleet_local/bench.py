@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, feedback_for
+from lorafleet_local.fleet import POOL, Fleet, feedback_for, pool_manifest
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
 
@@ -89,7 +89,7 @@ def run(workdir: Path, many: int) -> dict[str, float]:
     fleet = None
     try:
         fleet = Fleet.install(kube, NAMESPACE, workdir)
-        kube.apply(EXAMPLES / "pool.yaml", namespace=NAMESPACE)
+        kube.apply(pool_manifest("builtin:tiny"), namespace=NAMESPACE)
         patch = json.dumps({"spec": {"maxAdaptersPerPod": MAX_PER_POD}})
         kube.kubectl("patch", "trainerpool", POOL, "-n", NAMESPACE, "--type=merge", "-p", patch)
         kube.kubectl(

@@ -118,7 +118,14 @@ def parser() -> argparse.ArgumentParser:
     up_parser.add_argument("--no-pods", action="store_true", help="no pod runner: pods stay Pending")
     up_parser.add_argument("--foreground", action="store_true", help="run in this terminal until Ctrl-C")
     run_demo = commands.add_parser("demo", help="LoraFleet end to end on a fresh local cluster")
-    run_demo.add_argument("--steps", type=int, default=4, help="training rounds over the adapters (4)")
+    run_demo.add_argument(
+        "--model",
+        default=demo.MODEL,
+        help="the pool's base model (%(default)s; builtin:tiny: quick, learns nothing)",
+    )
+    run_demo.add_argument(
+        "--steps", type=int, help="SDPO steps per adapter (default: each goal's, examples/goals/*.json)"
+    )
     run_demo.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
     return top
 
@@ -127,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     top = parser()
     args = top.parse_args(argv)
     if args.command == "demo":
-        if args.steps < 2:
-            top.error("--steps must be at least 2 (the first round warms the cache)")
-        return demo.main(args.steps, args.workdir)
+        if args.steps is not None and not 1 <= args.steps <= 50:
+            top.error(f"--steps must be between 1 and 50, not {args.steps}")
+        return demo.main(args.model, args.steps, args.workdir)
     workdir = args.dir.resolve()
     if args.command == "down":
         return down(workdir, args.timeout)

@@ -1,56 +1,62 @@
-"""The demo (`lorafleet-local demo`, `make demo`): LoraFleet end to end on the local cluster.
+"""The demo (`lorafleet-local demo`, `make demo`): feedback that visibly changes a real model.
 
-It starts the control plane (or uses KUBECONFIG), installs the chart with Helm, applies the example
-pool and adapters (builtin:tiny on two CPU pods), trains each adapter on the example feedback with a
-progress display, shows `kubectl get loraadapters` and the cache figures from a real Prometheus,
-deletes an adapter to show its cache entry leaving the trainer, and tears everything down.
+It starts the control plane (or uses KUBECONFIG), installs the chart with Helm and applies the
+example pool and adapters: `builtin:smollm2` (SmolLM2-135M-Instruct) on two CPU trainer pods. Each
+example adapter has a feedback goal (examples/goals: French, a pirate, one short sentence). Through
+the trainer's HTTP API at each adapter's `status.endpoint` the demo asks every adapter a held-out
+question (the answer before), takes a rollout of each training question and adds the feedback, trains
+every adapter with SDPO steps on that batch (the two pods in parallel, a line per step with its
+loss), and asks again (the answer after). Then `kubectl get`, the cache figures from a real
+Prometheus, a delete that evicts the adapter's cache entry, a summary table, and teardown.
 
-    lorafleet-local demo [--steps N] [--workdir DIR]
+    lorafleet-local demo [--model builtin:smollm2] [--steps N] [--workdir DIR]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, feedback_for
+from lorafleet_local import goals
+from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
 
 NAMESPACE = "lorafleet-demo"
 ADAPTERS = ("alice", "bob", "carol")
 EVICTED = "bob"
-STAGES = 7
+MODEL = "builtin:smollm2"
+STAGES = 10
 
 
 class Display:
-    """Numbered stages with elapsed time; a one-line progress bar when stdout is a terminal."""
+    """Numbered stages with elapsed time; lines from several threads never interleave."""
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.stage = 0
-        self.tty = sys.stdout.isatty()
+        self.lock = threading.Lock()
 
     def elapsed(self) -> str:
         return f"{time.monotonic() - self.start:6.1f}s"
 
     def section(self, title: str) -> None:
         self.stage += 1
-        print(f"\n[{self.stage}/{STAGES}] {self.elapsed()}  {title}", flush=True)
+        self.out(f"\n[{self.stage}/{STAGES}] {self.elapsed()}  {title}")
 
     def line(self, text: str) -> None:
-        print(f"        {text}", flush=True)
+        self.out(f"        {text}")
 
-    def progress(self, done: int, total: int, text: str) -> None:
-        width = 24
-        filled = width * done // total
-        bar = "#" * filled + "." * (width - filled)
-        end = "" if self.tty and done < total else "\n"
-        prefix = "\r" if self.tty else ""
-        print(f"{prefix}        [{bar}] {done:3d}/{total} {text:<60}", end=end, flush=True)
+    def out(self, text: str) -> None:
+        with self.lock:
+            print(text, flush=True)
 
 
 def wait_ready(kube: Kube, show: Display) -> None:
@@ -67,45 +73,105 @@ def wait_ready(kube: Kube, show: Display) -> None:
                 show.line(f"{show.elapsed()}  {name:<6} {phase:<8} {pod}")
         return len(items) == len(ADAPTERS) and all(seen.get(n) == "Ready" for n in ADAPTERS)
 
-    eventually("every example adapter to be Ready", all_ready, timeout=600, interval=1.0)
+    eventually("every example adapter to be Ready", all_ready, timeout=300, interval=1.0)
 
 
-def train(fleet: Fleet, show: Display, steps: int) -> tuple[dict[str, float], dict[str, int]]:
-    """steps rounds over every adapter; storage reads before/after the warm rounds, and versions."""
-    total = steps * len(ADAPTERS)
-    done = 0
-    reads: dict[str, float] = {}
-    versions: dict[str, int] = {}
-    urls = {name: fleet.adapter_url(name) for name in ADAPTERS}
-    for round_ in range(steps):
-        if round_ == 1:
-            # From the second round on every adapter is in its pod's cache.
-            reads["before_warm"] = fleet.scraped(
-                "sum(lorafleet_trainer_storage_read_bytes_total)", time.time()
+def quoted(text: str, width: int = 96) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def by_pod(fleet: Fleet) -> list[list[str]]:
+    """The example adapters grouped by the pod they are placed on."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in ADAPTERS:
+        groups[fleet.adapter(name)["status"]["pod"]].append(name)
+    return list(groups.values())
+
+
+def per_pod(fleet: Fleet, work: Callable[[list[str]], None]) -> None:
+    """work(names) for each pod's adapters, the pods at the same time; the first error is raised."""
+    errors: list[BaseException] = []
+
+    def guarded(names: list[str]) -> None:
+        try:
+            work(names)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(names,)) for names in by_pod(fleet)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def ask_before(
+    fleet: Fleet, show: Display, urls: dict[str, str], steps: int | None
+) -> dict[str, goals.GoalRun]:
+    """Each adapter's held-out answer before training, and its batch of rollouts with feedback."""
+    runs: dict[str, goals.GoalRun] = {}
+
+    def ask(names: list[str]) -> None:
+        for name in names:
+            goal = goals.Goal.of(name)
+            if steps is not None:
+                goal = dataclasses.replace(goal, steps=steps)
+            run = runs[name] = goals.before(fleet.call, urls[name], goal)
+            show.out(
+                f"        {name:<6} feedback: {goal.feedback!r}\n"
+                f"               asked:    {goal.held_out!r}\n"
+                f"               answer:   {quoted(run.before)}\n"
+                f"               rollouts: {len(run.samples)} training answers, feedback added"
             )
-        for name in ADAPTERS:
-            began = time.monotonic()
-            code, step = fleet.call("POST", urls[name] + "/distill", feedback_for(name))
-            if code != 200:
-                raise RuntimeError(f"distill {name}: {code} {step}")
-            done += 1
-            versions[name] = int(step["version"])
-            loss = step["metrics"].get("total_loss", float("nan"))
-            ms = (time.monotonic() - began) * 1000
-            show.progress(
-                done,
-                total,
-                f"{name:<6} v{step['version']:<3} {step['cache']:<4} loss {loss:8.4f} {ms:6.0f} ms",
-            )
-    reads["after_warm"] = fleet.scraped("sum(lorafleet_trainer_storage_read_bytes_total)", time.time())
-    return reads, versions
+
+    per_pod(fleet, ask)
+    return runs
 
 
-def wait_versions(fleet: Fleet, show: Display, versions: dict[str, int]) -> None:
+def train(fleet: Fleet, show: Display, urls: dict[str, str], runs: dict[str, goals.GoalRun]) -> None:
+    """Every adapter's steps; adapters on different pods train at the same time."""
+    total = sum(run.goal.steps for run in runs.values())
+    done = [0]
+
+    def steps(names: list[str]) -> None:
+        # Round robin over the pod's adapters: each step finds its adapter in the CPU cache.
+        for index in range(max(runs[n].goal.steps for n in names)):
+            for name in names:
+                run = runs[name]
+                if index >= run.goal.steps:
+                    continue
+                answer = goals.step(fleet.call, urls[name], run)
+                with show.lock:
+                    done[0] += 1
+                    count = done[0]
+                show.line(
+                    f"[{count:3d}/{total}] {name:<6} v{answer['version']:<3} {answer['cache']:<4} "
+                    f"distill loss {run.losses[-1]:.4f}  {run.step_ms[-1] / 1000:5.1f} s"
+                )
+
+    per_pod(fleet, steps)
+
+
+def ask_after(
+    fleet: Fleet, show: Display, urls: dict[str, str], runs: dict[str, goals.GoalRun]
+) -> list[goals.GoalRun]:
+    for name in ADAPTERS:
+        run = goals.after(fleet.call, urls[name], runs[name])
+        goal = run.goal
+        show.line(f"{name:<6} asked:  {goal.held_out!r}")
+        show.line(f"       before: {quoted(run.before)}")
+        show.line(f"       after:  {quoted(run.after)}  (v{run.version})")
+    return [runs[name] for name in ADAPTERS]
+
+
+def wait_versions(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
     """The operator copies each adapter's version into its status on its resync; wait for that."""
 
     def reported() -> bool:
-        return all(fleet.adapter(n)["status"].get("version") == v for n, v in versions.items())
+        return all(fleet.adapter(r.goal.adapter)["status"].get("version") == r.version for r in runs)
 
     try:
         eventually("status.version to catch up", reported, timeout=60, interval=1.0)
@@ -132,7 +198,22 @@ def evict(fleet: Fleet, show: Display) -> None:
         show.line(f"evictions{{reason={series['metric'].get('reason')}}} = {series['value'][1]}")
 
 
-def run(workdir: Path, steps: int) -> None:
+def summary(show: Display, runs: list[goals.GoalRun]) -> None:
+    show.line(f"{'adapter':<8}{'goal':<14}{'steps':>5}  {'distill loss':<17}{'held-out answer':<34}moved")
+    for run in runs:
+        goal = run.goal
+        loss = f"{run.losses[0]:.4f} → {run.losses[-1]:.4f}" if run.losses else "-"
+        figure = f"{goal.score(run.before):.2f} → {goal.score(run.after):.2f} {goal.measure()}"
+        show.line(
+            f"{goal.adapter:<8}{goal.goal:<14}{len(run.losses):>5}  {loss:<17}{figure:<34}"
+            f"{'yes' if run.moved else 'no'}"
+        )
+    steps = [ms for run in runs for ms in run.step_ms]
+    if steps:
+        show.line(f"mean step time {sum(steps) / len(steps) / 1000:.1f} s over {len(steps)} steps")
+
+
+def run(workdir: Path, model: str, steps: int | None) -> None:
     show = Display()
     show.section(
         "starting the local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)"
@@ -146,18 +227,29 @@ def run(workdir: Path, steps: int) -> None:
         show.line(
             f"operator {fleet.operator_pod}: ServiceAccount {fleet.operator()['spec']['serviceAccountName']}"
         )
-        show.section(
-            "kubectl apply -f examples/pool.yaml -f examples/adapters.yaml  (builtin:tiny, 2 CPU pods)"
-        )
+        show.section(f"kubectl apply -f examples/pool.yaml -f examples/adapters.yaml  ({model}, 2 CPU pods)")
+        kube.apply(pool_manifest(model), namespace=NAMESPACE)
+        # Adapters go to Ready pods: with both pods up they spread, and the two train side by side.
+        # On a fresh machine each pod first converts the model into the model cache.
         kube.kubectl(
-            "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "pool.yaml"), "-f", str(EXAMPLES / "adapters.yaml")
-        )
+            "wait", f"trainerpool/{POOL}", "-n", NAMESPACE, "--for=condition=Ready", "--timeout=900s",
+            timeout=960,
+        )  # fmt: skip
+        show.line(f"{show.elapsed()}  trainerpool/{POOL} Ready")
+        kube.apply(EXAMPLES / "adapters.yaml", namespace=NAMESPACE)
         wait_ready(kube, show)
         fleet.refresh_targets()
-        show.section(f"training: {steps} SDPO steps per adapter on the example feedback")
-        reads, versions = train(fleet, show, steps)
+        urls = {name: fleet.adapter_url(name) for name in ADAPTERS}
+        show.section("before training: each adapter's feedback goal and its answer to a held-out question")
+        started = ask_before(fleet, show, urls, steps)
+        reads_before = fleet.scraped("sum(lorafleet_trainer_storage_read_bytes_total)", time.time())
+        show.section("training: SDPO steps on each adapter's rollouts and feedback (the pods in parallel)")
+        train(fleet, show, urls, started)
+        reads_after = fleet.scraped("sum(lorafleet_trainer_storage_read_bytes_total)", time.time())
+        show.section("after training: the same held-out questions")
+        runs = ask_after(fleet, show, urls, started)
         show.section("kubectl get trainerpools,loraadapters")
-        wait_versions(fleet, show, versions)
+        wait_versions(fleet, show, runs)
         for line in kube.kubectl("get", "trainerpools,loraadapters", "-n", NAMESPACE).stdout.splitlines():
             show.line(line)
         show.section("from Prometheus (scraping the trainer pods)")
@@ -168,27 +260,27 @@ def run(workdir: Path, steps: int) -> None:
             else "no cache series"
         )
         total_reads = fleet.prometheus.value("sum(lorafleet_trainer_storage_read_bytes_total)") or 0.0
-        show.line(f"adapter storage bytes read (all steps)   {total_reads:.0f}")
-        show.line(
-            f"adapter storage bytes read (warm steps)  {reads['after_warm'] - reads['before_warm']:.0f}"
-        )
+        show.line(f"adapter storage bytes read (all calls)   {total_reads:.0f}")
+        show.line(f"adapter storage bytes read (training)    {reads_after - reads_before:.0f}")
         for series in fleet.prometheus.query("lorafleet_trainer_cache_entries"):
             show.line(f"cache entries on {series['metric'].get('pod'):<12}            {series['value'][1]}")
         show.section(f"kubectl delete loraadapter {EVICTED}: its cache entry leaves the trainer")
         evict(fleet, show)
+        show.section("summary")
+        summary(show, runs)
     finally:
-        print(f"\n        {show.elapsed()}  tearing down", flush=True)
+        show.out(f"\n        {show.elapsed()}  tearing down")
         if fleet is not None:
             fleet.uninstall()
         kube.stop()
-    print(f"\ndemo finished in {show.elapsed().strip()} (pool {POOL}, namespace {NAMESPACE})", flush=True)
+    show.out(f"\ndemo finished in {show.elapsed().strip()} (pool {POOL}, namespace {NAMESPACE})")
 
 
-def main(steps: int, workdir: Path | None) -> int:
+def main(model: str, steps: int | None, workdir: Path | None) -> int:
     """Run the demo; logs stay in ``workdir`` if given (a temporary directory is removed)."""
     scratch = workdir or Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
     try:
-        run(scratch, steps)
+        run(scratch, model, steps)
     except Exception as exc:
         print(f"\ndemo failed: {exc}\nlogs: {scratch}", file=sys.stderr, flush=True)
         return 1

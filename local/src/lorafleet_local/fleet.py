@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lorafleet_local import checkout, processes
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
@@ -29,6 +31,18 @@ RELEASE = "lorafleet"
 POOL = "demo"
 TRAINER_PORT = 8080
 HELM_SET_ENV = "LORAFLEET_E2E_HELM_SET"  # comma-separated `--set` values added to every install
+
+
+def pool_manifest(model: str | None = None) -> str:
+    """examples/pool.yaml (its claim and the `demo` pool), the pool's baseModel set to ``model``.
+
+    The example serves the real instruct model; the e2e and fault tests give it builtin:tiny.
+    """
+    documents = list(yaml.safe_load_all((EXAMPLES / "pool.yaml").read_text()))
+    if model is not None:
+        (pool,) = [d for d in documents if d["kind"] == "TrainerPool"]
+        pool["spec"]["baseModel"] = model
+    return yaml.safe_dump_all(documents)
 
 
 def feedback_for(name: str) -> dict[str, Any]:
