@@ -8,6 +8,7 @@ steps, where Adam's division by small second moments amplifies rounding most).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import samples
 
+from lorafleet_trainer import engine as engine_module
 from lorafleet_trainer.bundles import STATE_DTYPE
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.engine import EngineConfig, TrainerEngine
@@ -60,3 +62,19 @@ def test_dtype_is_checked(tmp_path: Path) -> None:
         TrainerEngine(EngineConfig(storage_root=tmp_path, device="cpu", dtype="float16"))
     assert half.value.field == "dtype"
     assert TrainerEngine(EngineConfig(storage_root=tmp_path, device="cpu")).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_matmul_is_warned_about(
+    native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On an AVX2 CPU a bf16 step of builtin:smollm2 took 43 s against 5.8 s in float32.
+    monkeypatch.setattr(engine_module, "cpu_has_bf16_matmul", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine"):
+        assert engine_module._resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert bool(warned) is not native
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine"):
+        assert engine_module._resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert not caplog.records

@@ -38,10 +38,14 @@ def peak_rss_mib(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", help="the base weights' dtype (float32, bfloat16)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this may use)")
     args = parser.parse_args()
+    extra = ["--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        server = live.start_trainer(Path(tmp), base_model="builtin:smollm2")
+        server = live.start_trainer(Path(tmp), base_model="builtin:smollm2", args=extra)
+        print(f"builtin:smollm2, base {args.dtype}, threads {args.threads or 'auto'}")
         ready = time.perf_counter() - started
         print(f"ready in {ready:.1f} s; peak RSS {peak_rss_mib(server.process.pid):.0f} MiB")
         c = server.client(timeout=900)
