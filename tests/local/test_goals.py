@@ -78,3 +78,11 @@ def test_every_example_goal_loads() -> None:
     for path in sorted(goals.GOALS.glob("*.json")):
         goal = goals.Goal.load(path)
         assert goal.adapter == Path(path).stem and goal.steps >= 1
+
+
+def test_the_cli_takes_the_adapters_route_or_status_endpoint_and_its_namespace() -> None:
+    route = "http://127.70.0.4:8080/v1/adapters/mine/dave"
+    assert goals.adapter_route(route + "/", None, "dave") == route
+    assert goals.adapter_route("http://127.70.0.4:8080", "mine", "dave") == route
+    with pytest.raises(ValueError, match="give --namespace"):
+        goals.adapter_route("http://127.70.0.4:8080", None, "dave")

@@ -8,7 +8,8 @@ question, add the feedback to each rollout, post the batch to ``distill`` ``step
 the held-out question again. Greedy decoding throughout, so a run is deterministic.
 
 The demo runs each example adapter's goal; `python -m lorafleet_local.goals URL GOAL.json` runs one
-against any trainer (the adapter must exist there).
+against any trainer (the adapter must exist there): URL is the adapter's route, or the trainer's
+base URL as `status.endpoint` gives it with `--namespace` (the adapter's name is the goal's).
 """
 
 from __future__ import annotations
@@ -151,13 +152,26 @@ def run_goal(call: Call, url: str, goal: Goal, on_step: Callable[[GoalRun], None
     return after(call, url, run)
 
 
+def adapter_route(url: str, namespace: str | None, adapter: str) -> str:
+    """The adapter's route from its route or from a trainer's base URL and the namespace."""
+    url = url.rstrip("/")
+    if "/v1/adapters/" in url:
+        return url
+    if not namespace:
+        raise ValueError(f"{url} is a trainer's base URL: give --namespace, or the adapter's route")
+    return f"{url}/v1/adapters/{namespace}/{adapter}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import urllib.error
     import urllib.request
 
     parser = argparse.ArgumentParser(prog="python -m lorafleet_local.goals", description=__doc__)
-    parser.add_argument("url", help="the adapter's route, e.g. http://127.0.0.1:8080/v1/adapters/ns/alice")
+    parser.add_argument(
+        "url", help="the adapter's route (http://HOST:8080/v1/adapters/NS/NAME) or status.endpoint"
+    )
+    parser.add_argument("--namespace", help="the adapter's namespace, when URL is status.endpoint")
     parser.add_argument("goal", type=Path, help="a goal file, e.g. examples/goals/alice.json")
     parser.add_argument("--token", default="", help="the trainer's bearer token, if it asks for one")
     args = parser.parse_args(argv)
@@ -175,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                 return exc.code, json.loads(exc.read() or b"null")
 
     goal = Goal.load(args.goal)
+    try:
+        route = adapter_route(args.url, args.namespace, goal.adapter)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     def show(run: GoalRun) -> None:
         print(
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"{goal.adapter}: {goal.feedback}")
-    run = run_goal(call, args.url.rstrip("/"), goal, show)
+    run = run_goal(call, route, goal, show)
     print(f"before: {run.before!r}  ({goal.measure()} {goal.score(run.before):.2f})")
     print(f"after:  {run.after!r}  ({goal.measure()} {goal.score(run.after):.2f})")
     print("moved towards the goal" if run.moved else "did not move towards the goal")
