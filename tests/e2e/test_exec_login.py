@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from lorafleet_local import processes
-from lorafleet_local.fleet import feedback_for
+from lorafleet_local.fleet import call_trainer, feedback_for
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
 
@@ -207,15 +207,7 @@ class Trainer:
         self.kube, self.token = kube, token
 
     def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return int(response.status), json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read() or b"null")
+        return call_trainer(method, url, body, self.token, timeout=300)
 
     def adapter_url(self, name: str, status: dict[str, Any]) -> str:
         route = f"/v1/adapters/{NS}/{name}"

@@ -2,7 +2,7 @@
 
 It starts the control plane (or uses KUBECONFIG), installs the chart with Helm and applies the
 example pool and adapters: `builtin:smollm2` (SmolLM2-135M-Instruct) on two CPU trainer pods. Each
-example adapter has a feedback goal (examples/goals: French, a pirate, one short sentence). Through
+example adapter has a feedback goal (examples/goals: French, one word, one short sentence). Through
 the trainer's HTTP API at each adapter's `status.endpoint` the demo asks every adapter a held-out
 question (the answer before), takes a rollout of each training question and adds the feedback, trains
 every adapter with SDPO steps on that batch (the two pods in parallel, a line per step with its

@@ -33,16 +33,35 @@ TRAINER_PORT = 8080
 HELM_SET_ENV = "LORAFLEET_E2E_HELM_SET"  # comma-separated `--set` values added to every install
 
 
-def pool_manifest(model: str | None = None) -> str:
+def pool_manifest(model: str) -> str:
     """examples/pool.yaml (its claim and the `demo` pool), the pool's baseModel set to ``model``.
 
     The example serves the real instruct model; the e2e and fault tests give it builtin:tiny.
     """
     documents = list(yaml.safe_load_all((EXAMPLES / "pool.yaml").read_text()))
-    if model is not None:
-        (pool,) = [d for d in documents if d["kind"] == "TrainerPool"]
-        pool["spec"]["baseModel"] = model
+    (pool,) = [d for d in documents if d["kind"] == "TrainerPool"]
+    pool["spec"]["baseModel"] = model
     return yaml.safe_dump_all(documents)
+
+
+def call_trainer(
+    method: str, url: str, body: Any = None, token: str = "", timeout: float = 120.0
+) -> tuple[int, Any]:
+    """One trainer API call, JSON in and out, with a bearer token if given; (status code, decoded JSON).
+
+    An error status is an answer like any other (its JSON body names what was wrong), not an exception.
+    """
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"null")
 
 
 def feedback_for(name: str) -> dict[str, Any]:
@@ -142,17 +161,8 @@ class Fleet:
         return self.kube.reach(self.namespace, pod, TRAINER_PORT)
 
     def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
-        """One trainer API call with the bearer token; (status code, decoded JSON)."""
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read() or b"null")
+        """One trainer API call with the trainers' bearer token; (status code, decoded JSON)."""
+        return call_trainer(method, url, body, self.token)
 
     def adapter_url(self, name: str, status: dict[str, Any] | None = None) -> str:
         """The adapter's trainer route, from its status.endpoint (read now unless ``status`` is

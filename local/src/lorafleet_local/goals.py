@@ -14,6 +14,7 @@ base URL as `status.endpoint` gives it with `--namespace` (the adapter's name is
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet_local import checkout
+from lorafleet_local.fleet import call_trainer
 
 GOALS = checkout.EXAMPLES / "goals"
 WORD = re.compile(r"[a-zàâçéèêëîïôûùüÿœ']+")
@@ -163,10 +165,6 @@ def adapter_route(url: str, namespace: str | None, adapter: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import urllib.error
-    import urllib.request
-
     parser = argparse.ArgumentParser(prog="python -m lorafleet_local.goals", description=__doc__)
     parser.add_argument(
         "url", help="the adapter's route (http://HOST:8080/v1/adapters/NS/NAME) or status.endpoint"
@@ -177,16 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def call(method: str, url: str, body: Any) -> tuple[int, Any]:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
-        request.add_header("Content-Type", "application/json")
-        if args.token:
-            request.add_header("Authorization", f"Bearer {args.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=900) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read() or b"null")
+        return call_trainer(method, url, body, args.token, timeout=900)
 
     goal = Goal.load(args.goal)
     try:
