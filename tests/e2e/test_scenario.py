@@ -97,7 +97,7 @@ def test_the_example_pool_and_adapters_become_ready(scenario: Fleet) -> None:
 
 def test_kubectl_get_shows_the_printer_columns(scenario: Fleet) -> None:
     out = scenario.kube.kubectl("get", "loraadapters", "-n", NS).stdout.splitlines()
-    assert out[0].split() == ["NAME", "POOL", "POD", "PHASE", "VERSION", "CACHED", "AGE"]
+    assert out[0].split() == ["NAME", "POOL", "POD", "PHASE", "VERSION", "CACHED", "SERVED", "AGE"]
     rows = {line.split()[0]: line.split() for line in out[1:]}
     assert set(rows) == set(ADAPTERS)
     assert all(row[1] == POOL and row[3] == "Ready" for row in rows.values())

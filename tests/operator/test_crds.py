@@ -109,7 +109,7 @@ def test_names_status_subresource_and_columns(kind: str, short: str) -> None:
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     if kind == "LoraAdapter":
-        assert columns == ["Pool", "Pod", "Phase", "Version", "Cached", "Age"]
+        assert columns == ["Pool", "Pod", "Phase", "Version", "Cached", "Served", "Age"]
 
 
 def test_lora_is_immutable_by_cel() -> None:

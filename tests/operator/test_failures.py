@@ -119,6 +119,10 @@ class Trainers:
         self._check("evict")
         return True
 
+    async def unpublish(self, base: str, namespace: str, name: str) -> dict[str, str]:
+        self._check("unpublish")
+        return {}
+
     async def cache(self, base: str) -> dict[str, Any]:
         self._check("cache")
         return {"used_bytes": 0}

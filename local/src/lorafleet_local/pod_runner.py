@@ -1,7 +1,7 @@
 """The local cluster's kubelet: runs LoraFleet's Pods as local processes on a control plane with no nodes.
 
 It watches Pods through the API server; for each pod that pod_specs recognises (trainer pods of a
-pool, the chart's operator pod) a worker thread gives it its own loopback address (127.X.Y.Z),
+pool, the chart's operator pod, vLLM server pods) a worker thread gives it its own loopback address (127.X.Y.Z),
 materialises its Secret/ConfigMap volumes, starts the program with the pod's own args and env,
 and reports `podIP`, `phase` and the Ready/ContainersReady conditions from polling the pod's
 readiness probe. The operator pod gets a kubeconfig holding a TokenRequest token of its own
@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import urllib.request
@@ -29,6 +30,8 @@ import urllib3
 from lorafleet_local import kubeconfigs, pod_specs, processes
 
 VENV_BIN = Path(sys.executable).parent
+# vLLM's own virtualenv (`make vllm`), beside the project's: vLLM pins another transformers.
+VLLM_VENV = Path(os.environ.get("LORAFLEET_VLLM_VENV", VENV_BIN.parent.parent / ".venv-vllm"))
 RUNNER_ANNOTATION = "local.lorafleet.io/runner"
 
 
@@ -195,6 +198,18 @@ class PodWorker:
             self.stopping.set()
         child.kill()
 
+    def _model_dir(self, model: str) -> str:
+        """The local directory of a builtin model, as the trainers make it (for vLLM pods)."""
+        done = subprocess.run(
+            [str(self.runner.venv_bin / pod_specs.TRAINER), "model-dir", model],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise pod_specs.PodSpecError(f"--model {model}: {done.stderr.strip() or done.returncode}")
+        return done.stdout.strip()
+
     def _prepare(self) -> pod_specs.LocalPlan:
         plan = pod_specs.plan(
             self.pod,
@@ -204,6 +219,8 @@ class PodWorker:
             self.runner.workdir / "claims",
             self.runner.lookup,
             os.environ,
+            vllm_python=VLLM_VENV / "bin" / "python",
+            resolve_model=self._model_dir,
         )
         for volume in plan.volumes:
             volume.local.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,11 @@ from typing import Any
 POOL_LABEL = "lorafleet.io/pool"
 TRAINER = "lorafleet-trainer"
 OPERATOR = "lorafleet-operator"
+VLLM = "vllm"  # a pod of a vLLM image: vLLM's OpenAI server, from its own virtualenv
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# Models a vLLM pod may name by hub id, which this machine cannot download: the runner serves the
+# builtin that is the same model (builtin:smollm2 is converted from SmolLM2-135M-Instruct's weights).
+OFFLINE_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "builtin:smollm2"}
 ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
 # Host variables a container would not see but a local Python process needs to find its caches.
 PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME")
@@ -54,14 +59,23 @@ class LocalPlan:
     container: str
 
 
+def _is_vllm(container: Mapping[str, Any]) -> bool:
+    """An image of vLLM's (vllm/vllm-openai, a vllm-cpu build), or a command that runs its server."""
+    repository = str(container.get("image", "")).split("@")[0].rsplit(":", 1)[0]
+    words = [*(container.get("command") or []), *(container.get("args") or [])]
+    return os.path.basename(repository).startswith("vllm") or VLLM_MODULE in words[:3]
+
+
 def program_of(pod: Pod) -> str | None:
-    """Which LoraFleet program runs this pod, or None for pods the runner leaves alone."""
+    """Which program runs this pod (LoraFleet's or vLLM), or None for pods the runner leaves alone."""
     if POOL_LABEL in (pod["metadata"].get("labels") or {}):
         return TRAINER
     for container in pod["spec"].get("containers", []):
         words = [*(container.get("command") or []), *(container.get("args") or [])]
         if any(os.path.basename(w) == OPERATOR for w in words[:2]):
             return OPERATOR
+        if _is_vllm(container):
+            return VLLM
     return None
 
 
@@ -72,6 +86,8 @@ def _main_container(pod: Pod, program: str) -> Mapping[str, Any]:
     for container in containers:
         words = [*(container.get("command") or []), *(container.get("args") or [])]
         if any(os.path.basename(w) == program for w in words[:2]):
+            return container
+        if program == VLLM and _is_vllm(container):
             return container
     return containers[0]
 
@@ -228,6 +244,43 @@ def _readiness(container: Mapping[str, Any]) -> tuple[str, int] | None:
     return str(http_get.get("path", "/")), int(port)
 
 
+def _vllm_argv(
+    words: list[str],
+    volumes: list[Volume],
+    ip: str,
+    vllm_python: Path | None,
+    resolve_model: Callable[[str], str] | None,
+) -> list[str]:
+    """vLLM's server from its virtualenv, with the container's flags; the image's entrypoint
+    (``vllm serve [MODEL]`` or ``python3 -m vllm.entrypoints.openai.api_server``) is dropped and a
+    model this machine cannot download is served from its local copy."""
+    if vllm_python is None or not vllm_python.exists():
+        raise PodSpecError(f"a vLLM pod needs vLLM's virtualenv ({vllm_python or 'none given'}): run `make vllm`")
+    if VLLM_MODULE in words:
+        words = words[words.index(VLLM_MODULE) + 1 :]
+    elif words[:2] == ["vllm", "serve"]:
+        words = words[2:]
+        if words and not words[0].startswith("-"):
+            words = ["--model", *words]
+    args = [_localize(w, volumes, ip) for w in words]
+    for i, word in enumerate(args):
+        flag, eq, value = word.partition("=")
+        if word == "--model" and i + 1 < len(args):
+            args[i + 1] = _model(args[i + 1], resolve_model)
+        elif flag == "--model" and eq:
+            args[i] = f"--model={_model(value, resolve_model)}"
+    return [str(vllm_python), "-m", VLLM_MODULE, *args]
+
+
+def _model(name: str, resolve_model: Callable[[str], str] | None) -> str:
+    builtin = OFFLINE_MODELS.get(name, name if name.startswith("builtin:") else None)
+    if builtin is None:
+        return name
+    if resolve_model is None:
+        raise PodSpecError(f"--model {name}: the runner cannot resolve builtin models here")
+    return resolve_model(builtin)
+
+
 def plan(
     pod: Pod,
     ip: str,
@@ -236,8 +289,11 @@ def plan(
     claims_dir: Path,
     lookup: Lookup,
     host_env: Mapping[str, str],
+    vllm_python: Path | None = None,
+    resolve_model: Callable[[str], str] | None = None,
 ) -> LocalPlan:
-    """The local process for a pod that program_of() recognises."""
+    """The local process for a pod that program_of() recognises; a vLLM pod needs ``vllm_python``
+    (vLLM's virtualenv) and ``resolve_model`` (a builtin model id -> its local directory)."""
     program = program_of(pod)
     if program is None:
         raise PodSpecError(
@@ -246,14 +302,18 @@ def plan(
     container = _main_container(pod, program)
     volumes = _volumes(pod, container, pod_dir, claims_dir)
     words = [*(container.get("command") or []), *(container.get("args") or [])]
-    # The image's entrypoint is the program; a command naming it is replaced by the venv's script.
-    if words and os.path.basename(words[0]) == program:
-        words = words[1:]
-    argv = [str(venv_bin / program), *(_localize(w, volumes, ip) for w in words)]
-    if program == TRAINER and not any(w == "--host" or w.startswith("--host=") for w in argv):
+    if program == VLLM:
+        argv = _vllm_argv(words, volumes, ip, vllm_python, resolve_model)
+    else:
+        # The image's entrypoint is the program; a command naming it is replaced by the venv's script.
+        if words and os.path.basename(words[0]) == program:
+            words = words[1:]
+        argv = [str(venv_bin / program), *(_localize(w, volumes, ip) for w in words)]
+    if program in (TRAINER, VLLM) and not any(w == "--host" or w.startswith("--host=") for w in argv):
         argv += ["--host", ip]
     resolved = _env(pod, container, ip, lookup)
     env = {k: v for k, v in host_env.items() if k in PASSTHROUGH_ENV}
-    env["PATH"] = f"{venv_bin}{os.pathsep}{host_env.get('PATH', '/usr/bin:/bin')}"
+    bin_dir = vllm_python.parent if program == VLLM and vllm_python is not None else venv_bin
+    env["PATH"] = f"{bin_dir}{os.pathsep}{host_env.get('PATH', '/usr/bin:/bin')}"
     env.update({k: _localize(v, volumes, ip) for k, v in resolved.items()})
     return LocalPlan(program, argv, env, volumes, _readiness(container), str(container.get("name", "")))

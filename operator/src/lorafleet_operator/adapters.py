@@ -76,6 +76,10 @@ class Cache(_Spec):
     pinned: bool = False
 
 
+class Serving(_Spec):
+    name: str | None = Field(default=None, min_length=1, max_length=253)
+
+
 class AdapterSpec(_Spec):
     """What a LoraAdapter asks for."""
 
@@ -83,6 +87,7 @@ class AdapterSpec(_Spec):
     lora: Lora = Field(default_factory=Lora)
     training: Training = Field(default_factory=Training)
     cache: Cache = Field(default_factory=Cache)
+    serving: Serving = Field(default_factory=Serving)
     deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
 
 
@@ -91,9 +96,15 @@ def parse_spec(body: dict[str, Any]) -> AdapterSpec:
     return AdapterSpec.model_validate(body.get("spec") or {})
 
 
-def init_request(spec: AdapterSpec, epoch: int) -> dict[str, Any]:
+def served_name(spec: AdapterSpec, name: str) -> str:
+    """The adapter's model name on its pool's inference servers."""
+    return spec.serving.name or name
+
+
+def init_request(spec: AdapterSpec, epoch: int, name: str | None = None) -> dict[str, Any]:
     """The body of ``PUT /v1/adapters/{ns}/{name}``: snake_case, training fields only when set (the
-    trainer's own defaults fill the rest), and the cache pinning from ``spec.cache``."""
+    trainer's own defaults fill the rest), the cache pinning from ``spec.cache``, and (given the
+    adapter's ``name``) the name its versions are published under."""
     body: dict[str, Any] = {
         "lora": spec.lora.model_dump(by_alias=False),
         "epoch": epoch,
@@ -102,4 +113,6 @@ def init_request(spec: AdapterSpec, epoch: int) -> dict[str, Any]:
     training = spec.training.model_dump(by_alias=False, exclude_none=True)
     if training:
         body["training"] = training
+    if name is not None:
+        body["serving"] = {"name": served_name(spec, name)}
     return body

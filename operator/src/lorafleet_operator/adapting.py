@@ -133,7 +133,9 @@ async def _initialize(
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     epoch = int(status.get("epoch") or 1)
     try:
-        code = await rt.trainers.init(status["endpoint"], namespace, name, adapters.init_request(spec, epoch))
+        code = await rt.trainers.init(
+            status["endpoint"], namespace, name, adapters.init_request(spec, epoch, name)
+        )
     except trainers.TrainerError as exc:
         if exc.status == 409 and exc.field == "epoch" and may_advance:
             advanced = await _advance_epoch(rt, body, status)
@@ -188,13 +190,14 @@ async def _write(rt: Runtime, body: dict[str, Any], outcome: outcomes.Outcome) -
     the status as now stored."""
     meta = body["metadata"]
     stored = dict(body.get("status") or {})
+    before = dict(stored)
     desired = outcomes.adapter_status(stored, outcome, now=rt.clock(), generation=meta.get("generation"))
     if statuses.differs(stored, desired):
         await rt.kube.patch_adapter_status(meta["namespace"], meta["name"], desired)
     stored.update(desired)
     body["status"] = stored
     rt.metrics.set_phase(meta["namespace"], meta["name"], stored.get("phase"))
-    event = outcomes.announcement(outcome)
+    event = outcomes.announcement(outcome, before)
     if event is not None:
         announce(body, event.reason, event.message, warning=event.warning)
     return stored

@@ -48,6 +48,12 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
         _done(rt, meta)
         return
     try:
+        # First off the inference servers, so no server keeps answering with a deleted adapter.
+        unloads = await rt.trainers.unpublish(target, namespace, name)
+        stuck = {server: why for server, why in unloads.items() if why not in ("unloaded", "absent")}
+        if stuck:
+            listed = "; ".join(f"{server}: {why}" for server, why in sorted(stuck.items()))
+            announce(body, "UnpublishFailed", warning=True, message=f"Still loaded on {listed}")
         if delete_weights:
             await rt.trainers.delete(target, namespace, name)
             outcome, message = "deleted", "Deleted the stored adapter and its cache entry"

@@ -18,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from lorafleet_operator import adapting, credentials, evicting, failures, names, pooling
+from lorafleet_operator import adapting, credentials, evicting, failures, names, pooling, publishing
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime, Waiting
 from lorafleet_operator.settings import OperatorSettings
@@ -154,6 +154,18 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         if rt.pod_changed(body, deleted=type == "DELETED"):
             pod = body.get("metadata", {}).get("name")
             await pod_changed(rt, namespace or "", labels[names.POOL_LABEL], pod)
+
+    @kopf.on.event("", "v1", "pods", registry=registry)
+    async def server_event(
+        type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+    ) -> None:
+        # Inference server pods (a pool's spec.serving.selector): a new, gone or re-addressed
+        # server is told to the pool's trainers now, so a restarted server is served again at once.
+        rt: Runtime = memo.runtime
+        selecting = publishing.pools_selecting(rt, namespace or "", labels)
+        if selecting and rt.pod_changed(body, deleted=type == "DELETED"):
+            for pool in selecting:
+                await publishing.server_changed(rt, namespace or "", pool)
 
     @kopf.on.resume(*ADAPTER, registry=registry)
     @kopf.on.create(*ADAPTER, registry=registry)

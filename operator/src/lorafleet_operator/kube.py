@@ -160,6 +160,15 @@ class KubeApi:
 
     # ---- pods and services -------------------------------------------------------------------
 
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Pods of ``namespace`` matching a label selector in its string form."""
+        body = await self._call(
+            f"list pods {namespace}/{selector}",
+            lambda a: a.core("GET", PODS, self._timeout, namespace=namespace, label_selector=selector),
+        )
+        items: list[dict[str, Any]] = body.get("items", [])
+        return items
+
     async def list_pool_pods(self, namespace: str, pool: str) -> list[dict[str, Any]]:
         selector = f"{names.POOL_LABEL}={pool}"
         body = await self._call(

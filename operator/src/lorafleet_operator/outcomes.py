@@ -23,6 +23,8 @@ from lorafleet_operator.statuses import Condition, set_conditions, timestamp
 
 # Whether the adapter's trained state survived its placements (see the module docstring).
 WEIGHTS = "WeightsStored"
+# Whether every inference server of the pool serves the adapter's latest version.
+SERVED = "Served"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +109,24 @@ class TrainerUnavailable:
 
 
 @dataclasses.dataclass(frozen=True)
+class Served:
+    """What the trainer reports of the adapter's publishing: its served name and, per inference
+    server, the version served and the last error (``served`` empty: no server is selected)."""
+
+    name: str
+    version: int  # the committed version every server should serve
+    servers: tuple[Mapping[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Polled:
-    """The trainer's report of a Ready adapter: its version and whether it is cached."""
+    """The trainer's report of a Ready adapter: its version, whether it is cached, and its
+    publishing (None when the trainer does not publish it)."""
 
     version: int | None
     cached: bool
+    artifact: str | None = None
+    served: Served | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +185,30 @@ def polled(status: Mapping[str, Any], pod: str, state: Mapping[str, Any]) -> Pol
     cached = bool(state.get("cached"))
     if version is not None and last is not None and version < last:
         return VersionWentBack(pod, version, last, cached)
-    return Polled(version, cached)
+    served = None
+    if state.get("served_name"):
+        servers = tuple(s for s in state.get("served") or [] if isinstance(s, Mapping))
+        served = Served(str(state["served_name"]), version or 0, servers)
+    artifact = state.get("artifact")
+    return Polled(version, cached, artifact if isinstance(artifact, str) else None, served)
+
+
+def served_condition(served: Served) -> Condition:
+    """``Served``: True when every selected server serves the committed version."""
+    if not served.servers:
+        return Condition(
+            SERVED, False, "NoServers", "no Ready inference server is selected by the pool's spec.serving"
+        )
+    failing = [s for s in served.servers if s.get("error")]
+    if failing:
+        text = "; ".join(f"{s.get('server')}: {s.get('error')}" for s in failing)
+        return Condition(SERVED, False, "PublishFailed", f"version {served.version} not served on {text}")
+    behind = [s for s in served.servers if _int(s.get("version")) != served.version]
+    if behind:
+        text = ", ".join(f"{s.get('server')} serves {s.get('version')}" for s in behind)
+        return Condition(SERVED, False, "Publishing", f"version {served.version} is being loaded: {text}")
+    names = ", ".join(str(s.get("server")) for s in served.servers)
+    return Condition(SERVED, True, "Served", f"version {served.version} as {served.name!r} on {names}")
 
 
 def _lost_message(outcome: StorageLost) -> str:
@@ -190,6 +228,19 @@ def _went_back_message(outcome: VersionWentBack) -> str:
 
 def _taken_over(outcome: EpochAdvanced) -> str:
     return f"the stored adapter was at epoch {outcome.stored_epoch}; taken over with epoch {outcome.epoch}"
+
+
+def _served_event(served: Served, stored: Mapping[str, Any]) -> Announcement | None:
+    """A Warning when publishing starts failing or fails differently, a Normal Event when it recovers."""
+    condition = served_condition(served)
+    before = next((c for c in stored.get("conditions") or [] if c.get("type") == SERVED), None)
+    failed_before = before is not None and before.get("reason") == "PublishFailed"
+    same = before is not None and failed_before and before.get("message") == condition.message
+    if condition.reason == "PublishFailed" and not same:
+        return Announcement("PublishFailed", _sentence(condition.message), warning=True)
+    if condition.status and failed_before:
+        return Announcement("Served", _sentence(f"recovered: {condition.message}"))
+    return None
 
 
 def _sentence(text: str) -> str:
@@ -263,10 +314,19 @@ def _effect(
         case TrainerUnavailable():
             return {}, [Condition("Initialized", False, "TrainerUnavailable", outcome.message)]
         case Polled():
-            fields = {"version": outcome.version, "cached": outcome.cached}
+            polled: dict[str, Any] = {"version": outcome.version, "cached": outcome.cached}
             if outcome.version != stored.get("version") and stored.get("version") is not None:
-                fields["lastStepTime"] = timestamp(now)
-            return fields, []
+                polled["lastStepTime"] = timestamp(now)
+            if outcome.artifact:
+                polled["artifact"] = outcome.artifact
+            if outcome.served is None:
+                return polled, []
+            polled["servedName"] = outcome.served.name
+            polled["served"] = [
+                {k: s[k] for k in ("server", "version", "error", "since") if s.get(k) is not None}
+                for s in outcome.served.servers
+            ]
+            return polled, [served_condition(outcome.served)]
         case VersionWentBack():
             fields = {
                 "version": outcome.version,
@@ -290,9 +350,12 @@ def adapter_status(
     return desired
 
 
-def announcement(outcome: Outcome) -> Announcement | None:
-    """The Event ``outcome`` deserves, if any."""
+def announcement(outcome: Outcome, stored: Mapping[str, Any] | None = None) -> Announcement | None:
+    """The Event ``outcome`` deserves, if any; ``stored`` (the status before it) tells a change
+    of publishing state from a repeat."""
     match outcome:
+        case Polled(served=Served() as served):
+            return _served_event(served, stored or {})
         case Placed() if outcome.moved_because is not None:
             message = f"Moved to pod {outcome.pod} with epoch {outcome.epoch}: {outcome.moved_because}"
             return Announcement("Rescheduled", message, warning=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet_operator import building, failures, names, placing, pools, statuses, trainers
+from lorafleet_operator import building, failures, names, placing, pools, publishing, statuses, trainers
 from lorafleet_operator.runtime import Runtime, announce
 
 
@@ -49,6 +49,7 @@ async def sync_pool(rt: Runtime, namespace: str, name: str, *, ensure_service: b
     if ensure_service:
         await rt.kube.create_service(building.build_service(pool, rt.settings))
     await _write_status(rt, body, views, replicas)
+    await publishing.sync_serving(rt, namespace, body)
 
 
 async def _write_status(

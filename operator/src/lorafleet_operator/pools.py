@@ -48,6 +48,14 @@ class SecretRef(_Spec):
     key: str = "token"
 
 
+class Serving(_Spec):
+    """The pool's inference servers: which pods, their port, where they mount the adapter claim."""
+
+    selector: dict[str, Any]
+    port: int = Field(default=8000, ge=1, le=65535)
+    adapter_root: str | None = Field(default=None, alias="adapterRoot")
+
+
 class PoolSpec(_Spec):
     """What a TrainerPool asks for."""
 
@@ -65,6 +73,7 @@ class PoolSpec(_Spec):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: dict[str, Any] | None = None
     auth_secret_ref: SecretRef | None = Field(default=None, alias="authSecretRef")
+    serving: Serving | None = None
 
     def cache_capacity_bytes(self) -> int:
         return quantities.to_bytes(self.cache.capacity, field="spec.cache.capacity")

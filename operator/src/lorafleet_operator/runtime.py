@@ -51,6 +51,8 @@ class Runtime:
     # The last seen placement-relevant state of each trainer pod (see pod_changed), to skip pod
     # events that change none of it.
     _pods: dict[tuple[str, str], tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    # (namespace, pool) -> spec.serving.selector of the pools that publish: which pod events matter.
+    serving_selectors: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, pool), asyncio.Lock())

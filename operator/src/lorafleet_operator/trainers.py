@@ -97,6 +97,22 @@ class TrainerClient:
         response = await self._call("delete", "DELETE", self._adapter(base, namespace, name), (200, 404))
         return response.status_code == 200 and bool(response.json().get("deleted"))
 
+    async def set_serving(self, base: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /v1/serving``: the pool's inference servers and the adapters the pod owns."""
+        response = await self._call("serving", "PUT", f"{base}/v1/serving", (200,), json=body)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def unpublish(self, base: str, namespace: str, name: str) -> dict[str, str]:
+        """``DELETE /v1/adapters/{ns}/{name}/serving``: server -> "unloaded", "absent" or the error."""
+        response = await self._call(
+            "unpublish", "DELETE", self._adapter(base, namespace, name) + "/serving", (200, 404, 405)
+        )
+        if response.status_code != 200:
+            return {}  # a trainer from before publishing: it never loaded the adapter anywhere
+        servers: dict[str, str] = response.json().get("servers", {})
+        return servers
+
     async def cache(self, base: str) -> dict[str, Any]:
         """``GET /v1/cache``: capacity, used bytes and entries of the pod's cache."""
         response = await self._call("cache", "GET", f"{base}/v1/cache", (200,))

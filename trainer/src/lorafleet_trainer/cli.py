@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from types import FrameType
 
@@ -48,12 +49,33 @@ def _parser() -> argparse.ArgumentParser:
         help_text = f"{field.description or name} (env {settings_mod.env_name(name)}; default {default})"
         # SUPPRESS: flags not given stay absent, so the environment and the defaults apply.
         serve.add_argument(settings_mod.flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text)
+    model_dir = commands.add_parser(
+        "model-dir",
+        help="print the local directory of a model id (a builtin is generated or converted first)",
+        description="What an inference server beside the trainers loads: the same model, as a "
+        "Hugging Face directory (e.g. vLLM's --model for builtin:smollm2).",
+    )
+    model_dir.add_argument("model", help="builtin:tiny, builtin:smollm2, a hub id or a local path")
+    model_dir.add_argument("--model-cache-dir", type=Path, default=None, help="default: HF_HOME's")
     return parser
+
+
+def _model_dir(model: str, cache_dir: Path | None) -> int:
+    from lorafleet_trainer import models  # the model stack, only for this command
+    from lorafleet_trainer.errors import InvalidInput
+
+    try:
+        print(models.resolve(model, cache_dir))
+    except InvalidInput as exc:
+        print(f"lorafleet-trainer: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
-    args.pop("command")
+    if args.pop("command") == "model-dir":
+        return _model_dir(args["model"], args["model_cache_dir"])
     try:
         config = settings_mod.load(args)
     except settings_mod.SettingsError as exc:

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -293,6 +293,14 @@ class TrainerEngine:
 
     def cache_info(self) -> CacheInfo:
         return self.cache.info()
+
+    @property
+    def store_root(self) -> Path:
+        return self.store.root
+
+    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None:
+        """Storage keeps the versions ``held`` names beyond ``keep_versions`` while it names them."""
+        self.store.held = held
 
     # ---- training --------------------------------------------------------------------------
     def _restore(self, adapter: AdapterId, meta: AdapterMeta, slot: LoraSlot) -> bool:

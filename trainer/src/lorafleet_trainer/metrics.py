@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lorafleet_trainer.publishing import REASONS as PUBLISH_FAILURE_REASONS
+from lorafleet_trainer.publishing import Publisher, PublishObserver
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "lorafleet"
@@ -28,6 +31,9 @@ OUTCOMES = ("ok", "invalid", "rejected", "cancelled", "unavailable", "error")
 EVICTION_REASONS = ("lru", "explicit", "invalidated", "deleted")
 # From a tiny CPU model's tens of milliseconds to a large model's minutes on one GPU.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# A load into a CPU vLLM takes about a second; a server that is down holds versions for minutes.
+PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 # engine.stats() attribute -> (metric name without prefix, help); counters get `_total` on exposition.
 ENGINE_COUNTERS = {
@@ -129,8 +135,48 @@ class TrainerMetrics:
             self.step_phase_duration.labels(phase=phase)
         for outcome in OUTCOMES:
             self.steps.labels(outcome=outcome)
+        self.publish_duration = Histogram(
+            "publish_duration",
+            "Time from a version's commit until an inference server serves it, per server.",
+            unit="seconds",
+            buckets=PUBLISH_BUCKETS,
+            **common,
+        )
+        self.publish_failures = Counter(
+            "publish_failures",
+            "Failed calls to inference servers while publishing, by reason.",
+            labelnames=["reason"],
+            **common,
+        )
+        for reason in PUBLISH_FAILURE_REASONS:
+            self.publish_failures.labels(reason=reason)
+        self.publish_lag_versions = Gauge(
+            "publish_lag_versions",
+            "Most versions any inference server is behind on any adapter this pod owns.",
+            **common,
+        )
+        self.publish_lag_seconds = Gauge(
+            "publish_lag_seconds",
+            "How long the oldest committed version no server serves yet has waited (0: all served).",
+            **common,
+        )
+        self.inference_servers = Gauge(
+            "inference_servers", "Inference servers this pod publishes to.", **common
+        )
         self.registry.register(EngineCollector(source))
         ProcessCollector(registry=self.registry)
+
+    def publish_observer(self) -> PublishObserver:
+        return PublishObserver(
+            published=self.publish_duration.observe,
+            failed=lambda reason: self.publish_failures.labels(reason=reason).inc(),
+        )
+
+    def watch_publishing(self, publisher: Publisher) -> None:
+        """Lag and server count are read from the publisher at scrape time."""
+        self.publish_lag_versions.set_function(lambda: float(publisher.lag()[0]))
+        self.publish_lag_seconds.set_function(lambda: publisher.lag()[1])
+        self.inference_servers.set_function(lambda: float(len(publisher.servers)))
 
     def observe_step(self, cache: str, run_seconds: float, phases_ms: Mapping[str, float]) -> None:
         """Record one successful step: its run time and every phase the engine timed."""

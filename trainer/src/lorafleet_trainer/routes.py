@@ -163,6 +163,25 @@ def export_adapter(
     )
 
 
+@v1.delete("/adapters/{namespace}/{name}/serving", response_model=schemas.Unpublished)
+def unpublish_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Unpublished:
+    """Unload the adapter from every inference server and stop publishing it; waits a few seconds
+    and answers what each server said (failed unloads keep being retried)."""
+    return svc.unpublish(AdapterId(namespace, name))
+
+
+@v1.put("/serving", response_model=schemas.ServingState, tags=["serving"])
+def set_serving(body: schemas.ServingRequest, svc: Service) -> schemas.ServingState:
+    """The pool's inference servers and the adapters this pod owns, as the operator sees them."""
+    return svc.set_serving(body)
+
+
+@v1.get("/serving", response_model=schemas.ServingState, tags=["serving"])
+def serving(svc: Service) -> schemas.ServingState:
+    """The servers this pod publishes to, the store's root as they see it, and the lag."""
+    return svc.serving()
+
+
 @v1.get("/cache", response_model=schemas.CacheState)
 def cache(svc: Service) -> schemas.CacheState:
     """The CPU cache: capacity, bytes used, and one entry per cached adapter."""

@@ -72,6 +72,15 @@ class CacheOptions(BaseModel):
     pinned: bool = Field(False, description="never evicted to make room (LRU)")
 
 
+ServedName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+
+
+class AdapterServing(BaseModel):
+    model_config = _REQUEST
+
+    name: ServedName = Field(description="the adapter's model name on the inference servers")
+
+
 class InitRequest(BaseModel):
     """Create the stored adapter if absent, or confirm its config; sets the placement epoch."""
 
@@ -84,6 +93,9 @@ class InitRequest(BaseModel):
     )
     training: Training | None = Field(None, description="the adapter's default training settings")
     cache: CacheOptions | None = None
+    serving: AdapterServing | None = Field(
+        None, description="publish the adapter's versions to the pool's inference servers under this name"
+    )
 
 
 class Sample(BaseModel):
@@ -110,6 +122,15 @@ class DistillRequest(BaseModel):
     training: Training | None = None
 
 
+class ServedVersion(BaseModel):
+    model_config = _RESPONSE
+
+    server: str = Field(description="the server's pod name")
+    version: int = Field(description="the version it serves; 0 for none yet")
+    error: str | None = Field(description="why the newest version is not served there, if it is not")
+    since: str | None = Field(description="when version or error last changed (RFC 3339)")
+
+
 class AdapterState(BaseModel):
     model_config = _RESPONSE
 
@@ -121,6 +142,10 @@ class AdapterState(BaseModel):
     cached: bool
     cache_bytes: int
     artifact: str = Field(description=ARTIFACT)
+    served_name: str | None = Field(None, description="its name on the inference servers, if published")
+    served: list[ServedVersion] = Field(
+        default_factory=list, description="per inference server: the version it serves and its last error"
+    )
 
     @classmethod
     def of(cls, state: results.AdapterState) -> AdapterState:
@@ -139,6 +164,7 @@ class AdapterState(BaseModel):
             cached=state.cached,
             cache_bytes=state.cache_bytes,
             artifact=state.artifact,
+            served_name=None,
         )
 
 
@@ -164,6 +190,49 @@ class DistillResponse(BaseModel):
         "tokens_processed, batch_size"
     )
     timing_ms: StepTiming
+
+
+class ServerRef(BaseModel):
+    model_config = _REQUEST
+
+    name: str = Field(min_length=1, max_length=253, description="the server's pod name")
+    url: str = Field(pattern=r"^https?://[^/\s]+$", max_length=300, description="its base URL")
+
+
+class OwnedAdapter(BaseModel):
+    model_config = _REQUEST
+
+    namespace: str = Field(pattern=DNS1123_LABEL, max_length=63)
+    name: str = Field(pattern=DNS1123_LABEL, max_length=63)
+    served_name: ServedName
+
+
+class ServingRequest(BaseModel):
+    """The pool's inference servers and the adapters this pod owns (sent by the operator)."""
+
+    model_config = _REQUEST
+
+    servers: list[ServerRef] = Field(max_length=1000)
+    adapters: list[OwnedAdapter] = Field(default_factory=list, max_length=100_000)
+    adapter_root: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="where the servers mount the adapter store (default: this trainer's --storage)",
+    )
+
+
+class ServingState(BaseModel):
+    model_config = _RESPONSE
+
+    servers: list[str]
+    adapter_root: str
+    lag_versions: int = Field(description="most versions any server is behind on any owned adapter")
+    lag_seconds: float = Field(description="how long the oldest unserved commit has waited")
+
+
+class Unpublished(BaseModel):
+    servers: dict[str, str] = Field(description='server -> "unloaded", "absent" or the error')
 
 
 class Evicted(BaseModel):

@@ -15,10 +15,11 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from os import PathLike
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from lorafleet_trainer import sampling, schemas
+from lorafleet_trainer import publishing, sampling, schemas
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import (
     AdapterNotFound,
@@ -62,6 +63,9 @@ class Engine(Protocol):
     def export_zip(self, adapter: AdapterId, version: int | None = None) -> bytes: ...
     def cache_info(self) -> CacheInfo: ...
     def stats(self) -> EngineStats: ...
+    @property
+    def store_root(self) -> PathLike: ...
+    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None: ...
 
 
 class ClientGone(Exception):
@@ -97,6 +101,11 @@ class TrainerService:
         self.max_generate_tokens = max_generate_tokens
         self.queue = StepQueue(max_queue)
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
+        self.publisher = publishing.Publisher(self.metrics.publish_observer())
+        self.metrics.watch_publishing(self.publisher)
+        engine.hold_versions(self.publisher.held_versions)
+        # Where the pool's inference servers find the store; the operator may name another mount.
+        self.adapter_root = str(engine.store_root)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)
@@ -146,12 +155,51 @@ class TrainerService:
     def stop(self, timeout: float) -> bool:
         """Close the queue and wait up to ``timeout`` s for the running step; True when it ended."""
         self.queue.close()
-        return self.queue.join(timeout)
+        ended = self.queue.join(timeout)
+        self.publisher.close()
+        return ended
 
     # ---- reads (straight to the engine, from the thread pool) -------------------------------
 
     def get(self, adapter: AdapterId) -> schemas.AdapterState:
-        return schemas.AdapterState.of(self.engine.get_adapter(adapter))
+        return self._state(self.engine.get_adapter(adapter))
+
+    def _state(self, state: AdapterState) -> schemas.AdapterState:
+        answer = schemas.AdapterState.of(state)
+        answer.served_name = self.publisher.served_name(state.adapter)
+        answer.served = [schemas.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
+        return answer
+
+    def _served_path(self, artifact: str) -> str:
+        return f"{self.adapter_root.rstrip('/')}/{artifact}"
+
+    def serving(self) -> schemas.ServingState:
+        versions, seconds = self.publisher.lag()
+        return schemas.ServingState(
+            servers=[s.name for s in self.publisher.servers],
+            adapter_root=self.adapter_root,
+            lag_versions=versions,
+            lag_seconds=seconds,
+        )
+
+    def set_serving(self, body: schemas.ServingRequest) -> schemas.ServingState:
+        """The operator's view of the pool's servers and this pod's adapters (idempotent)."""
+        self.require_ready()
+        if body.adapter_root is not None:
+            self.adapter_root = body.adapter_root
+        for owned in body.adapters:
+            adapter = AdapterId(owned.namespace, owned.name)
+            try:
+                state = self.engine.get_adapter(adapter)
+            except AdapterNotFound:
+                continue  # not initialised anywhere yet: its init names it
+            self.publisher.own(adapter, owned.served_name, state.version, self._served_path(state.artifact))
+        self.publisher.set_servers([publishing.Server(s.name, s.url) for s in body.servers])
+        return self.serving()
+
+    def unpublish(self, adapter: AdapterId) -> schemas.Unpublished:
+        """Unload the adapter from every server and stop publishing it (waits a few seconds)."""
+        return schemas.Unpublished(servers=self.publisher.disown(adapter))
 
     def export(self, adapter: AdapterId, version: int | None = None) -> bytes:
         """A kept committed version (default: the latest) as a PEFT zip."""
@@ -171,6 +219,7 @@ class TrainerService:
         return schemas.Evicted(evicted=await self.write(lambda: self.engine.evict(adapter)))
 
     async def delete(self, adapter: AdapterId) -> schemas.Deleted:
+        await asyncio.to_thread(self.publisher.disown, adapter)
         return schemas.Deleted(deleted=await self.write(lambda: self.engine.delete(adapter)))
 
     async def init(self, adapter: AdapterId, body: schemas.InitRequest) -> tuple[schemas.AdapterState, bool]:
@@ -189,7 +238,10 @@ class TrainerService:
             return result
 
         result = await self.write(run)
-        return schemas.AdapterState.of(result.state), result.created
+        if body.serving is not None:
+            path = self._served_path(result.state.artifact)
+            self.publisher.own(adapter, body.serving.name, result.state.version, path)
+        return self._state(result.state), result.created
 
     async def distill(
         self, adapter: AdapterId, body: schemas.DistillRequest, disconnected: Callable[[], Awaitable[None]]
@@ -201,7 +253,14 @@ class TrainerService:
             training = body.training.model_dump(exclude_none=True) if body.training is not None else None
             # Checked now so a bad value is refused at once instead of after a wait in the queue.
             self.default_training.merged(training)
-            job = self.queue.submit(lambda: self.engine.distill(adapter, samples, training))
+
+            def step() -> StepResult:
+                done = self.engine.distill(adapter, samples, training)
+                # On the worker, right after the commit: the servers start loading it now.
+                self.publisher.committed(adapter, done.version, self._served_path(done.artifact))
+                return done
+
+            job = self.queue.submit(step)
             result = await self._wait(job, disconnected)
         except BaseException as exc:
             if isinstance(exc, Exception):

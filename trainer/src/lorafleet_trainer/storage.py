@@ -13,7 +13,8 @@ In ``<root>/<ns>/``, for an adapter ``name``:
 A new version is written aside in full, every file and the directory fsynced; then its version
 link and then the latest link are swapped by ``rename``, the parent fsynced after each. A crash at
 any point leaves the previous latest version whole; what it left half-done is swept later. Only
-once the new version is durable are versions older than the newest ``keep_versions`` removed.
+once the new version is durable are versions older than the newest ``keep_versions`` removed, and
+never one that ``held`` names (a version an inference server is being moved onto right now).
 A metadata-only change (a new epoch) writes a new directory for the same version, hard-linking its
 tensor files, and re-points that version's link, so an artifact path stays valid across it.
 DNS-1123 names never start with '.' or hold one, so the hidden entries cannot collide with an adapter.
@@ -29,7 +30,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ class AdapterStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_versions = keep_versions
+        # The publisher's in-flight loads: their versions outlive keep_versions until they end.
+        self.held: Callable[[AdapterId], Collection[int]] = lambda adapter: ()
         self._counter_lock = threading.Lock()
         self.read_bytes = 0
         self.written_bytes = 0
@@ -320,6 +323,7 @@ class AdapterStore:
             else:
                 links[int(m["version"])] = entry
         kept = sorted((v for v in links if v <= current_version), reverse=True)[: self.keep_versions]
+        kept += [v for v in self.held(adapter) if v in links and v not in kept]
         removed = 0
         for version, link in links.items():
             if version not in kept:

@@ -1,0 +1,149 @@
+"""Publishing: tell each trainer pod which inference servers to keep serving its adapters on.
+
+A pool's ``spec.serving`` selects server pods (vLLM) in its namespace. Whenever the pool is synced
+or one of those pods changes (new, gone, readiness or IP), every Ready trainer pod of the pool gets
+``PUT /v1/serving``: the Ready servers' URLs, the adapters placed on that pod with their served
+names, and where the servers mount the adapter store. The trainer does the publishing itself,
+beside its step path (it knows the moment a version commits); the operator only keeps that view
+true and reads back, per adapter, what each server serves (``adapting`` writes it to the status).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lorafleet_operator import adapters, failures, names, placing, pools, trainers
+from lorafleet_operator.kube import ApiError
+from lorafleet_operator.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+_OPERATORS = {"In": "in", "NotIn": "notin"}
+
+
+class SelectorError(ValueError):
+    """``spec.serving.selector`` cannot be turned into a label selector; the message says why."""
+
+
+def selector_string(selector: Mapping[str, Any]) -> str:
+    """A LabelSelector (matchLabels, matchExpressions) in the list call's string form."""
+    parts = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if not key:
+            raise SelectorError("spec.serving.selector.matchExpressions: an expression has no key")
+        if op in _OPERATORS and values:
+            parts.append(f"{key} {_OPERATORS[op]} ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+        else:
+            raise SelectorError(
+                f"spec.serving.selector.matchExpressions[{key}]: operator {op!r} is not valid"
+            )
+    if not parts:
+        raise SelectorError("spec.serving.selector selects nothing: give matchLabels or matchExpressions")
+    return ",".join(parts)
+
+
+def matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a pod with ``labels`` is selected (the same rules as the API server's)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op, False)
+        if not ok:
+            return False
+    return True
+
+
+def servers(pods: Sequence[Mapping[str, Any]], port: int) -> list[dict[str, str]]:
+    """The Ready server pods with an IP, as the trainer API names them."""
+    result = []
+    for pod in pods:
+        view = placing.view_pod(pod, "")
+        if view.ready and view.ip:
+            result.append({"name": view.name, "url": trainers.endpoint(view.ip, port)})
+    return sorted(result, key=lambda s: s["name"])
+
+
+def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[dict[str, str]]:
+    """The adapters placed on ``pod`` with their served names (unparseable specs skipped)."""
+    result = []
+    for body in adapter_bodies:
+        meta, status = body["metadata"], body.get("status") or {}
+        if status.get("pod") != pod or meta.get("deletionTimestamp"):
+            continue
+        try:
+            spec = adapters.parse_spec(dict(body))
+        except ValueError:
+            continue
+        result.append(
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "served_name": adapters.served_name(spec, meta["name"]),
+            }
+        )
+    return result
+
+
+async def sync_serving(rt: Runtime, namespace: str, pool_body: Mapping[str, Any]) -> None:
+    """Give every Ready trainer pod of the pool the current servers and its adapters."""
+    pool = pools.parse(dict(pool_body))
+    serving = pool.spec.serving
+    name = pool.name
+    if serving is None:
+        if rt.serving_selectors.pop((namespace, name), None) is None:
+            return  # never served: nothing to take back
+        found: list[dict[str, str]] = []
+    else:
+        try:
+            selector = selector_string(serving.selector)
+        except SelectorError as exc:
+            logger.warning("trainerpool %s/%s: %s", namespace, name, exc)
+            return
+        rt.serving_selectors[(namespace, name)] = dict(serving.selector)
+        found = servers(await rt.kube.list_pods(namespace, selector), serving.port)
+    adapter_bodies = await rt.kube.list_pool_adapters(namespace, name)
+    for pod in await rt.kube.list_pool_pods(namespace, name):
+        view = placing.view_pod(pod, name)
+        if not view.ready or not view.ip:
+            continue
+        body: dict[str, Any] = {"servers": found, "adapters": owned(adapter_bodies, view.name)}
+        if serving is not None and serving.adapter_root:
+            body["adapter_root"] = serving.adapter_root
+        try:
+            await rt.trainers.set_serving(trainers.endpoint(view.ip, rt.settings.trainer_port), body)
+        except trainers.TrainerError as exc:
+            failures.skipped(rt.metrics, "serving_sync", f"pod {namespace}/{view.name}", exc)
+
+
+def pools_selecting(rt: Runtime, namespace: str, labels: Mapping[str, str]) -> list[str]:
+    """The pools of ``namespace`` whose servers include a pod with these labels."""
+    if names.POOL_LABEL in labels:
+        return []  # a trainer pod: the pool's own pod handler syncs it
+    return [
+        pool
+        for (ns, pool), selector in rt.serving_selectors.items()
+        if ns == namespace and matches(selector, labels)
+    ]
+
+
+async def server_changed(rt: Runtime, namespace: str, pool: str) -> None:
+    """A server pod of ``pool`` changed: sync the pool's trainers now; a failure waits for the resync."""
+    try:
+        body = await rt.kube.get_pool(namespace, pool)
+        if body is not None:
+            await sync_serving(rt, namespace, body)
+    except ApiError as exc:
+        failures.skipped(rt.metrics, "server_event", f"trainerpool {namespace}/{pool}", exc)
