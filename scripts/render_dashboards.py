@@ -180,6 +180,36 @@ def trainer_panels() -> list[Panel]:
             "short",
             (Query(f"sum by (pod) (rate(lorafleet_trainer_tokens_total{TRAINER}[{RATE}]))", "{{pod}}"),),
         ),
+        Panel(
+            "Publish latency to inference servers",
+            "Time from a version's commit until a vLLM server serves it (p50 and p95 over all servers).",
+            "s",
+            (
+                Query(
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(lorafleet_trainer_publish_duration_seconds_bucket{TRAINER}[{RATE}])))",
+                    "p50",
+                ),
+                Query(
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"(rate(lorafleet_trainer_publish_duration_seconds_bucket{TRAINER}[{RATE}])))",
+                    "p95",
+                ),
+            ),
+        ),
+        Panel(
+            "Served lag and publish failures",
+            "How long the oldest committed version no server serves has waited, and failed server "
+            "calls per second by reason (unreachable, timeout, refused, server_error).",
+            "s",
+            (
+                Query(f"max by (pod) (lorafleet_trainer_publish_lag_seconds{TRAINER})", "{{pod}} lag"),
+                Query(
+                    f"sum by (reason) (rate(lorafleet_trainer_publish_failures_total{TRAINER}[{RATE}]))",
+                    "failures: {{reason}}",
+                ),
+            ),
+        ),
     ]
 
 

@@ -172,6 +172,21 @@ def test_the_last_k_versions_stay_whole_and_loadable_by_path(tmp_path: Path) -> 
     assert store.path(A).resolve() == store.version_path(A, 3).resolve()
 
 
+def test_a_version_being_loaded_by_a_server_outlives_keep_versions_until_released(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, keep_versions=1)
+    held: set[int] = set()
+    store.held = lambda adapter: held if adapter == A else set()
+    store.write(_meta(0), _tensors(0.0, 0), CONFIG)
+    held.add(0)  # a server is loading version 0
+    store.write(_meta(1), _tensors(1.0, 1))
+    store.write(_meta(2), _tensors(2.0, 2))
+    assert store.versions(A) == [0, 2]
+    assert json.loads((tmp_path / store.artifact(A, 0) / storage.META).read_text())["version"] == 0
+    held.clear()
+    store.write(_meta(3), _tensors(3.0, 3))
+    assert store.versions(A) == [3]
+
+
 def test_read_files_of_a_kept_version_and_404s_naming_the_version(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path, keep_versions=2)
     for v in range(3):

@@ -6,8 +6,12 @@ example adapter has a feedback goal (examples/goals: French, one word, one short
 the trainer's HTTP API at each adapter's `status.endpoint` the demo asks every adapter a held-out
 question (the answer before), takes a rollout of each training question and adds the feedback, trains
 every adapter with SDPO steps on that batch (the two pods in parallel, a line per step with its
-loss), and asks again (the answer after). Then `kubectl get`, the cache figures from a real
-Prometheus, a delete that evicts the adapter's cache entry, a summary table, and teardown.
+loss), and asks again (the answer after). Then the loop closes: the example vLLM Deployment starts
+(vLLM's CPU build, serving the same model; it starts once training is done, so it does not compete
+for the two cores), the trainers load every adapter's latest version into it, and the same
+question to vLLM through each adapter's served name gives the trained answer, at the trainer's
+version. Then `kubectl get`, the cache figures from a real Prometheus, a delete that evicts the
+adapter's cache entry and unloads it from vLLM, a summary table, and teardown.
 
     lorafleet-local demo [--model builtin:smollm2] [--steps N] [--workdir DIR]
 """
@@ -33,7 +37,8 @@ NAMESPACE = "lorafleet-demo"
 ADAPTERS = ("alice", "bob", "carol")
 EVICTED = "bob"
 MODEL = "builtin:smollm2"
-STAGES = 10
+STAGES = 11
+VLLM_READY_S = 1800  # vLLM's first start on a 2-core machine takes minutes
 
 
 class Display:
@@ -167,6 +172,41 @@ def ask_after(
     return [runs[name] for name in ADAPTERS]
 
 
+def serve(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
+    """The example vLLM Deployment: wait for it, then ask it what each adapter's trainer answered."""
+    kube = fleet.kube
+    start = time.monotonic()
+    kube.apply(EXAMPLES / "vllm.yaml", namespace=NAMESPACE)
+    show.line("kubectl apply -f examples/vllm.yaml  (vLLM's CPU build; its first start takes minutes)")
+    kube.kubectl(
+        "wait", "deployment/vllm", "-n", NAMESPACE, "--for=condition=Available", f"--timeout={VLLM_READY_S}s",
+        timeout=VLLM_READY_S + 60,
+    )  # fmt: skip
+    show.line(f"{show.elapsed()}  vLLM Ready after {time.monotonic() - start:.0f} s")
+    (pod,) = kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
+    server = kube.reach(NAMESPACE, pod["metadata"]["name"], 8000)
+    for run in runs:
+        name = run.goal.adapter
+
+        def served(name: str = name, version: int = run.version) -> dict[str, object] | None:
+            status = fleet.adapter(name).get("status") or {}
+            versions = [s.get("version") for s in status.get("served") or []]
+            return status if versions and all(v == version for v in versions) else None
+
+        status = eventually(f"{name} v{run.version} served by vLLM", served, timeout=120, interval=1.0)
+        body = {"model": status["servedName"], "messages": run.goal.messages(run.goal.held_out),
+                "max_tokens": run.goal.max_tokens, "temperature": 0.0}  # fmt: skip
+        code, answer = fleet.call("POST", server + "/v1/chat/completions", body)
+        if code != 200:
+            raise RuntimeError(f"vLLM answered {code} for {name}: {answer}")
+        text = answer["choices"][0]["message"]["content"]
+        same = "same as the trainer's" if text == run.after else "differs from the trainer's"
+        show.line(
+            f"{name:<6} vLLM (model {status['servedName']!r}, v{run.version}): {quoted(text)}  ({same})"
+        )
+        run.served = text
+
+
 def wait_versions(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
     """The operator copies each adapter's version into its status on its resync; wait for that."""
 
@@ -192,6 +232,11 @@ def evict(fleet: Fleet, show: Display) -> None:
     eventually(
         "the LoraAdapter to go", lambda: not fleet.kube.exists("loraadapter", EVICTED, "-n", NAMESPACE)
     )
+    (pod_body,) = fleet.kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
+    server = fleet.kube.reach(NAMESPACE, pod_body["metadata"]["name"], 8000)
+    _, models = fleet.call("GET", server + "/v1/models")
+    loaded = sorted(m["id"] for m in (models or {}).get("data", []) if m.get("parent"))
+    show.line(f"adapters vLLM serves now: {loaded}")
     since = time.time()
     fleet.scraped("sum(lorafleet_trainer_cache_entries)", since)
     for series in fleet.prometheus.query("sum by (reason) (lorafleet_trainer_cache_evictions_total) > 0"):
@@ -199,14 +244,16 @@ def evict(fleet: Fleet, show: Display) -> None:
 
 
 def summary(show: Display, runs: list[goals.GoalRun]) -> None:
-    show.line(f"{'adapter':<8}{'goal':<14}{'steps':>5}  {'distill loss':<17}{'held-out answer':<34}moved")
+    show.line(
+        f"{'adapter':<8}{'goal':<14}{'steps':>5}  {'distill loss':<17}{'held-out answer':<34}moved  vLLM"
+    )
     for run in runs:
         goal = run.goal
         loss = f"{run.losses[0]:.4f} → {run.losses[-1]:.4f}" if run.losses else "-"
         figure = f"{goal.score(run.before):.2f} → {goal.score(run.after):.2f} {goal.measure()}"
         show.line(
             f"{goal.adapter:<8}{goal.goal:<14}{len(run.losses):>5}  {loss:<17}{figure:<34}"
-            f"{'yes' if run.moved else 'no'}"
+            f"{'yes' if run.moved else 'no':<7}{'same answer' if run.served == run.after else 'differs'}"
         )
     steps = [ms for run in runs for ms in run.step_ms]
     if steps:
@@ -248,6 +295,8 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
         reads_after = fleet.scraped("sum(lorafleet_trainer_storage_read_bytes_total)", time.time())
         show.section("after training: the same held-out questions")
         runs = ask_after(fleet, show, urls, started)
+        show.section("serving: vLLM loads every adapter's latest version and answers with it")
+        serve(fleet, show, runs)
         show.section("kubectl get trainerpools,loraadapters")
         wait_versions(fleet, show, runs)
         for line in kube.kubectl("get", "trainerpools,loraadapters", "-n", NAMESPACE).stdout.splitlines():
@@ -264,7 +313,7 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
         show.line(f"adapter storage bytes read (training)    {reads_after - reads_before:.0f}")
         for series in fleet.prometheus.query("lorafleet_trainer_cache_entries"):
             show.line(f"cache entries on {series['metric'].get('pod'):<12}            {series['value'][1]}")
-        show.section(f"kubectl delete loraadapter {EVICTED}: its cache entry leaves the trainer")
+        show.section(f"kubectl delete loraadapter {EVICTED}: it leaves vLLM and the trainer's cache")
         evict(fleet, show)
         show.section("summary")
         summary(show, runs)

@@ -103,6 +103,7 @@ class GoalRun:
     losses: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
     version: int = 0
+    served: str = ""  # an inference server's answer to the held-out question at ``version``
 
     @property
     def moved(self) -> bool:

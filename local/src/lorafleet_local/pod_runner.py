@@ -1,8 +1,8 @@
 """The local cluster's kubelet: runs LoraFleet's Pods as local processes on a control plane with no nodes.
 
 It watches Pods through the API server; for each pod that pod_specs recognises (trainer pods of a
-pool, the chart's operator pod, vLLM server pods) a worker thread gives it its own loopback address (127.X.Y.Z),
-materialises its Secret/ConfigMap volumes, starts the program with the pod's own args and env,
+pool, the chart's operator pod, vLLM server pods) a worker thread gives it its own loopback address
+(127.X.Y.Z), materialises its Secret/ConfigMap volumes, starts the program with the pod's own args and env,
 and reports `podIP`, `phase` and the Ready/ContainersReady conditions from polling the pod's
 readiness probe. The operator pod gets a kubeconfig holding a TokenRequest token of its own
 ServiceAccount, bound to the pod, so it runs under the chart's RBAC and never as the admin.

@@ -255,7 +255,9 @@ def _vllm_argv(
     (``vllm serve [MODEL]`` or ``python3 -m vllm.entrypoints.openai.api_server``) is dropped and a
     model this machine cannot download is served from its local copy."""
     if vllm_python is None or not vllm_python.exists():
-        raise PodSpecError(f"a vLLM pod needs vLLM's virtualenv ({vllm_python or 'none given'}): run `make vllm`")
+        raise PodSpecError(
+            f"a vLLM pod needs vLLM's virtualenv ({vllm_python or 'none given'}): run `make vllm`"
+        )
     if VLLM_MODULE in words:
         words = words[words.index(VLLM_MODULE) + 1 :]
     elif words[:2] == ["vllm", "serve"]:

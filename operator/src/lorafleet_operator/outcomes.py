@@ -231,16 +231,24 @@ def _taken_over(outcome: EpochAdvanced) -> str:
 
 
 def _served_event(served: Served, stored: Mapping[str, Any]) -> Announcement | None:
-    """A Warning when publishing starts failing or fails differently, a Normal Event when it recovers."""
+    """A Warning when publishing starts failing (or fails differently), or when the servers that
+    served the adapter are all gone; a Normal Event when it is served everywhere again."""
     condition = served_condition(served)
     before = next((c for c in stored.get("conditions") or [] if c.get("type") == SERVED), None)
-    failed_before = before is not None and before.get("reason") == "PublishFailed"
-    same = before is not None and failed_before and before.get("message") == condition.message
+    if before is None:
+        return None if condition.reason != "PublishFailed" else _warning(condition)
+    same = before.get("reason") == condition.reason and before.get("message") == condition.message
     if condition.reason == "PublishFailed" and not same:
-        return Announcement("PublishFailed", _sentence(condition.message), warning=True)
-    if condition.status and failed_before:
-        return Announcement("Served", _sentence(f"recovered: {condition.message}"))
+        return _warning(condition)
+    if condition.reason == "NoServers" and before.get("status") == "True":
+        return _warning(condition)
+    if condition.status and before.get("reason") in ("PublishFailed", "NoServers"):
+        return Announcement("Served", _sentence(f"served again: {condition.message}"))
     return None
+
+
+def _warning(condition: Condition) -> Announcement:
+    return Announcement(condition.reason, _sentence(condition.message), warning=True)
 
 
 def _sentence(text: str) -> str:

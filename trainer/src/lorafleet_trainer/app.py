@@ -22,7 +22,7 @@ from lorafleet_trainer import routes
 from lorafleet_trainer.auth import BearerAuth
 from lorafleet_trainer.configs import TrainingSpec
 from lorafleet_trainer.errors import QueueFull, TrainerError
-from lorafleet_trainer.holds import PhaseHolds
+from lorafleet_trainer.holds import PUBLISH, PhaseHolds
 from lorafleet_trainer.limiting import BodyLimit
 from lorafleet_trainer.serving import ClientGone, Engine, TrainerService
 from lorafleet_trainer.settings import TrainerSettings
@@ -90,11 +90,10 @@ def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
         return _error(499, f"request: {exc}")
 
 
-def build_engine(settings: TrainerSettings) -> Engine:
+def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> Engine:
     """The real engine for these settings (imports torch, so only when a server starts)."""
     from lorafleet_trainer.engine import EngineConfig, TrainerEngine
 
-    holds = PhaseHolds(settings.test_hold_dir).enable() if settings.test_hold_dir is not None else None
     config = EngineConfig(
         base_model=settings.base_model,
         storage_root=settings.storage,
@@ -113,11 +112,13 @@ def build_engine(settings: TrainerSettings) -> Engine:
 
 def create_app(settings: TrainerSettings, engine: Engine | None = None, token: str | None = None) -> FastAPI:
     """One trainer app; ``engine`` defaults to the real engine built from ``settings``."""
+    holds = PhaseHolds(settings.test_hold_dir).enable() if settings.test_hold_dir is not None else None
     service = TrainerService(
-        engine if engine is not None else build_engine(settings),
+        engine if engine is not None else build_engine(settings, holds),
         max_queue=settings.max_queue,
         default_training=TrainingSpec(),
         max_generate_tokens=settings.max_generate_tokens,
+        publish_hold=(lambda: holds.at(PUBLISH)) if holds is not None else None,
     )
 
     @asynccontextmanager

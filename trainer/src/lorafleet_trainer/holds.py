@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # written, "snapshot" after it is durable but before it reaches the cache, "answer" after the
 # engine finished, before the service answers.
 PHASES = ("restore", "compute", "persist", "snapshot", "answer")
+# Not a step phase: a publisher's server worker parks here before it loads a version into an
+# inference server, so a test can kill the trainer in the middle of publishing.
+PUBLISH = "publish"
 
 # How often a parked worker looks for its release: holds are for tests, a millisecond scale is enough.
 _POLL_SECONDS = 0.005
@@ -34,8 +37,8 @@ class PhaseHolds:
         self.directory = directory
 
     def _armed(self, phase: str) -> Path:
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
+        if phase not in (*PHASES, PUBLISH):
+            raise ValueError(f"unknown phase {phase!r}; one of {(*PHASES, PUBLISH)}")
         return self.directory / phase
 
     def _held(self, phase: str) -> Path:
@@ -45,7 +48,7 @@ class PhaseHolds:
     def enable(self) -> PhaseHolds:
         self.directory.mkdir(parents=True, exist_ok=True)
         # A trainer killed while parked left its marker behind; nothing of this process is parked.
-        for phase in PHASES:
+        for phase in (*PHASES, PUBLISH):
             self._held(phase).unlink(missing_ok=True)
         log.warning("test step holds are enabled in %s; never use this in production", self.directory)
         return self

@@ -75,7 +75,7 @@ class Wanted:
 class Served:
     """What one server serves of one adapter, as this pod last saw it."""
 
-    version: int = 0  # 0: nothing served yet
+    version: int | None = None  # None: nothing served
     error: str = ""
     reason: str = ""
     since: str = field(default_factory=_now)  # when version or error last changed
@@ -159,8 +159,10 @@ class Publisher:
         *,
         client: Callable[[str], ServerClient] = ServerClient,
         resync_seconds: float = RESYNC_SECONDS,
+        hold: Callable[[], None] | None = None,
     ) -> None:
         self.observer = observer or PublishObserver()
+        self.hold_before_load = hold or (lambda: None)  # fault tests park a load here (holds.PUBLISH)
         self._client = client
         self.resync_seconds = resync_seconds
         self._lock = threading.Lock()
@@ -261,8 +263,8 @@ class Publisher:
         for worker in workers:
             for adapter, want in wanted.items():
                 served = worker.served(adapter).version
-                if served < want.version:
-                    versions = max(versions, want.version - served)
+                if served is None or served < want.version:
+                    versions = max(versions, want.version - (served if served is not None else -1))
                     seconds = max(seconds, now - want.committed_at)
         return versions, seconds
 
@@ -282,7 +284,7 @@ class Publisher:
             return self._wanted.get(adapter)
 
     @contextlib.contextmanager
-    def hold(self, adapter: AdapterId, version: int) -> Iterator[None]:
+    def loading(self, adapter: AdapterId, version: int) -> Iterator[None]:
         with self._lock:
             counts = self._holds.setdefault(adapter, {})
             counts[version] = counts.get(version, 0) + 1
@@ -388,13 +390,14 @@ class ServerWorker:
             return
         with self._lock:
             state = self._served.setdefault(adapter, Served())
-            if have is None and state.version:
-                state.version, state.since = 0, _now()  # the server lost it (a restart)
+            if have is None and state.version is not None:
+                state.version, state.since = None, _now()  # the server lost it (a restart)
             if time.monotonic() < state.retry_at:
                 return
         # The newest version may have committed since the listing: load that one.
         want = self.publisher.current(adapter) or want
-        with self.publisher.hold(adapter, want.version):
+        with self.publisher.loading(adapter, want.version):
+            self.publisher.hold_before_load()
             try:
                 self.client.load(want.served_name, want.path, inplace=have is not None)
             except PublishError as exc:

@@ -126,7 +126,7 @@ class ServedVersion(BaseModel):
     model_config = _RESPONSE
 
     server: str = Field(description="the server's pod name")
-    version: int = Field(description="the version it serves; 0 for none yet")
+    version: int | None = Field(description="the version it serves; null for none")
     error: str | None = Field(description="why the newest version is not served there, if it is not")
     since: str | None = Field(description="when version or error last changed (RFC 3339)")
 

@@ -95,13 +95,14 @@ class TrainerService:
         max_queue: int,
         default_training: TrainingSpec,
         max_generate_tokens: int = 512,
+        publish_hold: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.default_training = default_training
         self.max_generate_tokens = max_generate_tokens
         self.queue = StepQueue(max_queue)
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
-        self.publisher = publishing.Publisher(self.metrics.publish_observer())
+        self.publisher = publishing.Publisher(self.metrics.publish_observer(), hold=publish_hold)
         self.metrics.watch_publishing(self.publisher)
         engine.hold_versions(self.publisher.held_versions)
         # Where the pool's inference servers find the store; the operator may name another mount.
