@@ -15,7 +15,7 @@ export LORAFLEET_BIN_DIR := $(BIN)
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), end to end on a local control plane"
-	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e)"
+	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e, vLLM serving)"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
@@ -66,7 +66,8 @@ lint: python-deps
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: setup lint
+# vLLM too: the serving tests run a real vLLM beside the trainers (tests/serving).
+test: setup vllm lint
 	$(PY) -m pytest
 
 test-unit: python-deps
@@ -78,13 +79,13 @@ test-e2e: setup
 test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
 
-# The serving hand-off: a real trainer and a real vLLM on the real model (minutes on a CPU).
+# Only the serving tests: real trainers and a real vLLM on the real model (minutes on a CPU).
 test-vllm: setup vllm
 	$(PY) -m pytest -m vllm -s tests/serving
 
 ## ---- the product -------------------------------------------------------------
 
-demo: setup
+demo: setup vllm
 	$(VENV)/bin/lorafleet-local demo
 
 bench: python-deps

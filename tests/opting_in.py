@@ -1,6 +1,6 @@
 """Opt-in suites: tests under a marker that a plain `make test` skips unless the run selects them.
 
-The chaos campaigns and the vLLM hand-off run for minutes; their directory's conftest skips them,
+The chaos campaigns run for minutes; their directory's conftest skips them,
 with a reason naming the make target, unless the marker expression selects exactly that marker
 (or the suite's own option says so).
 """

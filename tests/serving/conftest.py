@@ -1,7 +1,7 @@
-"""Opt-in for the serving hand-off tests: they start a real vLLM and train the real model.
+"""The serving tests start a real vLLM and train the real model.
 
-Tests marked ``vllm`` run for minutes and need ``make vllm``; they are skipped unless the run
-selects them with ``-m vllm`` (``make test-vllm``). The model is ``builtin:smollm2`` unless
+They are marked ``vllm`` (``make test-vllm`` runs only them; ``make test`` runs them with the rest)
+and need vLLM's virtualenv (``make vllm``). The hand-off test's model is ``builtin:smollm2`` unless
 ``LORAFLEET_TEST_REAL_MODEL`` names another model id or directory.
 """
 
@@ -11,19 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tests import opting_in
 
 from lorafleet_trainer import models
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    opting_in.skip_unless(
-        items,
-        marker="vllm",
-        under=Path(__file__).parent,
-        reason="starts a real vLLM: run with `make test-vllm`",
-        opted_in=opting_in.selected(config, "vllm"),
-    )
 
 
 @pytest.fixture(scope="session")

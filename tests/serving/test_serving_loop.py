@@ -28,7 +28,8 @@ from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
 from lorafleet_trainer.holds import PUBLISH, PhaseHolds
 
-pytestmark = pytest.mark.vllm
+# e2e as well: it shares the session's cluster and runs with the other end-to-end tests, last.
+pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
 NS = "lorafleet-serving"
 VLLM_READY = "2400s"  # vLLM's first start on two busy cores took up to 17 minutes here

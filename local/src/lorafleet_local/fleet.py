@@ -129,10 +129,21 @@ class Fleet:
         return base64.b64decode(secret["data"][token_file.rsplit("/", 1)[1]]).decode()
 
     def uninstall(self, timeout: float = 90) -> None:
-        """Delete the custom resources (the operator still runs to release their finalizers), then
-        `helm uninstall`. Bounded: a broken operator must not hang a teardown."""
+        """Delete the example vLLM Deployment and the custom resources (the operator still runs to
+        release their finalizers), then `helm uninstall`. Bounded: a broken operator must not hang
+        a teardown."""
         self.prometheus.stop()
         ns = ("-n", self.namespace)
+        # The example vLLM Deployment, if it was applied: it must not keep serving after the release.
+        self.kube.kubectl(
+            "delete",
+            "-f",
+            str(EXAMPLES / "vllm.yaml"),
+            *ns,
+            "--ignore-not-found",
+            "--wait=false",
+            check=False,
+        )
         self.kube.kubectl("delete", "loraadapters,trainerpools", "--all", *ns, "--wait=false", check=False)
         try:
             eventually(
