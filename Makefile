@@ -11,7 +11,7 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint demo bench bench-quick bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), end to end on a local control plane"
@@ -93,6 +93,10 @@ bench: python-deps
 
 bench-quick: python-deps
 	$(PY) -m lorafleet_trainer.bench --quick --json bench-results/bench-quick.json
+
+# What publishing to vLLM adds to a step (a trainer and a vLLM on a core each; scripts/bench_publishing.py).
+bench-publishing: python-deps vllm
+	$(PY) -m scripts.bench_publishing --json bench-results/bench-publishing.json
 
 bench-gpu: python-deps
 	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json

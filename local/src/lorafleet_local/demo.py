@@ -270,7 +270,8 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
     try:
         show.line(f"KUBECONFIG={kube.kubeconfig}")
         show.section(f"helm install lorafleet charts/lorafleet --namespace {NAMESPACE}")
-        fleet = Fleet.install(kube, NAMESPACE, workdir)
+        # Statuses polled every 5 s rather than 30: the serving stage waits for status.served.
+        fleet = Fleet.install(kube, NAMESPACE, workdir, "operator.resyncSeconds=5")
         show.line(
             f"operator {fleet.operator_pod}: ServiceAccount {fleet.operator()['spec']['serviceAccountName']}"
         )
