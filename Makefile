@@ -14,7 +14,7 @@ export LORAFLEET_BIN_DIR := $(BIN)
         lint demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
-	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), end to end on a local control plane"
+	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e, vLLM serving)"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"

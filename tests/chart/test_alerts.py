@@ -13,6 +13,7 @@ RULES = charting.CHART / "alerts" / "lorafleet.rules.yaml"
 UNIT_TESTS = charting.ROOT / "tests" / "chart" / "alerts_test.yaml"
 EXPECTED_ALERTS = {
     "LoraFleetTrainerDown",
+    "LoraFleetServedVersionLagging",
     "LoraFleetCacheThrashing",
     "LoraFleetCacheFullAndEvicting",
     "LoraFleetGPUMemoryNotReleased",

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from lorafleet_local import goals
+from lorafleet_local import goals, pod_runner
 from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
@@ -232,11 +232,12 @@ def evict(fleet: Fleet, show: Display) -> None:
     eventually(
         "the LoraAdapter to go", lambda: not fleet.kube.exists("loraadapter", EVICTED, "-n", NAMESPACE)
     )
-    (pod_body,) = fleet.kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
-    server = fleet.kube.reach(NAMESPACE, pod_body["metadata"]["name"], 8000)
-    _, models = fleet.call("GET", server + "/v1/models")
-    loaded = sorted(m["id"] for m in (models or {}).get("data", []) if m.get("parent"))
-    show.line(f"adapters vLLM serves now: {loaded}")
+    servers = fleet.kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
+    for pod_body in servers:
+        server = fleet.kube.reach(NAMESPACE, pod_body["metadata"]["name"], 8000)
+        _, models = fleet.call("GET", server + "/v1/models")
+        loaded = sorted(m["id"] for m in (models or {}).get("data", []) if m.get("parent"))
+        show.line(f"adapters vLLM serves now: {loaded}")
     since = time.time()
     fleet.scraped("sum(lorafleet_trainer_cache_entries)", since)
     for series in fleet.prometheus.query("sum by (reason) (lorafleet_trainer_cache_evictions_total) > 0"):
@@ -297,7 +298,12 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
         show.section("after training: the same held-out questions")
         runs = ask_after(fleet, show, urls, started)
         show.section("serving: vLLM loads every adapter's latest version and answers with it")
-        serve(fleet, show, runs)
+        if model != MODEL:
+            show.line(f"skipped: examples/vllm.yaml serves {MODEL}, not {model}")
+        elif kube.local and not (pod_runner.VLLM_VENV / "bin" / "python").exists():
+            show.line(f"skipped: no vLLM virtualenv at {pod_runner.VLLM_VENV} (`make vllm` makes it)")
+        else:
+            serve(fleet, show, runs)
         show.section("kubectl get trainerpools,loraadapters")
         wait_versions(fleet, show, runs)
         for line in kube.kubectl("get", "trainerpools,loraadapters", "-n", NAMESPACE).stdout.splitlines():
