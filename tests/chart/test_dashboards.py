@@ -44,6 +44,10 @@ DESIGN_METRICS = {
         "gpu_memory_peak_bytes",
         "gpu_memory_after_step_bytes",
         "host_pinned_bytes",
+        # Publishing to inference servers (issue 14; DESIGN.md lists serving as coming).
+        "publish_duration_seconds",
+        "publish_failures_total",
+        "publish_lag_seconds",
     ]
 } | {
     f"lorafleet_operator_{name}"

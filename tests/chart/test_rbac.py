@@ -46,6 +46,7 @@ POD = {"metadata": {"namespace": "ns", "name": "p-0"}}
 LEASE = {"metadata": {"namespace": "ns", "name": "lease", "resourceVersion": "1"}}
 CALLS: dict[str, tuple[Any, ...]] = {
     "list_pool_pods": ("ns", "p"),
+    "list_pods": ("ns", "app=vllm"),
     "get_pod": ("ns", "p-0"),
     "create_pod": (POD,),
     "delete_pod": ("ns", "p-0"),

@@ -88,7 +88,7 @@ used by lorafleet_operator/kube.py (the one module that calls the API) or by kop
   trainerpools        get: kube.get_pool; list, watch: kopf's watch; patch: kopf's finalizer and progress annotations
   loraadapters        get: kube.get_adapter; list: kube.list_pool_adapters and kopf; watch, patch: kopf
   (pools|adapters)/status  patch: kube.patch_pool_status, kube.patch_adapter_status
-  pods                get: kube.get_pod; list: kube.list_pool_pods; watch: kopf; create: kube.create_pod; delete: kube.delete_pod
+  pods                get: kube.get_pod; list: kube.list_pool_pods, kube.list_pods (a pool's inference servers); watch: kopf; create: kube.create_pod; delete: kube.delete_pod
   services            create: kube.create_service (the pool's headless Service)
   events (both APIs)  create: kopf's Events on pools and adapters
 */}}
