@@ -227,3 +227,16 @@ def test_disowning_unloads_from_every_server_and_says_so(publisher: Publisher, s
         assert publisher.disown(ALICE) == {}
     finally:
         other.stop()
+
+
+def test_dropping_a_server_does_not_wait_for_its_load_in_flight(
+    publisher: Publisher, server: StandIn
+) -> None:
+    server.gate = threading.Event()
+    publisher.set_servers([Server("vllm-0", server.url)])
+    publisher.own(ALICE, "alice", 1, "/v1")
+    assert server.loading.wait(10)
+    publisher.set_servers([])  # returns while the server still holds the load
+    assert not server.gate.is_set() and publisher.servers == []
+    assert publisher.state(ALICE) == []
+    server.gate.set()

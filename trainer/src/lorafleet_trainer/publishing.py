@@ -83,7 +83,8 @@ class Served:
     retry_at: float = 0.0
 
     def to_json(self, server: str) -> dict[str, Any]:
-        return {"server": server, "version": self.version, "error": self.error or None, "since": self.since}
+        since = self.since or None
+        return {"server": server, "version": self.version, "error": self.error or None, "since": since}
 
 
 class ServerClient:
@@ -222,7 +223,7 @@ class Publisher:
             for worker in gone:
                 del self._workers[worker.server]
         for worker in gone:
-            worker.stop()
+            worker.stop(wait=False)  # a server that hangs must not hold up the operator's call
 
     def close(self) -> None:
         with self._lock:
@@ -333,10 +334,12 @@ class ServerWorker:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """End the worker; without ``wait`` a load in flight finishes on its own (at most one)."""
         self._stopping.set()
         self._wakeup.set()
-        self._thread.join(timeout=REQUEST_TIMEOUT_SECONDS)
+        if wait:
+            self._thread.join(timeout=REQUEST_TIMEOUT_SECONDS)
 
     def wake(self) -> None:
         self._wakeup.set()
