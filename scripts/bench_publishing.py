@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.steps):
                     answer = c.post(ADAPTER + "/distill", json=body).json()
                     times[mode].append(float(answer["timing_ms"]["total"]))
-        time.sleep(1.0)  # the last load's latency lands in the histogram
         samples = parse_metrics(c.get("/metrics").text)
         count = samples.get(("lorafleet_trainer_publish_duration_seconds_count", ()), 0.0)
         total = samples.get(("lorafleet_trainer_publish_duration_seconds_sum", ()), 0.0)

@@ -137,6 +137,17 @@ def _wait_served(server: Server, name: str, artifact: str, timeout: float) -> fl
     raise AssertionError(f"vLLM did not serve {name} at {artifact} within {timeout:.0f} s")
 
 
+def one_sample(fleet: Fleet, url: str) -> dict[str, Any]:
+    """A one-sample distill body of alice's goal: a short rollout of its first question, on the
+    adapter at ``url``, with the goal's feedback and training settings."""
+    goal = goals.Goal.of("alice")
+    code, rollout = fleet.call(
+        "POST", url + "/generate", {"messages": goal.messages(goal.questions[0]), "max_tokens": 8}
+    )
+    assert code == 200, rollout
+    return {"samples": [{**rollout["sample"], "feedback": goal.feedback}], "training": goal.training}
+
+
 def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fleet, Server]) -> None:
     fleet, server = loop
     url = fleet.adapter_url("alice")
@@ -188,7 +199,7 @@ def test_publishing_adds_little_to_the_time_a_step_takes_to_answer(loop: tuple[F
     removed (the same vLLM process idles); a figure for the note, and a bound far above noise."""
     fleet, server = loop
     url = fleet.adapter_url("alice")
-    body = goals_sample_for(fleet, url)
+    body = one_sample(fleet, url)
 
     def steps(n: int) -> list[float]:
         totals = []
@@ -251,20 +262,9 @@ def test_a_server_refusing_a_load_shows_in_status_and_training_goes_on(loop: tup
     assert "rank" in condition["message"].lower(), condition["message"]
     events = fleet.kube.get("events", "-n", NS, "--field-selector", "involvedObject.name=wide")["items"]
     assert any(e["reason"] == "PublishFailed" and e["type"] == "Warning" for e in events), events
-    code, answer = fleet.call("POST", fleet.adapter_url("wide") + "/distill", goals_sample(fleet))
+    wide = fleet.adapter_url("wide")
+    code, answer = fleet.call("POST", wide + "/distill", one_sample(fleet, wide))
     assert code == 200, answer
-
-
-def goals_sample(fleet: Fleet) -> dict[str, Any]:
-    """A one-sample distill body from a rollout of alice's first question on `wide`."""
-    goal = goals.Goal.of("alice")
-    code, rollout = fleet.call(
-        "POST",
-        fleet.adapter_url("wide") + "/generate",
-        {"messages": goal.messages(goal.questions[0]), "max_tokens": 8},
-    )
-    assert code == 200, rollout
-    return {"samples": [{**rollout["sample"], "feedback": goal.feedback}]}
 
 
 def test_vllm_down_shows_in_status_and_a_new_pod_serves_every_adapter_again(
@@ -287,7 +287,7 @@ def test_vllm_down_shows_in_status_and_a_new_pod_serves_every_adapter_again(
     condition = eventually("alice shown unserved while vLLM is down", unserved, timeout=120, interval=1)
     print(f"\nwhile vLLM is down: {condition['reason']}: {condition['message']}")
     # Training goes on while the server is down.
-    code, answer = fleet.call("POST", url + "/distill", goals_sample_for(fleet, url))
+    code, answer = fleet.call("POST", url + "/distill", one_sample(fleet, url))
     assert code == 200, answer
     kube.kubectl("delete", "pod", name, "-n", NS, "--wait=false")
 
@@ -315,15 +315,6 @@ def test_vllm_down_shows_in_status_and_a_new_pod_serves_every_adapter_again(
     assert "Served" in reasons and reasons & {"NoServers", "PublishFailed"}, reasons
 
 
-def goals_sample_for(fleet: Fleet, url: str) -> dict[str, Any]:
-    goal = goals.Goal.of("alice")
-    code, rollout = fleet.call(
-        "POST", url + "/generate", {"messages": goal.messages(goal.questions[0]), "max_tokens": 8}
-    )
-    assert code == 200, rollout
-    return {"samples": [{**rollout["sample"], "feedback": goal.feedback}], "training": goal.training}
-
-
 def test_a_trainer_killed_mid_publish_publishes_its_latest_version_once_back(
     loop: tuple[Fleet, Server],
 ) -> None:
@@ -338,7 +329,7 @@ def test_a_trainer_killed_mid_publish_publishes_its_latest_version_once_back(
     url = fleet.adapter_url("alice")
     holds.arm(PUBLISH)
     try:
-        code, answer = fleet.call("POST", url + "/distill", goals_sample_for(fleet, url))
+        code, answer = fleet.call("POST", url + "/distill", one_sample(fleet, url))
         assert code == 200, answer  # the step answers; its version waits to be published
         eventually("the publisher to park before its load", lambda: holds.held(PUBLISH), timeout=60)
         assert not server.loaded().get("alice", "").endswith("/" + answer["artifact"])
@@ -349,7 +340,7 @@ def test_a_trainer_killed_mid_publish_publishes_its_latest_version_once_back(
     # The restarted trainer is told its servers and adapters again, and publishes the stored version.
     _wait_served(server, "alice", answer["artifact"], timeout=120)
     url = fleet.adapter_url("alice")
-    code, after = fleet.call("POST", url + "/distill", goals_sample_for(fleet, url))
+    code, after = fleet.call("POST", url + "/distill", one_sample(fleet, url))
     assert code == 200 and after["version"] == answer["version"] + 1, after
     _wait_served(server, "alice", after["artifact"], timeout=30)
 

@@ -28,7 +28,8 @@ class StandIn:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.refuse: str | None = None  # a load answers 400 with this message
         self.gate: threading.Event | None = None  # a load waits for it
-        self.loading = threading.Event()
+        self.loading = threading.Event()  # a load has arrived
+        self.answered = threading.Event()  # a load has been answered
         self.lock = threading.Lock()
         stand_in = self
 
@@ -61,6 +62,12 @@ class StandIn:
                 stand_in.loading.set()
                 if stand_in.gate is not None:
                     stand_in.gate.wait(30)
+                try:
+                    self._load(name, body)
+                finally:
+                    stand_in.answered.set()
+
+            def _load(self, name: str, body: dict[str, Any]) -> None:
                 if stand_in.refuse:
                     self._answer(400, {"error": {"message": stand_in.refuse}})
                     return
@@ -145,17 +152,23 @@ def test_commits_of_an_adapter_this_pod_does_not_own_are_not_published(
     assert publisher.served_name(ALICE) is None
 
 
-def test_versions_committed_during_a_load_coalesce_into_the_newest(
-    publisher: Publisher, server: StandIn
-) -> None:
-    server.gate = threading.Event()
+def _park_a_load(publisher: Publisher, server: StandIn) -> threading.Event:
+    """alice version 1 owned and its load held by the server until the returned gate is set."""
+    gate = server.gate = threading.Event()
     publisher.set_servers([Server("vllm-0", server.url)])
     publisher.own(ALICE, "alice", 1, "/v1")
     assert server.loading.wait(10)
+    return gate
+
+
+def test_versions_committed_during_a_load_coalesce_into_the_newest(
+    publisher: Publisher, server: StandIn
+) -> None:
+    gate = _park_a_load(publisher, server)
     assert publisher.held_versions(ALICE) == {1}  # storage keeps version 1 while it loads
     for version in (2, 3, 4):
         publisher.committed(ALICE, version, f"/v{version}")
-    server.gate.set()
+    gate.set()
     eventually("version 4 served", lambda: _served(publisher, 4), timeout=10, interval=0.02)
     assert [b["lora_path"] for b in server.loads()] == ["/v1", "/v4"]
     assert publisher.held_versions(ALICE) == set()
@@ -232,11 +245,8 @@ def test_disowning_unloads_from_every_server_and_says_so(publisher: Publisher, s
 def test_dropping_a_server_does_not_wait_for_its_load_in_flight(
     publisher: Publisher, server: StandIn
 ) -> None:
-    server.gate = threading.Event()
-    publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.own(ALICE, "alice", 1, "/v1")
-    assert server.loading.wait(10)
+    gate = _park_a_load(publisher, server)
     publisher.set_servers([])  # returns while the server still holds the load
-    assert not server.gate.is_set() and publisher.servers == []
+    assert not server.answered.is_set() and publisher.servers == []
     assert publisher.state(ALICE) == []
-    server.gate.set()
+    gate.set()

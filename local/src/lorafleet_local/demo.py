@@ -172,6 +172,12 @@ def ask_after(
     return [runs[name] for name in ADAPTERS]
 
 
+def vllm_urls(fleet: Fleet) -> list[str]:
+    """Where this machine reaches the pods of the example vLLM Deployment."""
+    pods = fleet.kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
+    return [fleet.kube.reach(NAMESPACE, p["metadata"]["name"], 8000) for p in pods]
+
+
 def serve(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
     """The example vLLM Deployment: wait for it, then ask it what each adapter's trainer answered."""
     kube = fleet.kube
@@ -183,8 +189,7 @@ def serve(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
         timeout=VLLM_READY_S + 60,
     )  # fmt: skip
     show.line(f"{show.elapsed()}  vLLM Ready after {time.monotonic() - start:.0f} s")
-    (pod,) = kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
-    server = kube.reach(NAMESPACE, pod["metadata"]["name"], 8000)
+    (server,) = vllm_urls(fleet)
     for run in runs:
         name = run.goal.adapter
 
@@ -232,9 +237,7 @@ def evict(fleet: Fleet, show: Display) -> None:
     eventually(
         "the LoraAdapter to go", lambda: not fleet.kube.exists("loraadapter", EVICTED, "-n", NAMESPACE)
     )
-    servers = fleet.kube.get("pods", "-n", NAMESPACE, "-l", "app=vllm")["items"]
-    for pod_body in servers:
-        server = fleet.kube.reach(NAMESPACE, pod_body["metadata"]["name"], 8000)
+    for server in vllm_urls(fleet):
         _, models = fleet.call("GET", server + "/v1/models")
         loaded = sorted(m["id"] for m in (models or {}).get("data", []) if m.get("parent"))
         show.line(f"adapters vLLM serves now: {loaded}")

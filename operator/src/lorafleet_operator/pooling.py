@@ -49,7 +49,7 @@ async def sync_pool(rt: Runtime, namespace: str, name: str, *, ensure_service: b
     if ensure_service:
         await rt.kube.create_service(building.build_service(pool, rt.settings))
     await _write_status(rt, body, views, replicas)
-    await publishing.sync_serving(rt, namespace, body)
+    await publishing.sync_serving(rt, pool, views)
 
 
 async def _write_status(

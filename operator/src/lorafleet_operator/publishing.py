@@ -97,11 +97,12 @@ def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[dict[st
     return result
 
 
-async def sync_serving(rt: Runtime, namespace: str, pool_body: Mapping[str, Any]) -> None:
-    """Give every Ready trainer pod of the pool the current servers and its adapters."""
-    pool = pools.parse(dict(pool_body))
-    serving = pool.spec.serving
-    name = pool.name
+async def sync_serving(
+    rt: Runtime, pool: pools.Pool, trainer_pods: Sequence[placing.PodView] | None = None
+) -> None:
+    """Give every Ready trainer pod of the pool the current servers and its adapters;
+    ``trainer_pods``: the pool's pods as the caller just listed them (else they are listed here)."""
+    namespace, name, serving = pool.namespace, pool.name, pool.spec.serving
     if serving is None:
         if rt.serving_selectors.pop((namespace, name), None) is None:
             return  # never served: nothing to take back
@@ -114,9 +115,10 @@ async def sync_serving(rt: Runtime, namespace: str, pool_body: Mapping[str, Any]
             return
         rt.serving_selectors[(namespace, name)] = dict(serving.selector)
         found = servers(await rt.kube.list_pods(namespace, selector), serving.port)
+    if trainer_pods is None:
+        trainer_pods = [placing.view_pod(p, name) for p in await rt.kube.list_pool_pods(namespace, name)]
     adapter_bodies = await rt.kube.list_pool_adapters(namespace, name)
-    for pod in await rt.kube.list_pool_pods(namespace, name):
-        view = placing.view_pod(pod, name)
+    for view in trainer_pods:
         if not view.ready or not view.ip:
             continue
         body: dict[str, Any] = {"servers": found, "adapters": owned(adapter_bodies, view.name)}
@@ -144,6 +146,6 @@ async def server_changed(rt: Runtime, namespace: str, pool: str) -> None:
     try:
         body = await rt.kube.get_pool(namespace, pool)
         if body is not None:
-            await sync_serving(rt, namespace, body)
+            await sync_serving(rt, pools.parse(body))
     except ApiError as exc:
         failures.skipped(rt.metrics, "server_event", f"trainerpool {namespace}/{pool}", exc)
