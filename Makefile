@@ -11,7 +11,7 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint images test-images demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
+	@echo "make images      the operator and trainer images, built here with podman from their Dockerfiles"
 	@echo "make e2e-kind    the e2e tests on a kind cluster (needs Docker)"
 
 ## ---- set-up ---------------------------------------------------------------
@@ -58,6 +59,11 @@ tools:
 	@bash scripts/build-tools.sh $(BIN)
 	@bash scripts/build-checkers.sh $(BIN)
 
+# The operator and trainer images from their own Dockerfiles, with podman, on a Python base made
+# here with debootstrap (no public registry is reachable); see local/src/lorafleet_local/images.py.
+images: python-deps
+	$(PY) -m lorafleet_local.images build
+
 ## ---- quality ---------------------------------------------------------------
 
 lint: python-deps
@@ -78,6 +84,9 @@ test-e2e: setup
 
 test-chaos: setup
 	$(PY) -m pytest -m chaos --run-chaos -s tests/reliability
+
+test-images: images
+	$(PY) -m pytest -m images tests/images
 
 # Only the serving tests: real trainers and a real vLLM on the real model (minutes on a CPU).
 test-vllm: setup vllm
