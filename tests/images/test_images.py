@@ -71,11 +71,11 @@ def test_entrypoint_and_user(name: str, entrypoint: list[str], cmd: list[str] | 
     assert config["Entrypoint"] == entrypoint
     assert config.get("Cmd") == cmd
     assert config["User"] == USER
-    # The entrypoint answers as that user (the console script is on PATH and imports).
+    # The entrypoint answers as that user (the console script is on PATH and imports), and the user
+    # has a name: kopf names the operator's identity after it, and crashed without one on a real node.
     assert "usage:" in run(name, "--help")
-    assert (
-        run(name, "-c", "import os; print(os.getuid(), os.getgid())", entrypoint="python") == "10001 10001\n"
-    )
+    who = "import getpass, os; print(os.getuid(), os.getgid(), getpass.getuser())"
+    assert run(name, "-c", who, entrypoint="python") == "10001 10001 lorafleet\n"
 
 
 def test_operator_image_has_no_ml_stack() -> None:
