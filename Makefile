@@ -11,7 +11,7 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint images test-images demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint images test-images test-node demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
@@ -72,9 +72,11 @@ lint: python-deps
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# vLLM too: the serving tests run a real vLLM beside the trainers (tests/serving).
-test: setup vllm lint
+# vLLM too: the serving tests run a real vLLM beside the trainers (tests/serving); the images too:
+# tests/images runs them with podman, and the e2e scenario runs again on a real node (test-node).
+test: setup vllm images lint
 	$(PY) -m pytest
+	$(NODE_TESTS)
 
 test-unit: python-deps
 	$(PY) -m pytest -m "not e2e and not chaos"
@@ -87,6 +89,12 @@ test-chaos: setup
 
 test-images: images
 	$(PY) -m pytest -m images tests/images
+
+# The e2e scenario and tests/node on a real node: a kubelet with containerd running the images
+# (local/src/lorafleet_local/node.py); needs root. `make test` runs it after the main run (pod runner).
+NODE_TESTS = LORAFLEET_REAL_NODE=1 $(PY) -m pytest -m e2e tests/e2e/test_scenario.py tests/node
+test-node: setup images
+	$(NODE_TESTS)
 
 # Only the serving tests: real trainers and a real vLLM on the real model (minutes on a CPU).
 test-vllm: setup vllm

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from lorafleet_local import checkout, control_plane
-from lorafleet_local.kube import Kube
+from lorafleet_local.kube import REAL_NODE_ENV, Kube
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,7 +31,9 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     if missing:
         pytest.fail(f"missing {', '.join(missing)} in {checkout.bin_dir()}: run `make kube-clients tools`")
     # Step holds let the fault tests park a trainer's step at a known phase (lorafleet_trainer.holds).
-    handle = Kube.start(tmp_path_factory.mktemp("e2e"), step_holds=True)
+    # LORAFLEET_REAL_NODE=1 (`make test-node`): a kubelet runs the pods from the images, not the runner.
+    real_node = os.environ.get(REAL_NODE_ENV) == "1"
+    handle = Kube.start(tmp_path_factory.mktemp("e2e"), step_holds=True, real_node=real_node)
     try:
         yield handle
     finally:

@@ -91,9 +91,11 @@ class Outside:
         self.operator: processes.Child | None = None
 
     def install(self) -> None:
+        # The cluster's own values too: on a real node, the trainer image that `make images` built.
+        sets = [arg for value in ("operator.replicas=0", *self.kube.helm_values) for arg in ("--set", value)]
         self.kube.helm(
-            "install", RELEASE, str(CHART), "--namespace", NS, "--create-namespace",
-            "--set", "operator.replicas=0", "--wait", "--timeout", "5m", timeout=400,
+            "install", RELEASE, str(CHART), "--namespace", NS, "--create-namespace", *sets,
+            "--wait", "--timeout", "5m", timeout=400,
         )  # fmt: skip
 
     def kubeconfig(self) -> Path:

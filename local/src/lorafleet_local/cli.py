@@ -1,6 +1,7 @@
 """`lorafleet-local`: run LoraFleet's local cluster as one would run kind.
 
     lorafleet-local up      # start the cluster in the background; prints `export KUBECONFIG=...`
+    lorafleet-local up --node  # the same with a real node: a kubelet running the images (node.py)
     lorafleet-local down    # stop it and remove its directory
     lorafleet-local demo    # LoraFleet end to end on a fresh cluster of its own, then tear down
 
@@ -20,7 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
-from lorafleet_local import control_plane, demo, pod_runner, polling, processes
+from lorafleet_local import control_plane, demo, images, pod_runner, polling, processes
+from lorafleet_local import node as node_module
 
 PID_FILE = "pid"
 UP_FILE = "up"  # written once the cluster serves: the line `up` prints
@@ -42,16 +44,26 @@ def running_pid(workdir: Path) -> int | None:
     return pid if b"lorafleet_local" in cmdline and str(workdir).encode() in cmdline else None
 
 
-def foreground(workdir: Path, pods: bool) -> int:
+def foreground(workdir: Path, pods: bool, real_node: bool = False) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / PID_FILE).write_text(str(os.getpid()))
     try:
-        with control_plane.ControlPlane(workdir / "cluster") as plane:
-            runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start() if pods else None
+        with control_plane.ControlPlane(workdir / "cluster", node=real_node) as plane:
+            runner = node = None
             line = f"export KUBECONFIG={plane.kubeconfig}   # API server {plane.server}; logs in {workdir}"
+            if real_node:
+                trainer = images.IMAGES["trainer-cpu"].tag
+                port = int(plane.server.rsplit(":", 1)[1])
+                node = node_module.Node(workdir / "node", plane.kubeconfig, port)
+                node.start([images.IMAGES["operator"].tag, trainer])
+                line += (
+                    f"\n# a real node runs the images: helm install ... --set operator.trainerImage={trainer}"
+                )
+            elif pods:
+                runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
             tmp = workdir / (UP_FILE + ".tmp")
             tmp.write_text(line + "\n")
             tmp.replace(workdir / UP_FILE)
@@ -59,13 +71,15 @@ def foreground(workdir: Path, pods: bool) -> int:
             stop.wait()
             if runner is not None:
                 runner.stop()
+            if node is not None:
+                node.stop()
     finally:
         for name in (UP_FILE, PID_FILE):
             (workdir / name).unlink(missing_ok=True)
     return 0
 
 
-def up(workdir: Path, pods: bool, timeout: float) -> int:
+def up(workdir: Path, pods: bool, timeout: float, real_node: bool = False) -> int:
     pid = running_pid(workdir)
     if pid is not None:
         print(f"a local cluster already runs in {workdir} (pid {pid}): `lorafleet-local down` first")
@@ -73,7 +87,9 @@ def up(workdir: Path, pods: bool, timeout: float) -> int:
     shutil.rmtree(workdir, ignore_errors=True)  # what a cluster that was killed left behind
     argv = [sys.executable, "-m", "lorafleet_local", "up", "--foreground", "--dir", str(workdir)]
     child = processes.Child(
-        "lorafleet-local", [*argv, *([] if pods else ["--no-pods"])], workdir / "lorafleet-local.log",
+        "lorafleet-local",
+        [*argv, *([] if pods else ["--no-pods"]), *(["--node"] if real_node else [])],
+        workdir / "lorafleet-local.log",
         detached=True,
     )  # fmt: skip
     try:
@@ -117,6 +133,11 @@ def parser() -> argparse.ArgumentParser:
     up_parser = commands.choices["up"]
     up_parser.add_argument("--no-pods", action="store_true", help="no pod runner: pods stay Pending")
     up_parser.add_argument("--foreground", action="store_true", help="run in this terminal until Ctrl-C")
+    up_parser.add_argument(
+        "--node",
+        action="store_true",
+        help="a real node (kubelet, containerd; needs root, `make images tools`) instead of the pod runner",
+    )
     run_demo = commands.add_parser("demo", help="LoraFleet end to end on a fresh local cluster")
     run_demo.add_argument(
         "--model",
@@ -140,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.dir.resolve()
     if args.command == "down":
         return down(workdir, args.timeout)
+    if args.node and args.no_pods:
+        top.error("--node and --no-pods: a real node runs the pods; choose one")
     if args.foreground:
-        return foreground(workdir, not args.no_pods)
-    return up(workdir, not args.no_pods, args.timeout)
+        return foreground(workdir, not args.no_pods, args.node)
+    # A real node imports the images into containerd on its first run (minutes for the trainer's).
+    return up(
+        workdir, not args.no_pods, args.timeout if not args.node else max(args.timeout, 900.0), args.node
+    )

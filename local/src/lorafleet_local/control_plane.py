@@ -33,6 +33,14 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "endpointslice-controller",
 )
+# With a real node (node.py) rather than the pod runner: claims bind to volumes, the node's
+# not-ready taint is lifted once it reports Ready, and kube-scheduler places the pods.
+NODE_CONTROLLERS = (
+    "persistentvolume-binder-controller",
+    "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller",
+    "node-lifecycle-controller",
+)
 
 
 def _nothing() -> None:
@@ -42,8 +50,9 @@ def _nothing() -> None:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager under one work directory."""
 
-    def __init__(self, workdir: Path, binaries: Path | None = None) -> None:
+    def __init__(self, workdir: Path, binaries: Path | None = None, node: bool = False) -> None:
         self.workdir = workdir
+        self.node = node
         self.bin = binaries or checkout.bin_dir()
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.children: list[processes.Child] = []
@@ -52,7 +61,7 @@ class ControlPlane:
         self.etcd_port = 0
 
     def start(self, timeout: float = 120.0) -> ControlPlane:
-        missing = checkout.missing_binaries(self.bin, BINARIES)
+        missing = checkout.missing_binaries(self.bin, BINARIES + (("kube-scheduler",) if self.node else ()))
         if missing:
             raise RuntimeError(f"missing {', '.join(missing)} in {self.bin}: run `make kube-clients tools`")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +96,8 @@ class ControlPlane:
                 0.2,
                 child=kcm,
             )
+            if self.node:
+                self._spawn("kube-scheduler", self._scheduler_args(), logs)
         except BaseException:
             self.stop()
             raise
@@ -142,11 +153,22 @@ class ControlPlane:
             "--bind-address=127.0.0.1",
             f"--secure-port={processes.free_port()}",
             f"--cert-dir={self.workdir / 'controller-manager-certs'}",
-            f"--controllers={','.join(CONTROLLERS)}",
+            f"--controllers={','.join(CONTROLLERS + (NODE_CONTROLLERS if self.node else ()))}",
             # Each controller acts as its own ServiceAccount, as in a kubeadm cluster.
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={keys.service_account_key}",
             f"--root-ca-file={keys.ca_cert}",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+
+    def _scheduler_args(self) -> list[str]:
+        return [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={processes.free_port()}",
             "--leader-elect=false",
             "--v=1",
         ]

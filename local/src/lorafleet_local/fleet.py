@@ -90,7 +90,7 @@ class Fleet:
         metrics_port = processes.free_port() if kube.pods_on_loopback else 8000
         # The kind workflow names its locally built images here (scripts/e2e-kind.sh).
         from_env = [v for v in os.environ.get(HELM_SET_ENV, "").split(",") if v.strip()]
-        values = [f"operator.metricsPort={metrics_port}", *from_env, *extra_values]
+        values = [f"operator.metricsPort={metrics_port}", *kube.helm_values, *from_env, *extra_values]
         sets = [arg for value in values for arg in ("--set", value)]
         kube.helm(
             "install", RELEASE, str(CHART), "--namespace", namespace, "--create-namespace", *sets,

@@ -122,23 +122,23 @@ def build_base(work: Path) -> None:
         for path in leftovers.glob("*"):
             if path.is_file():
                 path.unlink()
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        [
-            *PODMAN,
-            "import",
-            "--change",
-            "ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--change",
-            'CMD ["python3"]',
-            "-",
-            BASE,
-        ],
-        stdin=tar.stdout,
-        check=True,
-        capture_output=True,
-    )
-    if tar.wait() != 0:
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        subprocess.run(
+            [
+                *PODMAN,
+                "import",
+                "--change",
+                "ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                'CMD ["python3"]',
+                "-",
+                BASE,
+            ],
+            stdin=tar.stdout,
+            check=True,
+            capture_output=True,
+        )
+    if tar.returncode != 0:
         raise RuntimeError(f"tar of {rootfs} failed")
     shutil.rmtree(rootfs)
 

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, control_plane, kubeconfigs, pod_runner, polling, processes
+from lorafleet_local import checkout, control_plane, images, kubeconfigs, node, pod_runner, polling, processes
+
+REAL_NODE_ENV = "LORAFLEET_REAL_NODE"  # "1": the tests' local cluster gets a real node (make test-node)
 
 
 class CommandError(RuntimeError):
@@ -36,6 +38,9 @@ class Kube:
         self.workdir = workdir
         self.plane = plane
         self.runner: pod_runner.PodRunner | None = None
+        self.node: node.Node | None = None
+        # `helm install` values this cluster needs (a real node runs the images `make images` built).
+        self.helm_values: list[str] = []
         self.bin = checkout.bin_dir()
         self._forwards: dict[tuple[str, str, int], processes.Child] = {}
         self._forward_urls: dict[tuple[str, str, int], str] = {}
@@ -48,21 +53,31 @@ class Kube:
     @property
     def pods_on_loopback(self) -> bool:
         """True on any local cluster, this one's or one `lorafleet-local up` left running: pods are
-        local processes on their own loopback addresses, reachable from here as they are."""
+        reachable from here at their own addresses (the pod runner's loopback addresses, or the
+        real node's host-only bridge)."""
         return self.local or kubeconfigs.is_local(self.kubeconfig)
 
     @classmethod
-    def start(cls, workdir: Path, step_holds: bool = False) -> Kube:
+    def start(cls, workdir: Path, step_holds: bool = False, real_node: bool = False) -> Kube:
         """The KUBECONFIG cluster if set, else a fresh local control plane with a pod runner
-        (whose trainer pods accept step holds when ``step_holds``: fault tests only)."""
+        (whose trainer pods accept step holds when ``step_holds``: fault tests only), or with a
+        real node (``real_node``: a kubelet running the images `make images` built)."""
         external = os.environ.get("KUBECONFIG")
         if external:
             return cls(Path(external), workdir)
-        plane = control_plane.ControlPlane(workdir / "cluster").start()
+        plane = control_plane.ControlPlane(workdir / "cluster", node=real_node).start()
         kube = cls(plane.kubeconfig, workdir, plane)
         try:
-            runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods", step_holds=step_holds)
-            kube.runner = runner.start()
+            if real_node:
+                trainer = images.IMAGES["trainer-cpu"].tag
+                port = int(plane.server.rsplit(":", 1)[1])
+                kube.node = node.Node(workdir / "node", plane.kubeconfig, port).start(
+                    [images.IMAGES["operator"].tag, trainer]
+                )
+                kube.helm_values = ["operator.image.pullPolicy=Never", f"operator.trainerImage={trainer}"]
+            else:
+                runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods", step_holds=step_holds)
+                kube.runner = runner.start()
         except BaseException:
             plane.stop()
             raise
@@ -75,6 +90,9 @@ class Kube:
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
         if self.plane is not None:
             self.plane.stop()
 
