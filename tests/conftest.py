@@ -34,6 +34,8 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     # LORAFLEET_REAL_NODE=1 (`make test-node`): a kubelet runs the pods from the images, not the runner.
     real_node = os.environ.get(REAL_NODE_ENV) == "1"
     handle = Kube.start(tmp_path_factory.mktemp("e2e"), step_holds=True, real_node=real_node)
+    if handle.node is not None:
+        print(f"\nreal node: {handle.node.figures}")
     try:
         yield handle
     finally:
