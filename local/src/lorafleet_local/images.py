@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet_local import checkout
+from lorafleet_local import checkout, debian
 
 BASE = "localhost/lorafleet/python:3.11-bookworm"
 # runc, not podman's default crun (which refuses this machine's hybrid cgroup layout), and explicit
@@ -84,19 +84,6 @@ def size_bytes(tag: str) -> int:
 def workdir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorafleet" / "images"
     return Path(os.environ.get("LORAFLEET_IMAGES_DIR", default))
-
-
-def install_tools() -> None:
-    need = [
-        pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None and not os.access(tool, os.X_OK)
-    ]
-    if not need:
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(f"images: need root to apt-get install {' '.join(need)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True, env=env)
 
 
 def build_base(work: Path) -> None:
@@ -193,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [name for name in args.names if name not in IMAGES]
         if unknown:
             parser.error(f"unknown image {', '.join(unknown)} (known: {', '.join(IMAGES)})")
-        install_tools()
+        debian.install_missing(PACKAGES, "building the images")
         work = workdir()
         work.mkdir(parents=True, exist_ok=True)
         if not exists(BASE):

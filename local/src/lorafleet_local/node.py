@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, images, pki, polling, processes
+from lorafleet_local import checkout, debian, images, pki, polling, processes
 
 NODE_NAME = "localhost"
 BRIDGE = "lorafleet0"
@@ -63,19 +63,6 @@ def cache_dir() -> Path:
     return base / "lorafleet" / "node"
 
 
-def install_packages() -> None:
-    need = [
-        pkg for path, pkg in PACKAGES.items() if shutil.which(path) is None and not os.access(path, os.X_OK)
-    ]
-    if not need:
-        return
-    if os.geteuid() != 0:
-        raise RuntimeError(f"a real node needs root to apt-get install {' '.join(need)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True, env=env)
-
-
 class Node:
     """containerd + kubelet registered as node ``localhost`` with the API server of ``kubeconfig``."""
 
@@ -98,7 +85,7 @@ class Node:
             raise RuntimeError(f"missing {', '.join(missing)} in {self.bin}: run `make tools kube-clients`")
         if os.geteuid() != 0:
             raise RuntimeError("a real node runs containers: it needs root")
-        install_packages()
+        debian.install_missing(PACKAGES, "a real node")
         begin = time.monotonic()
         for sub in ("run", "logs", "etc/cni", "kubelet", "volumes"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
