@@ -77,6 +77,13 @@ def exists(tag: str) -> bool:
     return shutil.which("podman") is not None and podman("image", "exists", tag, check=False).returncode == 0
 
 
+def image_id(tag: str) -> str:
+    """The image a tag names now, or "" when there is none."""
+    if not exists(tag):
+        return ""
+    return podman("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+
+
 def size_bytes(tag: str) -> int:
     return int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
 
@@ -190,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"images: {BASE} made in {time.monotonic() - start:.0f} s", flush=True)
         for name in args.names or list(IMAGES):
             image = IMAGES[name]
+            before = image_id(image.tag)
             print(f"images: {image.tag} from {image.dockerfile.relative_to(checkout.ROOT)}", flush=True)
             print(f"images: {image.tag} built in {build(image, work):.0f} s", flush=True)
+            if before and before != image_id(image.tag):
+                # The tag moved: drop the image it named (podman refuses while a container or
+                # another tag uses it), so rebuilds do not pile up gigabytes of untagged images.
+                podman("image", "rm", before, check=False)
     for image in IMAGES.values():
         shown = f"{size_bytes(image.tag) / 1e6:,.0f} MB" if exists(image.tag) else "not built"
         print(f"{image.tag:40} {shown}")

@@ -231,7 +231,9 @@ class Node:
 
     def _import(self, tag: str) -> None:
         """podman's image into containerd's store, unless the same image is there already."""
-        image_id = images.podman("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+        image_id = images.image_id(tag)
+        if not image_id:
+            raise RuntimeError(f"{tag} is not built: run `make images`")
         stamp = self.store / "imported.json"
         seen: dict[str, str] = json.loads(stamp.read_text()) if stamp.exists() else {}
         if seen.get(tag) == image_id and self._ctr("images", "check", f"name=={tag}").returncode == 0:
