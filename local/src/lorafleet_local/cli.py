@@ -21,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lorafleet_local import control_plane, demo, images, pod_runner, polling, processes
+from lorafleet_local import control_plane, demo, pod_runner, polling, processes
 from lorafleet_local import node as node_module
 
 PID_FILE = "pid"
@@ -55,13 +55,9 @@ def foreground(workdir: Path, pods: bool, real_node: bool = False) -> int:
             runner = node = None
             line = f"export KUBECONFIG={plane.kubeconfig}   # API server {plane.server}; logs in {workdir}"
             if real_node:
-                trainer = images.IMAGES["trainer-cpu"].tag
-                port = int(plane.server.rsplit(":", 1)[1])
-                node = node_module.Node(workdir / "node", plane.kubeconfig, port)
-                node.start([images.IMAGES["operator"].tag, trainer])
-                line += (
-                    f"\n# a real node runs the images: helm install ... --set operator.trainerImage={trainer}"
-                )
+                node = node_module.start_for(plane, workdir / "node")
+                sets = " ".join(f"--set {value}" for value in node_module.helm_values())
+                line += f"\n# a real node runs the images: helm install ... {sets}"
             elif pods:
                 runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods").start()
             tmp = workdir / (UP_FILE + ".tmp")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, control_plane, images, kubeconfigs, node, pod_runner, polling, processes
+from lorafleet_local import checkout, control_plane, kubeconfigs, node, pod_runner, polling, processes
 
 REAL_NODE_ENV = "LORAFLEET_REAL_NODE"  # "1": the tests' local cluster gets a real node (make test-node)
 
@@ -69,12 +69,8 @@ class Kube:
         kube = cls(plane.kubeconfig, workdir, plane)
         try:
             if real_node:
-                trainer = images.IMAGES["trainer-cpu"].tag
-                port = int(plane.server.rsplit(":", 1)[1])
-                kube.node = node.Node(workdir / "node", plane.kubeconfig, port).start(
-                    [images.IMAGES["operator"].tag, trainer]
-                )
-                kube.helm_values = ["operator.image.pullPolicy=Never", f"operator.trainerImage={trainer}"]
+                kube.node = node.start_for(plane, workdir / "node")
+                kube.helm_values = node.helm_values()
             else:
                 runner = pod_runner.PodRunner(plane.kubeconfig, workdir / "pods", step_holds=step_holds)
                 kube.runner = runner.start()

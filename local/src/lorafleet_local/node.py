@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, debian, images, pki, polling, processes
+from lorafleet_local import checkout, control_plane, debian, images, pki, polling, processes
 
 NODE_NAME = "localhost"
 BRIDGE = "lorafleet0"
@@ -61,6 +61,22 @@ def cache_dir() -> Path:
     """containerd's image store, kept between runs: importing a 5 GB trainer image takes a minute."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "lorafleet" / "node"
+
+
+def images_to_run() -> list[str]:
+    """The images a node for LoraFleet holds: the operator's and the CPU trainer's."""
+    return [images.IMAGES["operator"].tag, images.IMAGES["trainer-cpu"].tag]
+
+
+def helm_values() -> list[str]:
+    """`helm install` values for a cluster on this node: its images, never pulled."""
+    return ["operator.image.pullPolicy=Never", f"operator.trainerImage={images.IMAGES['trainer-cpu'].tag}"]
+
+
+def start_for(plane: control_plane.ControlPlane, workdir: Path) -> Node:
+    """A node registered with ``plane`` (started with ``node=True``), holding ``images_to_run()``."""
+    port = int(plane.server.rsplit(":", 1)[1])
+    return Node(workdir, plane.kubeconfig, port, plane.bin).start(images_to_run())
 
 
 class Node:
@@ -127,9 +143,10 @@ class Node:
             capture_output=True,
         )
 
-    def _kubectl(self, *args: str) -> str:
+    def _kubectl(self, *args: str, input: str | None = None) -> str:
         done = subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
             capture_output=True,
             text=True,
             check=True,
@@ -295,22 +312,16 @@ class Node:
                 }
             )
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": documents})
-        subprocess.run(
-            [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), "apply", "-f", "-"],
-            input=manifest,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        self._kubectl("apply", "-f", "-", input=manifest)
 
     # ---- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop the kubelet, every pod container and containerd, and put the machine back: mounts,
         the bridge, iptables chains, cgroups and the host paths this node made."""
-        for child in reversed(self.children):
-            if child.name == "kubelet":
-                child.stop(grace=5)
+        kubelet = next((c for c in self.children if c.name == "kubelet"), None)
+        if kubelet is not None:
+            kubelet.stop(grace=5)  # first, so that it starts nothing again
         containerd = next((c for c in self.children if c.name == "containerd"), None)
         if containerd is not None and containerd.alive():
             tasks = self._ctr("tasks", "ls", "-q").stdout.decode().split()
