@@ -99,7 +99,11 @@ def probes(sec: str, name: str, schema: dict[str, Any]) -> list[Any]:
     elif schema["type"] == "array":
         values += array_probes(schema)
     elif "enum" in schema:
-        values += [*schema["enum"], "NotAChoice"]
+        values += [*schema["enum"], "NotAChoice", 3]
+    elif schema["type"] == "string":
+        values += ["", "{feedback} then {question}", 3]
+        if "maxLength" in schema:
+            values += ["a" * schema["maxLength"], "a" * (schema["maxLength"] + 1)]
     else:
         pytest.fail(f"spec.{sec}.{name}: type {schema['type']} has no probes")
     return values + EXTRA.get((sec, name), [])
@@ -118,10 +122,25 @@ def go_pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, An
 APISERVER = jsonschema.validators.extend(jsonschema.Draft4Validator, {"pattern": go_pattern})
 
 
+def defaulted(sec: str, name: str, value: Any) -> dict[str, Any]:
+    """``spec.<sec>`` holding the probe, with the section's other defaults filled in as the API server
+    does before it evaluates the section's CEL rules."""
+    props = section(sec)["properties"]
+    return {**{k: p["default"] for k, p in props.items() if "default" in p}, name: value}
+
+
+def cel_admits(sec: str, spec: dict[str, Any]) -> bool:
+    """The training section's one CEL rule, in Python: a custom teacher needs its template."""
+    if sec != "training" or spec.get("teacherTemplate") != "custom":
+        return True
+    template = spec.get("teacherCustomTemplate")
+    return isinstance(template, str) and "{feedback}" in template
+
+
 def crd_admits(sec: str, name: str, value: Any) -> bool:
     doc = {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": "a"},
            "spec": {"pool": "p", sec: {name: value}}}  # fmt: skip
-    if not APISERVER(openapi()).is_valid(doc):
+    if not APISERVER(openapi()).is_valid(doc) or not cel_admits(sec, defaulted(sec, name, value)):
         return False
     # A structural schema cannot say uniqueItems; the API server enforces list-type "set" instead.
     field = section(sec)["properties"][name]

@@ -25,6 +25,7 @@ schemas = pytest.importorskip("lorafleet_trainer.schemas")
 configs = pytest.importorskip("lorafleet_trainer.configs")
 errors = pytest.importorskip("lorafleet_trainer.errors")
 
+CROSS_FIELD = {"training.teacher_custom_template"}
 CASES = [
     pytest.param(sec, name, value, id=f"{sec}.{name}={str(value)[:40]}")
     for sec, name, sub in fields()
@@ -51,6 +52,10 @@ def trainer_admits(sec: str, name: str, value: Any) -> bool:
         configs.LoraSpec.from_dict(parsed.lora.model_dump())
         configs.TrainingSpec.from_dict((parsed.training or schemas.Training()).model_dump(exclude_none=True))
     except errors.InvalidInput as exc:
+        # A rule across fields (the CRD's CEL rule) is judged on the merged settings, where the
+        # adapter's stored defaults are known; the request schema sees one request's fields only.
+        if exc.field in CROSS_FIELD:
+            return False
         pytest.fail(f"trainer schema admits {sec}.{name}={value!r} but its parser refuses: {exc}")
     return True
 
@@ -68,12 +73,14 @@ def test_crd_operator_and_trainer_agree(sec: str, name: str, value: Any) -> None
 def test_defaults_agree(sec: str, name: str, sub: dict[str, Any]) -> None:
     operator_model = {"lora": adapters.Lora, "training": adapters.Training}[sec]()
     trainer_model = {"lora": schemas.Lora, "training": schemas.Training}[sec]()
-    assert getattr(operator_model, snake(name)) == sub.get("default"), f"operator spec.{sec}.{name}"
-    assert getattr(trainer_model, snake(name)) == sub.get("default"), f"trainer {sec}.{snake(name)}"
-    if sec == "lora":
-        engine = configs.LoraSpec()
-        got = getattr(engine, snake(name))
-        assert (list(got) if isinstance(got, tuple) else got) == sub["default"], f"LoraSpec.{snake(name)}"
+    # A training field left out of a request means "the adapter's own setting", so the wire models
+    # hold None there; the engine's spec holds the CRD's default, the one every path falls back to.
+    wire = sub.get("default") if sec == "lora" else None
+    assert getattr(operator_model, snake(name)) == wire, f"operator spec.{sec}.{name}"
+    assert getattr(trainer_model, snake(name)) == wire, f"trainer {sec}.{snake(name)}"
+    engine = {"lora": configs.LoraSpec, "training": configs.TrainingSpec}[sec]()
+    got = getattr(engine, snake(name))
+    assert (list(got) if isinstance(got, tuple) else got) == sub["default"], f"engine {sec}.{snake(name)}"
 
 
 @pytest.mark.parametrize("sec", SECTIONS)

@@ -47,7 +47,7 @@ def test_lora_rejects_naming_field(body: dict[str, object], field: str) -> None:
 
 def test_training_merge_layers_and_validates() -> None:
     base = TrainingSpec().merged({"learning_rate": 3e-5, "teacher_top_k": 10})
-    assert base.learning_rate == 3e-5 and base.teacher_top_k == 10 and base.alpha == 0.5
+    assert base.learning_rate == 3e-5 and base.teacher_top_k == 10 and base.alpha == TrainingSpec().alpha
     again = base.merged({"alpha": 1})
     assert again.alpha == 1.0 and again.learning_rate == 3e-5
     assert base.merged(None) is base
@@ -65,6 +65,13 @@ def test_training_merge_layers_and_validates() -> None:
         ({"kl_reg_weight": -0.1}, "training.kl_reg_weight"),
         ({"teacher_top_k": 0}, "training.teacher_top_k"),
         ({"lr": 1e-3}, "training"),
+        ({"is_floor": 1.5}, "training.is_floor"),
+        ({"is_floor": 0.9, "is_clip": 0.5}, "training.is_floor"),
+        ({"teacher_template": "polite"}, "training.teacher_template"),
+        ({"teacher_template": 3}, "training.teacher_template"),
+        ({"teacher_template": "custom"}, "training.teacher_custom_template"),
+        ({"teacher_template": "custom", "teacher_custom_template": "{question}"}, "training.teacher_custom_template"),
+        ({"teacher_custom_template": "x" * 8193}, "training.teacher_custom_template"),
     ],
 )
 def test_training_rejects_naming_field(body: dict[str, object], field: str) -> None:
@@ -73,3 +80,18 @@ def test_training_rejects_naming_field(body: dict[str, object], field: str) -> N
         spec.merged(body)
     assert err.value.field == field
     assert spec == TrainingSpec()
+
+
+def test_training_defaults_are_the_crds() -> None:
+    """One field contract: the engine's defaults are the CRD's (adapter_fields.json), on every path."""
+    from lorafleet_trainer.limits import TRAINING
+
+    spec = TrainingSpec()
+    for key, limit in TRAINING.items():
+        assert getattr(spec, key) == limit.default, key
+
+
+def test_custom_template_may_come_from_the_adapter_and_the_request() -> None:
+    stored = TrainingSpec().merged({"teacher_custom_template": "{feedback}\n\n{question}"})
+    assert stored.teacher_template != "custom"
+    assert stored.merged({"teacher_template": "custom"}).teacher_template == "custom"

@@ -21,6 +21,7 @@ def _body(**over: Any) -> dict[str, Any]:
         "response_token_ids": [31, 7],
         "user_prompt": "u",
         "system_prompt": "s",
+        "demonstration": "d",
     }
     body.update(over)
     return body
@@ -30,9 +31,9 @@ def test_round_trip() -> None:
     sample = DistillSample.from_dict(_body())
     assert sample.to_dict() == _body()
     defaulted = DistillSample.from_dict(
-        {k: v for k, v in _body().items() if k not in ("user_prompt", "system_prompt")}
+        {k: v for k, v in _body().items() if k not in ("user_prompt", "system_prompt", "demonstration")}
     )
-    assert defaulted.user_prompt == "p" and defaulted.system_prompt == ""
+    assert defaulted.user_prompt == "p" and defaulted.system_prompt == "" and defaulted.demonstration == ""
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import json
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 _FIELDS: dict[str, dict[str, dict[str, Any]]] = json.loads(
     resources.files("lorafleet_operator").joinpath("adapter_fields.json").read_text(encoding="utf-8")
@@ -52,6 +52,18 @@ def _unique(values: list[str]) -> list[str]:
 _ModuleName = Annotated[str, Field(**_bounds(_FIELDS["lora"]["targetModules"]["items"]), strict=True)]
 
 
+def _one_of(choices: list[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
+
+
+_TemplateName = Annotated[str, _one_of(_FIELDS["training"]["teacherTemplate"]["enum"])]
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
@@ -69,7 +81,18 @@ class Training(_Spec):
     is_clip: float | None = _field("training", "isClip", optional=True)
     max_grad_norm: float | None = _field("training", "maxGradNorm", optional=True)
     kl_reg_weight: float | None = _field("training", "klRegWeight", optional=True)
+    is_floor: float | None = _field("training", "isFloor", optional=True)
     teacher_top_k: int | None = _field("training", "teacherTopK", optional=True)
+    teacher_template: _TemplateName | None = _field("training", "teacherTemplate", optional=True)
+    teacher_custom_template: str | None = _field("training", "teacherCustomTemplate", optional=True)
+
+    @model_validator(mode="after")
+    def _custom_teacher_has_template(self) -> Training:
+        # The CRD's CEL rule for spec.training, with the CRD's default template when none is set.
+        template = self.teacher_template or _FIELDS["training"]["teacherTemplate"]["default"]
+        if template == "custom" and "{feedback}" not in (self.teacher_custom_template or ""):
+            raise ValueError("teacherTemplate custom needs a teacherCustomTemplate with a {feedback} placeholder")
+        return self
 
 
 class Cache(_Spec):

@@ -14,6 +14,7 @@ from typing import Any
 
 from lorafleet_trainer import limits
 from lorafleet_trainer import validating as v
+from lorafleet_trainer.errors import InvalidInput
 from lorafleet_trainer.limits import LORA, TRAINING
 
 
@@ -63,14 +64,21 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """SDPO step hyper-parameters (DESIGN.md names); the defaults are the trainer's own."""
+    """SDPO step settings (DESIGN.md names); every default is the CRD's (``adapter_fields.json``)."""
 
-    learning_rate: float = 1e-4
-    alpha: float = 0.5
-    is_clip: float = 5.0
-    max_grad_norm: float = 1.0
-    kl_reg_weight: float = 0.0
-    teacher_top_k: int = 100
+    learning_rate: float = TRAINING["learning_rate"].default
+    alpha: float = TRAINING["alpha"].default
+    is_clip: float = TRAINING["is_clip"].default
+    is_floor: float = TRAINING["is_floor"].default
+    max_grad_norm: float = TRAINING["max_grad_norm"].default
+    kl_reg_weight: float = TRAINING["kl_reg_weight"].default
+    teacher_top_k: int = TRAINING["teacher_top_k"].default
+    teacher_template: str = TRAINING["teacher_template"].default
+    teacher_custom_template: str = TRAINING["teacher_custom_template"].default
+
+    def __post_init__(self) -> None:
+        for key in ("learning_rate", "alpha", "is_clip", "is_floor", "max_grad_norm", "kl_reg_weight"):
+            object.__setattr__(self, key, float(getattr(self, key)))
 
     def merged(self, overrides: Mapping[str, Any] | None, field: str = "training") -> TrainingSpec:
         """A copy with ``overrides`` applied; validates every given value, changes nothing on error."""
@@ -81,7 +89,16 @@ class TrainingSpec:
         checked = {
             key: limits.check(TRAINING[key], value, f"{field}.{key}") for key, value in overrides.items()
         }
-        return replace(self, **checked)
+        out = replace(self, **checked)
+        # The one rule across fields (the CRD states it in CEL): a custom teacher needs its template.
+        if out.teacher_template == "custom" and "{feedback}" not in out.teacher_custom_template:
+            raise InvalidInput(
+                "must hold a {feedback} placeholder when teacher_template is custom",
+                field=f"{field}.teacher_custom_template",
+            )
+        if out.is_floor > out.is_clip:
+            raise InvalidInput(f"must not exceed is_clip ({out.is_clip})", field=f"{field}.is_floor")
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, field: str = "training") -> TrainingSpec:

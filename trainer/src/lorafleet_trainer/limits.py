@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from lorafleet_trainer import validating as v
 from lorafleet_trainer.errors import InvalidInput
@@ -80,6 +80,8 @@ def field(limit: Limit, default: Any = ...) -> Any:
     """A pydantic ``Field`` with the limit's bounds and description, and its default unless given."""
     value = limit.default if default is ... else default
     kwargs = {**bounds(limit.schema), "description": limit.schema.get("description")}
+    if "enum" in limit.schema:  # checked by ``check``; shown in /openapi.json
+        kwargs["json_schema_extra"] = {"enum": list(limit.schema["enum"])}
     if isinstance(value, list):
         return Field(default_factory=lambda: list(value), **kwargs)
     return Field(value, **kwargs)
@@ -88,6 +90,18 @@ def field(limit: Limit, default: Any = ...) -> Any:
 def item_field(limit: Limit) -> Any:
     """Constraints on each item of a list field (``Annotated[str, item_field(...)]``)."""
     return Field(**bounds(limit.items))
+
+
+def one_of(limit: Limit) -> Any:
+    """Pydantic after-validator of an enum field: the CRD's choices and no other."""
+    choices = tuple(limit.schema["enum"])
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
 
 
 def unique(values: list[Any]) -> list[Any]:
@@ -113,7 +127,17 @@ def check(limit: Limit, value: Any, where: str) -> Any:
         )
     if s["type"] == "array":
         return _check_strings(limit, value, where)
+    if s["type"] == "string":
+        return _check_string(limit.schema, v.string(value, where), where)
     raise TypeError(f"{limit.name}: no check for type {s['type']}")
+
+
+def _check_string(schema: dict[str, Any], value: str, where: str) -> str:
+    if "enum" in schema and value not in schema["enum"]:
+        raise InvalidInput(f"must be one of {', '.join(schema['enum'])}, got {value!r}", field=where)
+    if len(value) > schema.get("maxLength", len(value)):
+        raise InvalidInput(f"must be at most {schema['maxLength']} characters long", field=where)
+    return value
 
 
 def _check_strings(limit: Limit, value: Any, where: str) -> list[str]:

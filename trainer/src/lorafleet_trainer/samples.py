@@ -26,6 +26,7 @@ _FIELDS = frozenset(
         "response_token_ids",
         "user_prompt",
         "system_prompt",
+        "demonstration",
     }
 )
 MAX_SAMPLE_TOKENS = 65536
@@ -66,6 +67,7 @@ class DistillSample:
     response_token_ids: list[int]
     user_prompt: str
     system_prompt: str
+    demonstration: str = ""  # an example of a good answer, for a teacher template that shows one
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], field: str = "samples[0]") -> DistillSample:
@@ -81,6 +83,7 @@ class DistillSample:
         # client did not separate the user's words from its own templating.
         user_prompt = v.string(d.get("user_prompt", prompt), f"{field}.user_prompt")
         system_prompt = v.string(d.get("system_prompt", ""), f"{field}.system_prompt")
+        demonstration = v.string(d.get("demonstration", ""), f"{field}.demonstration")
         prompt_ids = _token_ids(d["prompt_token_ids"], f"{field}.prompt_token_ids")
         response_ids = _token_ids(d["response_token_ids"], f"{field}.response_token_ids")
         logprobs = _logprobs(d["response_logprobs"], f"{field}.response_logprobs")
@@ -100,6 +103,7 @@ class DistillSample:
             response_token_ids=response_ids,
             user_prompt=user_prompt,
             system_prompt=system_prompt,
+            demonstration=demonstration,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +116,7 @@ class DistillSample:
             "response_token_ids": list(self.response_token_ids),
             "user_prompt": self.user_prompt,
             "system_prompt": self.system_prompt,
+            "demonstration": self.demonstration,
         }
 
 

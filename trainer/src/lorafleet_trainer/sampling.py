@@ -14,7 +14,7 @@ the adapter moved since the rollout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,14 +51,17 @@ class Sampled:
     finish_reason: Literal["stop", "length"]
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    """Token ids of ``messages`` through the chat template, ending where the answer begins."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True, tokenize=True
-    )
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of chat ``messages`` (role/content dicts), ending where the answer begins."""
+    encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here; older versions a plain list.
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(i) for i in ids]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Token ids of ``messages`` through the chat template, ending where the answer begins."""
+    return chat_ids(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
 
 
 def stop_ids(tokenizer: Any, model: Any) -> set[int]:

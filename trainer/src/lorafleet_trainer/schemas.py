@@ -36,6 +36,7 @@ TokenId = Annotated[int, Field(ge=0)]
 LogProb = Annotated[float, Field(le=0.0)]
 # The LoRA and training fields take their bounds, patterns and defaults from the CRD (``limits``).
 ModuleName = Annotated[str, limits.item_field(LORA["target_modules"])]
+TemplateName = Annotated[str, limits.one_of(TRAINING["teacher_template"])]
 
 
 class Lora(BaseModel):
@@ -61,7 +62,10 @@ class Training(BaseModel):
     is_clip: float | None = limits.field(TRAINING["is_clip"], None)
     max_grad_norm: float | None = limits.field(TRAINING["max_grad_norm"], None)
     kl_reg_weight: float | None = limits.field(TRAINING["kl_reg_weight"], None)
+    is_floor: float | None = limits.field(TRAINING["is_floor"], None)
     teacher_top_k: int | None = limits.field(TRAINING["teacher_top_k"], None)
+    teacher_template: TemplateName | None = limits.field(TRAINING["teacher_template"], None)
+    teacher_custom_template: str | None = limits.field(TRAINING["teacher_custom_template"], None)
 
 
 class CacheOptions(BaseModel):
@@ -111,6 +115,7 @@ class Sample(BaseModel):
     response_token_ids: list[TokenId] = Field(min_length=1, max_length=MAX_SAMPLE_TOKENS)
     user_prompt: str | None = Field(None, description="the user's words; defaults to prompt")
     system_prompt: str = ""
+    demonstration: str = Field("", description="an example of a good answer, for the teacher template")
 
 
 class DistillRequest(BaseModel):

@@ -1,12 +1,16 @@
 """The SDPO loss (self-distillation with feedback), as pure tensor math.
 
 At every response position the student (base + LoRA, prompted without the feedback) is pulled
-towards the teacher (the frozen base, prompted with the feedback) by a generalized Jensen-Shannon
-divergence over the teacher's top-K tokens plus one "tail" bucket holding the remaining mass, so
-both sides are proper distributions and mass the student puts outside the teacher's top-K is still
-penalised. Each position is weighted by the importance ratio between the current student and the
-policy that sampled the response (clipped at ``is_clip``), and a k3 estimate of KL(student || base)
-on the sampled tokens regularises drift. Everything is averaged over response tokens only.
+towards the teacher (the frozen base, prompted with the feedback) by a divergence over the
+teacher's top-K tokens plus one "tail" bucket holding the remaining mass, so both sides are proper
+distributions and mass the student puts outside the teacher's top-K is still penalised. With
+alpha 0 it is the forward KL(teacher || student), whose pull on a token's logit is the teacher's
+probability minus the student's: it raises tokens the student gives almost no mass. With alpha 0.5
+(the generalized Jensen-Shannon divergence) that pull scales with the student's own probability,
+so such tokens barely move. Each position is weighted by the importance ratio between the current
+student and the policy that sampled the response (clipped to ``[is_floor, is_clip]``), and a k3
+estimate of KL(student || base) on the sampled tokens regularises drift. Everything is averaged
+over response tokens only.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def sdpo_loss(
     alpha: float,
     is_clip: float,
     top_k: int,
+    is_floor: float = 0.0,
     kl_reg_weight: float = 0.0,
     base_logits: Tensor | None = None,
     mask: Tensor | None = None,
@@ -118,7 +123,9 @@ def sdpo_loss(
     divergence = generalized_jsd(s_support, t_support, alpha)
 
     ratio = (student_token_logp.detach() - old_logprobs.float()).exp()
-    weight = ratio.clamp(max=is_clip)
+    # The ratio is exactly 1 on a rollout of the current version; on an older rollout it falls
+    # where the student moved away, and ``is_floor`` keeps those tokens from being weighted away.
+    weight = ratio.clamp(min=is_floor, max=is_clip)
     distill = _masked_mean(weight * divergence, mask)
 
     if kl_reg_weight > 0.0:

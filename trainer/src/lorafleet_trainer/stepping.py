@@ -33,7 +33,7 @@ class Prepared:
 
 
 def prepare(
-    samples: Sequence[DistillSample], tokenizer: Any, vocab_size: int, max_positions: int
+    samples: Sequence[DistillSample], tokenizer: Any, vocab_size: int, max_positions: int, spec: TrainingSpec
 ) -> list[Prepared]:
     if not samples:
         raise InvalidInput("must be a non-empty list of samples", field="samples")
@@ -47,7 +47,11 @@ def prepare(
                         field=f"samples[{i}].{name}[{j}]",
                     )
         student = s.prompt_token_ids + s.response_token_ids
-        teacher = prompting.teacher_prompt_ids(tokenizer, s) + s.response_token_ids
+        given = prompting.TeacherInput.of(s)
+        teacher_prompt = prompting.teacher_prompt_ids(
+            tokenizer, given, spec.teacher_template, spec.teacher_custom_template
+        )
+        teacher = teacher_prompt + s.response_token_ids
         for label, seq in (("prompt and response", student), ("teacher prompt and response", teacher)):
             if len(seq) > max_positions:
                 raise InvalidInput(
@@ -171,6 +175,7 @@ def _loss_and_gradients(
         packed[batch.logprobs[0] : batch.logprobs[1]].view(torch.float64),
         alpha=spec.alpha,
         is_clip=spec.is_clip,
+        is_floor=spec.is_floor,
         top_k=spec.teacher_top_k,
         kl_reg_weight=spec.kl_reg_weight,
         base_logits=torch.cat(base) if base else None,
