@@ -27,21 +27,30 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Collection, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorafleet_trainer import decoding, holds, models, sampling, stepping
+from lorafleet_trainer import decoding, holds, models, previewing, prompting, sampling, stepping
 from lorafleet_trainer.cache import AdapterCache, CacheInfo
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.previewing import Answering
 from lorafleet_trainer.residency import MODES, Residency
-from lorafleet_trainer.results import AdapterState, EngineStats, Generation, InitResult, StepResult
+from lorafleet_trainer.results import (
+    AdapterState,
+    EngineStats,
+    Generation,
+    InitResult,
+    Scored,
+    StepResult,
+    TeacherPreview,
+)
 from lorafleet_trainer.samples import DistillSample
 from lorafleet_trainer.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
 from lorafleet_trainer.storage import (
@@ -353,10 +362,11 @@ class TrainerEngine:
         training: Mapping[str, Any] | None,
     ) -> StepResult:
         # Under the step lock: a fast tokenizer must not be borrowed by two threads at once.
-        prepared = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions)
-        batch = stepping.Batch.pack(prepared, pin=self._device.type == "cuda")
         meta = self._meta_for(adapter)
-        return self._step(slots, adapter, meta, meta.training.merged(training), batch)
+        spec = meta.training.merged(training)
+        prepared = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions, spec)
+        batch = stepping.Batch.pack(prepared, pin=self._device.type == "cuda")
+        return self._step(slots, adapter, meta, spec, batch)
 
     def _step(
         self,
@@ -413,25 +423,19 @@ class TrainerEngine:
             artifact=self.store.artifact(adapter, new.version),
         )
 
-    # ---- sampling ----------------------------------------------------------------------------
-    def generate(
-        self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
-    ) -> Generation:
-        """Sample from ``adapter``'s current version (the bare base model when None); changes nothing.
+    # ---- sampling, scoring, the teacher's preview -----------------------------------------------
+    @contextmanager
+    def _answering(self, adapter: AdapterId | None) -> Iterator[Answering]:
+        """The model answering as ``adapter``'s current version (the bare base model when None).
 
-        The adapter's state comes into its slot as for a step (a cache hit, else storage).
+        Held under the step lock (a fast tokenizer must not be borrowed by two threads at once); the
+        adapter's state comes into its slot as for a step (a cache hit, else storage). Changes nothing.
         """
         slots = self._require_ready()
-        # Everything under the step lock: a fast tokenizer must not be borrowed by two threads at once.
         with self._lock:
-            ids = list(prompt.token_ids) or sampling.chat_prompt_ids(self._tokenizer, prompt.messages)
-            stop = sampling.stop_ids(self._tokenizer, self._model)
-            field = "prompt_token_ids" if prompt.token_ids else "messages"
-            sampling.check_prompt(ids, self._vocab_size, self._max_positions, field)
             version: int | None = None
             hit: bool | None = None
             slot: LoraSlot | None = None
-            t0 = time.perf_counter()
             if adapter is not None:
                 meta = self._meta_for(adapter)
                 slot = self._slot(meta.lora)
@@ -440,29 +444,146 @@ class TrainerEngine:
             autocast = torch.autocast(
                 self._device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
             )
+            t0 = time.perf_counter()
             with self._residency.on_device(slot):
                 if adapter is not None and slot is not None:
                     hit = self._restore(adapter, meta, slot)
                     version = meta.version
-                t1 = time.perf_counter()
                 # The bare base model: PEFT's layers, once injected, must be switched off.
                 bare = adapter is None and model is not slots.base
-                with autocast, model.disable_adapter() if bare else nullcontext():
-                    out = decoding.sample(model, ids, params, stop, self._device, self._max_positions)
-                t2 = time.perf_counter()
-            text = self._tokenizer.decode(out.token_ids, skip_special_tokens=True)
-            prompt_text = self._tokenizer.decode(ids)
-        return Generation(
-            version=version,
-            cache_hit=hit,
-            prompt_token_ids=ids,
-            token_ids=out.token_ids,
-            logprobs=out.logprobs,
-            text=text,
-            prompt_text=prompt_text,
-            finish_reason=out.finish_reason,
-            seed=params.seed,
-            timing_ms={"restore": (t1 - t0) * 1000.0, "compute": (t2 - t1) * 1000.0},
+                with autocast, model.disable_adapter() if bare else nullcontext(), torch.no_grad():
+                    yield Answering(
+                        model,
+                        self._tokenizer,
+                        version,
+                        hit,
+                        (time.perf_counter() - t0) * 1000.0,
+                        self._teacher(model),
+                    )
+
+    def _teacher(self, model: Any) -> Callable[[], AbstractContextManager[Any]]:
+        """The frozen base inside an answering model: the teacher of every step."""
+        return model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
+
+    def _prompt_ids(self, prompt: sampling.Prompt, field: str = "messages") -> list[int]:
+        ids = list(prompt.token_ids) or sampling.chat_prompt_ids(self._tokenizer, prompt.messages)
+        sampling.check_prompt(
+            ids, self._vocab_size, self._max_positions, "prompt_token_ids" if prompt.token_ids else field
+        )
+        return ids
+
+    def _decode(
+        self, model: Any, prompts: list[list[int]], params: Sequence[sampling.SamplingParams]
+    ) -> list[Any]:
+        stop = sampling.stop_ids(self._tokenizer, self._model)
+        pad = (
+            self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(stop, default=0)
+        )
+        return decoding.sample_batch(model, prompts, params, stop, self._device, self._max_positions, pad)
+
+    def generate(
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
+    ) -> Generation:
+        """Sample from ``adapter``'s current version (the bare base model when None); changes nothing."""
+        (out,) = self.rollouts(adapter, [prompt], [params])
+        return out
+
+    def rollouts(
+        self,
+        adapter: AdapterId | None,
+        prompts: Sequence[sampling.Prompt],
+        params: Sequence[sampling.SamplingParams],
+    ) -> list[Generation]:
+        """One answer per prompt (with its own sampling parameters), decoded as one padded batch."""
+        self._require_ready()
+        with self._answering(adapter) as ans:
+            ids = [self._prompt_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+            t1 = time.perf_counter()
+            outs = self._decode(ans.model, ids, params)
+            compute = (time.perf_counter() - t1) * 1000.0
+        return [
+            Generation(
+                version=ans.version,
+                cache_hit=ans.cache_hit,
+                prompt_token_ids=prompt_ids,
+                token_ids=out.token_ids,
+                logprobs=out.logprobs,
+                text=self._tokenizer.decode(out.token_ids, skip_special_tokens=True),
+                prompt_text=self._tokenizer.decode(prompt_ids),
+                finish_reason=out.finish_reason,
+                seed=p.seed,
+                timing_ms={"restore": ans.restore_ms, "compute": compute},
+            )
+            for prompt_ids, out, p in zip(ids, outs, params, strict=True)
+        ]
+
+    def score(
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, response_ids: Sequence[int]
+    ) -> Scored:
+        """The log-probability of each response token after ``prompt``, under ``adapter``'s version."""
+        self._require_ready()
+        with self._answering(adapter) as ans:
+            ids = self._prompt_ids(prompt)
+            sampling.check_prompt(
+                [*ids, *response_ids[:-1]], self._vocab_size, self._max_positions, "response"
+            )
+            sampling.check_prompt(
+                list(response_ids), self._vocab_size, self._max_positions, "response_token_ids"
+            )
+            logprobs = previewing.token_logprobs(ans.model, ids, list(response_ids), self._device)
+        return Scored(ans.version, ids, list(response_ids), logprobs)
+
+    def teacher_preview(
+        self,
+        adapter: AdapterId | None,
+        prompt: sampling.Prompt,
+        feedback: str,
+        training: Mapping[str, Any] | None,
+        max_tokens: int,
+        top: int,
+    ) -> TeacherPreview:
+        """What the teacher would make of ``feedback`` on ``prompt``, beside the student.
+
+        The student (the adapter's version, or the base) answers greedily; the teacher (the frozen
+        base reading the feedback through the adapter's template) answers greedily too; at the first
+        positions of the teacher's answer both sides' top tokens are compared.
+        """
+        self._require_ready()
+        spec = (
+            self._meta_for(adapter).training if adapter is not None else self.config.default_training
+        ).merged(training)
+        if not prompt.messages:
+            raise InvalidInput("the teacher preview needs chat messages", field="messages")
+        users = [m.content for m in prompt.messages if m.role == "user"]
+        system = "\n".join(m.content for m in prompt.messages if m.role == "system")
+        greedy = sampling.SamplingParams(max_tokens=max_tokens)
+        with self._answering(adapter) as ans:
+            student_ids = self._prompt_ids(prompt)
+            (student,) = self._decode(ans.model, [student_ids], [greedy])
+            student_text = self._tokenizer.decode(student.token_ids, skip_special_tokens=True)
+            given = prompting.TeacherInput(users[-1] if users else "", feedback, system, student_text)
+            messages = prompting.teacher_messages(given, spec.teacher_template, spec.teacher_custom_template)
+            teacher_ids = sampling.chat_ids(self._tokenizer, messages)
+            sampling.check_prompt(teacher_ids, self._vocab_size, self._max_positions, "feedback")
+            with ans.teacher():
+                (teacher,) = self._decode(ans.model, [teacher_ids], [greedy])
+            positions = previewing.compare(
+                ans.model,
+                ans.teacher,
+                self._tokenizer,
+                student_ids,
+                teacher_ids,
+                teacher.token_ids,
+                top,
+                self._device,
+            )
+        return TeacherPreview(
+            version=ans.version,
+            template=spec.teacher_template,
+            teacher_prompt=self._tokenizer.decode(teacher_ids),
+            teacher_text=self._tokenizer.decode(teacher.token_ids, skip_special_tokens=True),
+            student_text=student_text,
+            positions=positions,
         )
 
     # ---- observability ---------------------------------------------------------------------

@@ -82,3 +82,40 @@ class EngineStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The log-probability of each given response token under one version (None: the base)."""
+
+    version: int | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class TopToken:
+    id: int
+    text: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class PositionTop:
+    """One position of the teacher's answer: its token, and each side's most likely tokens."""
+
+    token: TopToken  # the teacher's greedy choice, with the teacher's probability of it
+    student_prob: float  # the student's probability of that same token
+    teacher: list[TopToken]
+    student: list[TopToken]
+
+
+@dataclass(frozen=True)
+class TeacherPreview:
+    version: int | None
+    template: str
+    teacher_prompt: str
+    teacher_text: str
+    student_text: str
+    positions: list[PositionTop]
