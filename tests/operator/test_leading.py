@@ -9,7 +9,8 @@ from typing import Any
 import kmock
 from kubernetes import client
 
-from lorafleet_operator import cli, leading
+from lorafleet_local.polling import eventually_async
+from lorafleet_operator import cli, leading, statuses
 from lorafleet_operator.kube import KubeApi
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
@@ -58,11 +59,32 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
         KubeApi(client.Configuration(host=server)),
     )
     first_has, second_has = asyncio.Event(), asyncio.Event()
-    options = {"namespace": "ops", "name": "lorafleet-operator", "duration": 1.0}
+    duration = 1.0
+    options = {"namespace": "ops", "name": "lorafleet-operator", "duration": duration}
     first = asyncio.create_task(leading.hold(first_api, identity="first", acquired=first_has, **options))
     await asyncio.wait_for(first_has.wait(), 5)
-    second = asyncio.create_task(leading.hold(second_api, identity="second", acquired=second_has, **options))
-    await asyncio.sleep(1.5)
+    lease = await first_api.get_lease("ops", "lorafleet-operator")
+    assert lease is not None
+    expired = datetime.datetime.fromisoformat(lease["spec"]["acquireTime"]) + datetime.timedelta(
+        seconds=duration
+    )
+    # The second's clock notes when each of its attempts looks at the lease.
+    looks: list[datetime.datetime] = []
+
+    def second_clock() -> datetime.datetime:
+        looks.append(statuses.now_utc())
+        return looks[-1]
+
+    second = asyncio.create_task(
+        leading.hold(second_api, identity="second", acquired=second_has, clock=second_clock, **options)
+    )
+    # Wait until an attempt by the second has looked, and finished looking (the next one began),
+    # at a moment the first's claim would have expired without its renewals.
+    await eventually_async(
+        "the second to look past the first claim's expiry",
+        lambda: sum(t > expired for t in looks) >= 2,
+        timeout=10,
+    )
     assert not second_has.is_set()  # the first keeps renewing
     first.cancel()  # the leader dies without releasing
     await asyncio.gather(first, return_exceptions=True)
