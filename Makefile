@@ -74,9 +74,20 @@ lint: python-deps
 
 # vLLM too: the serving tests run a real vLLM beside the trainers (tests/serving); the images too:
 # tests/images runs them with podman, and the e2e scenario runs again on a real node (test-node).
-test: setup vllm images lint
-	$(PY) -m pytest
-	$(NODE_TESTS)
+# The stages run one after another under scripts/stage_times.sh, which prints each one's wall time
+# as it ends and the table of all of them at the end (or when one fails): what a change cost, and
+# where CI's budget goes. pytest itself lists its slowest tests (--durations in pyproject.toml).
+STAGE = @bash scripts/stage_times.sh $(STAMPS)/stage-times.tsv
+SUBMAKE = $(MAKE) --no-print-directory
+test:
+	$(STAGE) start
+	$(STAGE) run set-up $(SUBMAKE) setup
+	$(STAGE) run vllm $(SUBMAKE) vllm
+	$(STAGE) run images $(SUBMAKE) images
+	$(STAGE) run lint $(SUBMAKE) lint
+	$(STAGE) run pytest $(PY) -m pytest
+	$(STAGE) run "node run" env $(NODE_TESTS)
+	$(STAGE) summary
 
 test-unit: python-deps
 	$(PY) -m pytest -m "not e2e and not chaos"
