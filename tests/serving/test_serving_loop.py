@@ -4,10 +4,12 @@ On the local control plane (or a real cluster), with the chart's operator: the e
 real instruct model, the example vLLM Deployment (vLLM's CPU build serving the same model) and
 adapters applied with kubectl. After each answered step of alice's French goal, vLLM lists alice at
 that version's artifact and its greedy answer through the name `alice` equals the trainer's own
-greedy answer for that version; the latency from the step's answer to vLLM serving it is kept and
-its p95 must be within 5 s. Then the faults: an adapter whose rank the server refuses, the vLLM
-pod restarted (training goes on meanwhile; every adapter is served again within 30 s of the pod
-being Ready), and a deleted adapter (vLLM no longer knows it; the trainer's cache entry is gone).
+greedy answer for that version; the latency from the step's answer to vLLM serving it is kept as a
+figure (its bound, p95 within 5 s, is `make bench-publishing`'s: this test checks what is served,
+on cores it shares with vLLM, not how fast). Then the faults: an adapter whose rank the server
+refuses, the vLLM pod restarted (training goes on meanwhile; every adapter is served again within
+30 s of the pod being Ready), and a deleted adapter (vLLM no longer knows it; the trainer's cache
+entry is gone).
 """
 
 from __future__ import annotations
@@ -180,7 +182,6 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
     print(
         f"\nalice before: {run.before!r}\nalice after (vLLM): {run.after!r}\npublish latencies: {latencies}"
     )
-    assert p95 <= 5.0, latencies
     assert run.moved, (run.before, run.after)
 
     def served_everywhere() -> dict[str, Any]:
@@ -194,9 +195,14 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
     eventually("alice served at its last version on every server", served_everywhere, timeout=60, interval=1)
 
 
-def test_publishing_adds_little_to_the_time_a_step_takes_to_answer(loop: tuple[Fleet, Server]) -> None:
+def test_steps_answer_without_serving_and_publishing_resumes_when_it_returns(
+    loop: tuple[Fleet, Server],
+) -> None:
     """Back-to-back steps with vLLM loading each version meanwhile, then with the pool's serving
-    removed (the same vLLM process idles); a figure for the note, and a bound far above noise."""
+    removed (the trainer publishes nowhere, the same vLLM process idles), then with it back (the
+    latest version is served again). The step times of both are figures for the note; what
+    publishing costs a step is measured, and bounded, by `make bench-publishing`, on a core of its
+    own for each side rather than on the two cores this test shares with vLLM."""
     fleet, server = loop
     url = fleet.adapter_url("alice")
     body = one_sample(fleet, url)
@@ -246,8 +252,6 @@ def test_publishing_adds_little_to_the_time_a_step_takes_to_answer(loop: tuple[F
         step_ms_without_publishing=round(statistics.mean(without), 1),
     )
     print(f"\nstep ms with publishing {with_publishing}, without {without}")
-    # Loose on purpose: vLLM shares this machine's two cores, so its loads compete with the steps here.
-    assert statistics.mean(with_publishing) < 1.5 * statistics.mean(without)
 
 
 def test_a_server_refusing_a_load_shows_in_status_and_training_goes_on(loop: tuple[Fleet, Server]) -> None:
