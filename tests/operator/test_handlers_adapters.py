@@ -256,13 +256,20 @@ async def test_restart_places_nothing_twice_and_loses_no_deletion(
         await delete(restarted, ADAPTERS, "a2")
         assert "a2" in live(restarted, ADAPTERS)
         inits_before = len(trainers.of("PUT"))
+        polls = {n: f"/v1/adapters/{NS}/{n}" for n in ["a0", "a1"]}  # only the resync timer polls
+        polls_before = {n: len(trainers.of("GET", path)) for n, path in polls.items()}
         async with start_operator(restarted) as second:
             await eventually(
                 lambda: "a2" not in live(restarted, ADAPTERS), what="deletion done after restart"
             )
             ready = second.metrics.adapters.labels(phase="Ready")
             await eventually(lambda: ready._value.get() == 2, what="resumed")
-            await asyncio.sleep(2 * second.settings.resync_seconds)  # let the timers look again
+            # The timers have looked again: a second poll of each adapter means its timer's first
+            # pass after the restart is over (one object's timer runs its passes one at a time).
+            await eventually(
+                lambda: all(len(trainers.of("GET", p)) >= polls_before[n] + 2 for n, p in polls.items()),
+                what="a whole resync pass of each adapter after the restart",
+            )
         after = statuses(restarted)
     for name in ["a0", "a1"]:
         assert (after[name]["pod"], after[name]["epoch"]) == (before[name]["pod"], before[name]["epoch"])
