@@ -92,7 +92,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             lambda: prometheus.finite_values('sum(lorafleet_trainer_steps_total{outcome="ok"})') == [4.0],
             timeout=60,
         )
-        time.sleep(3)  # a few more scrapes, so every rate window holds the whole run
+        # A few more scrapes of the trainer after the last step, so every rate window holds the whole run.
+        scrapes = 'count_over_time(up{job="lorafleet-trainer"}[10m])'
+        (seen,) = prometheus.finite_values(scrapes)
+        eventually(
+            "three more scrapes of the trainer",
+            lambda: max(prometheus.finite_values(scrapes), default=0.0) >= seen + 3,
+            timeout=60,
+        )
         yield Run(prometheus, trainer, f"http://127.0.0.1:{operator.port}", caches)
     finally:
         prometheus.stop()
