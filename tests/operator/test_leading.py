@@ -60,7 +60,7 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
     )
     first_has, second_has = asyncio.Event(), asyncio.Event()
     duration = 1.0
-    options = {"namespace": "ops", "name": "lorafleet-operator", "duration": duration}
+    options: dict[str, Any] = {"namespace": "ops", "name": "lorafleet-operator", "duration": duration}
     first = asyncio.create_task(leading.hold(first_api, identity="first", acquired=first_has, **options))
     await asyncio.wait_for(first_has.wait(), 5)
     lease = await first_api.get_lease("ops", "lorafleet-operator")
