@@ -8,6 +8,7 @@ I/O (only ``Suite.load`` reads a file), so the evaluation runner, the demo and t
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -196,8 +197,7 @@ def degenerate(answer: str) -> str | None:
         return "empty"
     if len(said) >= 2 and len(set(said)) == 1:
         return "repetition"  # one word said again and again: "Konklek, konklek."
-    runs = (len(list(g)) for g in _groups(said))
-    if max(runs) >= SAME_WORD_RUN:
+    if max(len(list(run)) for _, run in itertools.groupby(said)) >= SAME_WORD_RUN:
         return "repetition"
     if any(_longest_loop(said, p) >= LOOP_SHARE * len(said) for p in LOOP_PERIODS):
         return "repetition"
@@ -207,17 +207,6 @@ def degenerate(answer: str) -> str | None:
     if opening.startswith(META_OPENINGS) or _BARE_LEAD_IN.match(opening):
         return "meta"
     return None
-
-
-def _groups(said: list[str]) -> list[list[str]]:
-    """Consecutive equal words grouped: ["a", "a", "b"] -> [["a", "a"], ["b"]]."""
-    groups: list[list[str]] = []
-    for w in said:
-        if groups and groups[-1][0] == w:
-            groups[-1].append(w)
-        else:
-            groups.append([w])
-    return groups
 
 
 # ---- goal suites -------------------------------------------------------------------------------
