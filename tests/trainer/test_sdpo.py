@@ -114,3 +114,37 @@ def test_kl_regularizer_adds_weighted_k3() -> None:
             top_k=2,
             kl_reg_weight=0.1,
         )
+
+
+def test_floor_bounds_the_importance_weight_from_below() -> None:
+    student = torch.stack([_logits(S), _logits(T)]).float()
+    teacher = torch.stack([_logits(T), _logits(S)]).float()
+    response = torch.tensor([2, 0])  # student token probs .5 and .5
+    old = torch.tensor([math.log(1.0), math.log(0.125)])  # ratios .5 and 4
+    d1, d2 = 0.2392782, 0.2180121  # KL(S||T) at position 1, KL(T||S) at position 2 (alpha 1)
+    kw: dict[str, float | int] = {"alpha": 1.0, "is_clip": 5.0, "top_k": 100}
+    plain = sdpo.sdpo_loss(student, teacher, response, old, **kw)  # type: ignore[arg-type]
+    floored = sdpo.sdpo_loss(student, teacher, response, old, is_floor=0.8, **kw)  # type: ignore[arg-type]
+    assert float(plain.distill) == pytest.approx((0.5 * d1 + 4 * d2) / 2, abs=1e-5)
+    assert float(floored.distill) == pytest.approx((0.8 * d1 + 4 * d2) / 2, abs=1e-5)
+    # The ratio itself is reported unchanged: the floor bounds the weight only.
+    assert float(floored.mean_is_ratio) == pytest.approx(2.25, abs=1e-5)
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [(0.0, 0.13 - 2.5e-4), (0.5, None), (1.0, None)])
+def test_forward_kl_pulls_a_token_the_student_gives_no_mass(alpha: float, expected: float | None) -> None:
+    """The logit pull on a token the teacher likes (0.13) and the student does not (2.5e-4): under the
+    forward KL it is the difference of the probabilities; under JSD or the reverse KL it scales with
+    the student's own probability, so the token barely moves."""
+    p_s = [2.5e-4, 1 - 2.5e-4 - 0.1, 0.1]
+    p_t = [0.13, 0.77, 0.1]
+    student = _logits(p_s).float().requires_grad_(True)
+    sdpo.generalized_jsd(
+        torch.log_softmax(student, -1), torch.log_softmax(_logits(p_t).float(), -1), alpha
+    ).backward()
+    assert student.grad is not None
+    pull = -float(student.grad[0])
+    if expected is not None:
+        assert pull == pytest.approx(expected, rel=1e-3)
+    else:
+        assert 0 < pull < 0.01  # orders of magnitude weaker than the forward KL's 0.13

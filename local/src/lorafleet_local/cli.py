@@ -21,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lorafleet_local import control_plane, demo, pod_runner, polling, processes
+from lorafleet_local import control_plane, demo, evaluating, pod_runner, polling, processes
 from lorafleet_local import node as node_module
 
 PID_FILE = "pid"
@@ -144,12 +144,17 @@ def parser() -> argparse.ArgumentParser:
         "--steps", type=int, help="SDPO steps per adapter (default: each goal's, examples/goals/*.json)"
     )
     run_demo.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
+    evaluating.add_arguments(
+        commands.add_parser("eval", help="judge learning by held-out behaviour (make eval)")
+    )
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     top = parser()
     args = top.parse_args(argv)
+    if args.command == "eval":
+        return evaluating.run(args)
     if args.command == "demo":
         if args.steps is not None and not 1 <= args.steps <= 50:
             top.error(f"--steps must be between 1 and 50, not {args.steps}")

@@ -518,12 +518,20 @@ class TrainerEngine:
         ]
 
     def score(
-        self, adapter: AdapterId | None, prompt: sampling.Prompt, response_ids: Sequence[int]
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, response: Sequence[int] | str
     ) -> Scored:
-        """The log-probability of each response token after ``prompt``, under ``adapter``'s version."""
+        """The log-probability of each response token after ``prompt``, under ``adapter``'s version.
+
+        A text response is tokenized as the answer's own tokens (no special tokens added)."""
         self._require_ready()
         with self._answering(adapter) as ans:
             ids = self._prompt_ids(prompt)
+            if isinstance(response, str):
+                response_ids = [int(t) for t in self._tokenizer.encode(response, add_special_tokens=False)]
+                if not response_ids:
+                    raise InvalidInput("has no token", field="response")
+            else:
+                response_ids = list(response)
             sampling.check_prompt(
                 [*ids, *response_ids[:-1]], self._vocab_size, self._max_positions, "response"
             )

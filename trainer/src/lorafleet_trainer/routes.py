@@ -128,6 +128,54 @@ async def generate_base(
     return await svc.generate(None, body, _disconnected(request))
 
 
+@v1.post("/adapters/{namespace}/{name}/rollouts", response_model=schemas.RolloutsResponse)
+async def rollouts(
+    namespace: Namespace, name: Name, body: schemas.RolloutsRequest, request: Request, svc: Service
+) -> schemas.RolloutsResponse:
+    """Fresh answers of the adapter's current version, n per prompt, decoded as one batch; with
+    ``feedback`` each comes with a distill sample ready to post."""
+    return await svc.rollouts(AdapterId(namespace, name), body, _disconnected(request))
+
+
+@v1.post("/rollouts", response_model=schemas.RolloutsResponse, tags=["base model"])
+async def rollouts_base(
+    body: schemas.RolloutsRequest, request: Request, svc: Service
+) -> schemas.RolloutsResponse:
+    """The same with the bare base model."""
+    return await svc.rollouts(None, body, _disconnected(request))
+
+
+@v1.post("/adapters/{namespace}/{name}/score", response_model=schemas.ScoreResponse)
+async def score(
+    namespace: Namespace, name: Name, body: schemas.ScoreRequest, request: Request, svc: Service
+) -> schemas.ScoreResponse:
+    """The log-probability of each token of a given answer under the adapter's current version."""
+    return await svc.score(AdapterId(namespace, name), body, _disconnected(request))
+
+
+@v1.post("/score", response_model=schemas.ScoreResponse, tags=["base model"])
+async def score_base(body: schemas.ScoreRequest, request: Request, svc: Service) -> schemas.ScoreResponse:
+    """The same with the bare base model."""
+    return await svc.score(None, body, _disconnected(request))
+
+
+@v1.post("/adapters/{namespace}/{name}/teacher", response_model=schemas.TeacherResponse)
+async def teacher(
+    namespace: Namespace, name: Name, body: schemas.TeacherRequest, request: Request, svc: Service
+) -> schemas.TeacherResponse:
+    """Before training: the teacher's greedy answer to the messages with the feedback (the adapter's
+    template), its top tokens at the first positions, and the student's beside them."""
+    return await svc.teacher(AdapterId(namespace, name), body, _disconnected(request))
+
+
+@v1.post("/teacher", response_model=schemas.TeacherResponse, tags=["base model"])
+async def teacher_base(
+    body: schemas.TeacherRequest, request: Request, svc: Service
+) -> schemas.TeacherResponse:
+    """The same with the base model as the student and the trainer's default template."""
+    return await svc.teacher(None, body, _disconnected(request))
+
+
 @v1.delete("/adapters/{namespace}/{name}/cache", response_model=schemas.Evicted)
 async def evict_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Evicted:
     """Drop the adapter from the CPU cache (idempotent); its stored state stays."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the cache module imports torch; this one must not
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_SAMPLES = 1024
+MAX_ROLLOUT_ROWS = 64  # prompts x n of one rollouts request: one padded batch on the device
 ARTIFACT = (
     "the version's PEFT adapter directory, relative to the adapter store's root; it is never "
     "rewritten and stays while the version is among the kept ones"
@@ -285,13 +286,18 @@ class Message(BaseModel):
     content: str = Field(max_length=MAX_SAMPLE_TOKENS * 8)
 
 
-class GenerateRequest(BaseModel):
-    """Sample one answer: give ``messages`` or ``prompt_token_ids``, not both."""
+class PromptIn(BaseModel):
+    """One prompt: chat ``messages`` or ``prompt_token_ids``, not both."""
 
     model_config = _REQUEST
 
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     prompt_token_ids: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_SAMPLE_TOKENS)
+
+
+class GenerateRequest(PromptIn):
+    """Sample one answer: give ``messages`` or ``prompt_token_ids``, not both."""
+
     max_tokens: int | None = Field(
         None, ge=1, description="most tokens to sample, <= --max-generate-tokens (default: 64 or that bound)"
     )
@@ -316,6 +322,12 @@ class SampleDraft(BaseModel):
     response_logprobs: list[float]
     user_prompt: str | None
     system_prompt: str
+
+
+class ReadySample(SampleDraft):
+    """A rollout's distill sample with its feedback: post it to distill as it is."""
+
+    feedback: str
 
 
 class GenerateTiming(BaseModel):
@@ -365,15 +377,143 @@ class GenerateResponse(BaseModel):
             finish_reason=gen.finish_reason,
             seed=gen.seed,
             timing_ms=timing,
-            sample=SampleDraft(
-                prompt=gen.prompt_text,
-                response=gen.text,
-                prompt_token_ids=gen.prompt_token_ids,
-                response_token_ids=gen.token_ids,
-                response_logprobs=gen.logprobs,
-                user_prompt=user_prompt,
-                system_prompt=system_prompt,
-            ),
+            sample=cls.draft(gen, user_prompt, system_prompt),
+        )
+
+    @staticmethod
+    def draft(gen: results.Generation, user_prompt: str | None, system_prompt: str) -> SampleDraft:
+        return SampleDraft(
+            prompt=gen.prompt_text,
+            response=gen.text,
+            prompt_token_ids=gen.prompt_token_ids,
+            response_token_ids=gen.token_ids,
+            response_logprobs=gen.logprobs,
+            user_prompt=user_prompt,
+            system_prompt=system_prompt,
+        )
+
+
+class RolloutsRequest(BaseModel):
+    """Fresh answers of the adapter's current version, ``n`` per prompt, decoded as one batch."""
+
+    model_config = _REQUEST
+
+    prompts: list[PromptIn] = Field(min_length=1, max_length=MAX_ROLLOUT_ROWS)
+    n: int = Field(1, ge=1, le=MAX_ROLLOUT_ROWS, description="answers per prompt")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens per answer, <= --max-generate-tokens")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 is greedy decoding")
+    seed: int | None = Field(
+        None, ge=0, le=2**62, description="row i (prompt-major) samples with seed + i; drawn if absent"
+    )
+    feedback: str | None = Field(
+        None, min_length=1, description="added to every sample, which is then ready to post to distill"
+    )
+
+
+class Rollout(BaseModel):
+    model_config = _RESPONSE
+
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    seed: int
+    sample: ReadySample | SampleDraft = Field(
+        description="a distill sample; with the request's feedback in it, ready to post to distill"
+    )
+
+
+class RolloutsResponse(BaseModel):
+    model_config = _RESPONSE
+
+    adapter: str | None
+    version: int | None
+    cache: Literal["hit", "miss"] | None
+    rollouts: list[Rollout]
+    timing_ms: GenerateTiming
+
+
+class ScoreRequest(PromptIn):
+    """The log-probability of a given answer (text or token ids) after a prompt, under the adapter's
+    current version: the figure a step recomputes as the student's logprob."""
+
+    response: str | None = Field(None, min_length=1, max_length=MAX_SAMPLE_TOKENS * 8)
+    response_token_ids: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_SAMPLE_TOKENS)
+
+
+class ScoreResponse(BaseModel):
+    model_config = _RESPONSE
+
+    adapter: str | None
+    version: int | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    mean_logprob: float
+
+
+class TeacherRequest(BaseModel):
+    """What the teacher would make of ``feedback`` on the conversation in ``messages``."""
+
+    model_config = _REQUEST
+
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    feedback: str = Field(min_length=1, max_length=MAX_SAMPLE_TOKENS * 8)
+    training: Training | None = Field(None, description="e.g. another teacher_template to try")
+    max_tokens: int = Field(32, ge=1, le=512)
+    top: int = Field(5, ge=1, le=50, description="tokens shown per position and side")
+
+
+class TopTokenOut(BaseModel):
+    model_config = _RESPONSE
+
+    id: int
+    text: str
+    prob: float
+
+
+class PositionOut(BaseModel):
+    model_config = _RESPONSE
+
+    token: TopTokenOut = Field(description="the teacher's greedy token and the teacher's probability of it")
+    student_prob: float = Field(description="the student's probability of that token")
+    teacher: list[TopTokenOut]
+    student: list[TopTokenOut]
+
+
+class TeacherResponse(BaseModel):
+    model_config = _RESPONSE
+
+    adapter: str | None
+    version: int | None = Field(description="the student's version (null: the base model)")
+    template: str
+    teacher_prompt: str = Field(description="what the teacher reads, through the chat template")
+    teacher_text: str = Field(description="the teacher's greedy answer")
+    student_text: str = Field(description="the student's greedy answer, without the feedback")
+    positions: list[PositionOut] = Field(description="the first tokens of the teacher's answer")
+
+    @classmethod
+    def of(cls, adapter: AdapterId | None, preview: results.TeacherPreview) -> TeacherResponse:
+        def top(t: results.TopToken) -> TopTokenOut:
+            return TopTokenOut(id=t.id, text=t.text, prob=t.prob)
+
+        return cls(
+            adapter=str(adapter) if adapter is not None else None,
+            version=preview.version,
+            template=preview.template,
+            teacher_prompt=preview.teacher_prompt,
+            teacher_text=preview.teacher_text,
+            student_text=preview.student_text,
+            positions=[
+                PositionOut(
+                    token=top(p.token),
+                    student_prob=p.student_prob,
+                    teacher=[top(t) for t in p.teacher],
+                    student=[top(t) for t in p.student],
+                )
+                for p in preview.positions
+            ],
         )
 
 

@@ -31,7 +31,15 @@ from lorafleet_trainer.errors import (
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.metrics import TrainerMetrics
 from lorafleet_trainer.queueing import Job, StepQueue
-from lorafleet_trainer.results import AdapterState, EngineStats, Generation, InitResult, StepResult
+from lorafleet_trainer.results import (
+    AdapterState,
+    EngineStats,
+    Generation,
+    InitResult,
+    Scored,
+    StepResult,
+    TeacherPreview,
+)
 from lorafleet_trainer.samples import DistillSample, parse_samples
 
 if TYPE_CHECKING:  # it imports torch, which the service itself never loads
@@ -57,6 +65,24 @@ class Engine(Protocol):
     def generate(
         self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
     ) -> Generation: ...
+    def rollouts(
+        self,
+        adapter: AdapterId | None,
+        prompts: Sequence[sampling.Prompt],
+        params: Sequence[sampling.SamplingParams],
+    ) -> list[Generation]: ...
+    def score(
+        self, adapter: AdapterId | None, prompt: sampling.Prompt, response: Sequence[int] | str
+    ) -> Scored: ...
+    def teacher_preview(
+        self,
+        adapter: AdapterId | None,
+        prompt: sampling.Prompt,
+        feedback: str,
+        training: Mapping[str, Any] | None,
+        max_tokens: int,
+        top: int,
+    ) -> TeacherPreview: ...
     def evict(self, adapter: AdapterId) -> bool: ...
     def delete(self, adapter: AdapterId) -> bool: ...
     def pin(self, adapter: AdapterId, pinned: bool) -> None: ...
@@ -297,31 +323,126 @@ class TrainerService:
         """
         accepted = time.perf_counter()
         self.require_ready()
-        if (body.messages is None) == (body.prompt_token_ids is None):
-            raise InvalidInput("give either messages or prompt_token_ids, not both", field="messages")
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(64, self.max_generate_tokens)
-        if max_tokens > self.max_generate_tokens:
-            raise InvalidInput(
-                f"must be at most {self.max_generate_tokens} (the server's --max-generate-tokens)",
-                field="max_tokens",
-            )
-        messages = tuple(sampling.Message(m.role, m.content) for m in body.messages or ())
-        prompt = sampling.Prompt(messages=messages, token_ids=tuple(body.prompt_token_ids or ()))
+        prompt = _prompt(body)
+        max_tokens = self._max_tokens(body.max_tokens)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         params = sampling.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, seed=seed)
         job = self.queue.submit(lambda: self.engine.generate(adapter, prompt, params))
         result: Generation = await self._wait(job, disconnected)
-        timing = schemas.GenerateTiming(
-            queue=job.queue_seconds * 1000.0,
-            restore=result.timing_ms.get("restore", 0.0),
-            compute=result.timing_ms.get("compute", 0.0),
-            total=(time.perf_counter() - accepted) * 1000.0,
+        timing = self._timing(job, result, accepted)
+        user, system = _teacher_reads(prompt)
+        return schemas.GenerateResponse.of(adapter, result, user, system, timing)
+
+    def _max_tokens(self, asked: int | None) -> int:
+        if asked is None:
+            return min(64, self.max_generate_tokens)
+        if asked > self.max_generate_tokens:
+            raise InvalidInput(
+                f"must be at most {self.max_generate_tokens} (the server's --max-generate-tokens)",
+                field="max_tokens",
+            )
+        return asked
+
+    async def rollouts(
+        self,
+        adapter: AdapterId | None,
+        body: schemas.RolloutsRequest,
+        disconnected: Callable[[], Awaitable[None]],
+    ) -> schemas.RolloutsResponse:
+        """``n`` fresh answers per prompt from the current version, one batch on the worker."""
+        accepted = time.perf_counter()
+        self.require_ready()
+        if len(body.prompts) * body.n > schemas.MAX_ROLLOUT_ROWS:
+            raise InvalidInput(
+                f"prompts x n is {len(body.prompts) * body.n}; at most {schemas.MAX_ROLLOUT_ROWS} a request",
+                field="n",
+            )
+        prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(body.prompts) for _ in range(body.n)]
+        max_tokens = self._max_tokens(body.max_tokens)
+        seed = body.seed if body.seed is not None else secrets.randbits(62)
+        params = [
+            sampling.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, seed=seed + i)
+            for i in range(len(prompts))
+        ]
+        job = self.queue.submit(lambda: self.engine.rollouts(adapter, prompts, params))
+        done: list[Generation] = await self._wait(job, disconnected)
+        rows = []
+        for i, (prompt, gen) in enumerate(zip(prompts, done, strict=True)):
+            user, system = _teacher_reads(prompt)
+            draft = schemas.GenerateResponse.draft(gen, user, system)
+            sample = (
+                draft if body.feedback is None else schemas.ReadySample(**dict(draft), feedback=body.feedback)
+            )
+            rows.append(
+                schemas.Rollout(
+                    prompt_index=i // body.n,
+                    text=gen.text,
+                    token_ids=gen.token_ids,
+                    logprobs=gen.logprobs,
+                    finish_reason=gen.finish_reason,
+                    seed=gen.seed,
+                    sample=sample,
+                )
+            )
+        first = done[0]
+        return schemas.RolloutsResponse(
+            adapter=str(adapter) if adapter is not None else None,
+            version=first.version,
+            cache=None if first.cache_hit is None else "hit" if first.cache_hit else "miss",
+            rollouts=rows,
+            timing_ms=self._timing(job, first, accepted),
         )
-        # What the teacher of a distill step reads: the user's last words and the system prompt.
-        users = [m.content for m in messages if m.role == "user"]
-        systems = [m.content for m in messages if m.role == "system"]
-        return schemas.GenerateResponse.of(
-            adapter, result, users[-1] if users else None, "\n".join(systems), timing
+
+    async def score(
+        self,
+        adapter: AdapterId | None,
+        body: schemas.ScoreRequest,
+        disconnected: Callable[[], Awaitable[None]],
+    ) -> schemas.ScoreResponse:
+        self.require_ready()
+        prompt = _prompt(body)
+        if (body.response is None) == (body.response_token_ids is None):
+            raise InvalidInput("give either response or response_token_ids, not both", field="response")
+        response: Sequence[int] | str = (
+            body.response if body.response is not None else body.response_token_ids or []
+        )
+        job = self.queue.submit(lambda: self.engine.score(adapter, prompt, response))
+        done: Scored = await self._wait(job, disconnected)
+        return schemas.ScoreResponse(
+            adapter=str(adapter) if adapter is not None else None,
+            version=done.version,
+            prompt_token_ids=done.prompt_token_ids,
+            token_ids=done.token_ids,
+            logprobs=done.logprobs,
+            mean_logprob=sum(done.logprobs) / len(done.logprobs),
+        )
+
+    async def teacher(
+        self,
+        adapter: AdapterId | None,
+        body: schemas.TeacherRequest,
+        disconnected: Callable[[], Awaitable[None]],
+    ) -> schemas.TeacherResponse:
+        """The teacher's greedy answer to the conversation with the feedback, beside the student's."""
+        self.require_ready()
+        training = body.training.model_dump(exclude_none=True) if body.training is not None else None
+        self.default_training.merged(training)  # a bad value is refused before the queue
+        prompt = sampling.Prompt(messages=tuple(sampling.Message(m.role, m.content) for m in body.messages))
+        max_tokens = self._max_tokens(body.max_tokens)
+        job = self.queue.submit(
+            lambda: self.engine.teacher_preview(
+                adapter, prompt, body.feedback, training, max_tokens, body.top
+            )
+        )
+        done: TeacherPreview = await self._wait(job, disconnected)
+        return schemas.TeacherResponse.of(adapter, done)
+
+    def _timing(self, job: Job[Any], gen: Generation, accepted: float) -> schemas.GenerateTiming:
+        return schemas.GenerateTiming(
+            queue=job.queue_seconds * 1000.0,
+            restore=gen.timing_ms.get("restore", 0.0),
+            compute=gen.timing_ms.get("compute", 0.0),
+            total=(time.perf_counter() - accepted) * 1000.0,
         )
 
     async def _wait(self, job: Job[T], disconnected: Callable[[], Awaitable[None]]) -> T:
@@ -339,3 +460,19 @@ class TrainerService:
             raise
         finally:
             gone.cancel()
+
+
+def _prompt(body: schemas.PromptIn, field: str = "") -> sampling.Prompt:
+    """A request's prompt: chat messages or token ids, exactly one of them."""
+    where = f"{field}." if field else ""
+    if (body.messages is None) == (body.prompt_token_ids is None):
+        raise InvalidInput("give either messages or prompt_token_ids, not both", field=f"{where}messages")
+    messages = tuple(sampling.Message(m.role, m.content) for m in body.messages or ())
+    return sampling.Prompt(messages=messages, token_ids=tuple(body.prompt_token_ids or ()))
+
+
+def _teacher_reads(prompt: sampling.Prompt) -> tuple[str | None, str]:
+    """What the teacher of a distill step reads: the user's last words and the system prompt."""
+    users = [m.content for m in prompt.messages if m.role == "user"]
+    systems = [m.content for m in prompt.messages if m.role == "system"]
+    return (users[-1] if users else None), "\n".join(systems)
