@@ -42,9 +42,10 @@ def stored_tensors(storage: Path) -> StateBundle:
 
 
 def max_difference(a: StateBundle, b: StateBundle) -> float:
-    """The largest absolute difference over weights and both AdamW moments."""
+    """The largest absolute difference over weights, both AdamW moments and the weights' EMA."""
     worst = 0.0
-    for x, y in ((a.weights, b.weights), (a.exp_avg, b.exp_avg), (a.exp_avg_sq, b.exp_avg_sq)):
+    pairs = ((a.weights, b.weights), (a.exp_avg, b.exp_avg), (a.exp_avg_sq, b.exp_avg_sq), (a.ema, b.ema))
+    for x, y in pairs:
         assert sorted(x) == sorted(y)
         for k in x:
             worst = max(worst, float((x[k].double() - y[k].double()).abs().max()))

@@ -34,7 +34,7 @@ def _ids(n: int) -> list[AdapterId]:
 
 
 def test_exact_bytes_and_lru_eviction() -> None:
-    assert ONE == 25 * 4 * 3
+    assert ONE == 25 * 4 * 4  # weights, two AdamW moments, the EMA
     cache = AdapterCache(2 * ONE + 10)
     a, b, c = _ids(3)
     _put(cache, a, 1, 0, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +273,29 @@ def test_evict_delete_pin(engine: TrainerEngine) -> None:
     assert not engine.store.path(adapter).exists()
     # Re-created from scratch: version 0 again, deterministic initial weights.
     assert engine.init_adapter(adapter, LORA, 1).created
+
+
+def test_the_ema_follows_the_weights_and_an_ema_teacher_reads_it(engine: TrainerEngine) -> None:
+    """The EMA moves ``teacher_ema_rate`` of the way towards the weights after every step, whatever
+    the teacher; with ``teacher: ema`` the teacher's logits differ from the frozen base's."""
+    adapter = AdapterId("t", "ema")
+    engine.init_adapter(
+        adapter, LORA, 1, TrainingSpec(learning_rate=1e-2, teacher_top_k=16, teacher_ema_rate=0.5)
+    )
+    start = engine.store.read_tensors(adapter)
+    assert torch.equal(start.section("e"), start.section("w"))
+    engine.distill(adapter, samples(5, n=2))
+    after = engine.store.read_tensors(adapter)
+    moved = after.section("w") - start.section("w")
+    assert moved.abs().max() > 0
+    assert torch.allclose(after.section("e"), start.section("w") + 0.5 * moved, atol=1e-6)
+    slots = engine._require_ready()
+    slot = slots.slot_for(LORA)
+    slots.activate(slot)
+    slot.restore(after, reuse=False)
+    weights_before = slot.state.section("w").clone()
+    with slot.teaching():
+        assert torch.equal(slot.state.section("w"), after.section("e"))
+    assert torch.equal(slot.state.section("w"), weights_before)  # put back
+    ema_step = engine.distill(adapter, samples(6, n=2), {"teacher": "ema"})
+    assert ema_step.version == 2 and math.isfinite(ema_step.metrics["distill_loss"])

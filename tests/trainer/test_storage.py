@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
 from lorafleet_trainer import storage
 from lorafleet_trainer.bundles import StateBundle
@@ -51,6 +52,7 @@ def test_write_read_round_trip_and_layout(tmp_path: Path) -> None:
     t = store.read_tensors(A)
     assert t.step == 1 and torch.equal(t.weights[KEY], torch.full((2, 4), 2.0))
     assert torch.equal(t.exp_avg_sq[KEY], torch.full((2, 4), 0.5))
+    assert torch.equal(t.ema[KEY], torch.full((2, 4), 2.0))  # from_tensors without an EMA: the weights
     assert json.loads((d / storage.META).read_text())["version"] == 1
     assert list(store.iter_adapters()) == [A]
 
@@ -259,3 +261,17 @@ def test_keep_versions_must_be_positive(tmp_path: Path) -> None:
             AdapterStore(tmp_path, keep_versions=bad)
         assert err.value.field == "keep_versions"
     assert TrainerSettings().keep_versions == storage.DEFAULT_KEEP_VERSIONS
+
+
+def test_the_ema_is_stored_and_an_adapter_stored_without_one_reads_back(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    bundle = _tensors(1.0, 3)
+    bundle.ema[KEY].fill_(0.25)
+    store.write(_meta(0), bundle, CONFIG)
+    assert torch.equal(store.read_tensors(A).ema[KEY], torch.full((2, 4), 0.25))
+    # An optimizer file written before the EMA was kept: the EMA starts at the weights.
+    path = store.path(A).resolve() / storage.OPTIMIZER_STATE
+    old = {k: v for k, v in load_file(str(path)).items() if not k.startswith("ema.")}
+    path.write_bytes(save(old))
+    again = store.read_tensors(A)
+    assert torch.equal(again.ema[KEY], again.weights[KEY]) and again.step == 3

@@ -62,6 +62,7 @@ def _one_of(choices: list[str]) -> AfterValidator:
 
 
 _TemplateName = Annotated[str, _one_of(_FIELDS["training"]["teacherTemplate"]["enum"])]
+_TeacherKind = Annotated[str, _one_of(_FIELDS["training"]["teacher"]["enum"])]
 
 
 class _Spec(BaseModel):
@@ -83,6 +84,8 @@ class Training(_Spec):
     kl_reg_weight: float | None = _field("training", "klRegWeight", optional=True)
     is_floor: float | None = _field("training", "isFloor", optional=True)
     teacher_top_k: int | None = _field("training", "teacherTopK", optional=True)
+    teacher: _TeacherKind | None = _field("training", "teacher", optional=True)
+    teacher_ema_rate: float | None = _field("training", "teacherEmaRate", optional=True)
     teacher_template: _TemplateName | None = _field("training", "teacherTemplate", optional=True)
     teacher_custom_template: str | None = _field("training", "teacherCustomTemplate", optional=True)
 
@@ -91,7 +94,9 @@ class Training(_Spec):
         # The CRD's CEL rule for spec.training, with the CRD's default template when none is set.
         template = self.teacher_template or _FIELDS["training"]["teacherTemplate"]["default"]
         if template == "custom" and "{feedback}" not in (self.teacher_custom_template or ""):
-            raise ValueError("teacherTemplate custom needs a teacherCustomTemplate with a {feedback} placeholder")
+            raise ValueError(
+                "teacherTemplate custom needs a teacherCustomTemplate with a {feedback} placeholder"
+            )
         return self
 
 

@@ -1,9 +1,10 @@
-"""An adapter's state bundle: LoRA weights, both AdamW moments and the step, in one flat buffer.
+"""An adapter's state bundle: LoRA weights, both AdamW moments, the EMA of the weights (what an EMA
+teacher reads) and the step, in one flat buffer.
 
 One type describes an adapter's trainable state wherever it lives: a cache entry (page-locked host
 memory when CUDA is present), a slot's working copy (on the device, the PEFT parameters and the
 AdamW moments are views into it), a snapshot buffer, and what storage reads and writes. Because the
-state is one float32 buffer laid out as ``[weights | exp_avg | exp_avg_sq]`` (keys in sorted
+state is one float32 buffer laid out as ``[weights | exp_avg | exp_avg_sq | ema]`` (keys in sorted
 order), moving it between host and device is one copy each way, whatever the number of LoRA
 tensors. The bundle also carries its identity (adapter, version, epoch): a copy of it says which
 version of which adapter it holds, so the coherence check is one comparison.
@@ -24,7 +25,9 @@ import torch
 from lorafleet_trainer.ids import AdapterId
 
 STATE_DTYPE = torch.float32
-SECTIONS = ("w", "m", "v")  # weights, exp_avg, exp_avg_sq: the prefixes of ``as_dict``
+# weights, exp_avg, exp_avg_sq, and the EMA of the weights that an EMA teacher reads: the prefixes
+# of ``as_dict``
+SECTIONS = ("w", "m", "v", "e")
 STEP_KEY = "step"
 
 
@@ -94,15 +97,19 @@ class StateBundle:
         exp_avg: Mapping[str, torch.Tensor],
         exp_avg_sq: Mapping[str, torch.Tensor],
         step: int,
+        ema: Mapping[str, torch.Tensor] | None = None,
     ) -> StateBundle:
-        """Pack separate host tensors (as storage reads them) into a new bundle."""
+        """Pack separate host tensors (as storage reads them) into a new bundle.
+
+        Without ``ema`` (an adapter stored before the EMA was kept) the EMA starts at the weights."""
         layout = Layout.of({k: t.shape for k, t in weights.items()})
-        for name, part in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        ema = weights if ema is None else ema
+        for name, part in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("ema", ema)):
             if sorted(part) != list(layout.keys):
                 raise ValueError(f"{name} keys do not match the weights' keys")
         bundle = cls.empty(layout)
         with torch.no_grad():
-            for section, part in zip(SECTIONS, (weights, exp_avg, exp_avg_sq), strict=True):
+            for section, part in zip(SECTIONS, (weights, exp_avg, exp_avg_sq, ema), strict=True):
                 for key, view in bundle.views(section).items():
                     view.copy_(part[key].reshape(view.shape))
         bundle.step = step
@@ -140,6 +147,10 @@ class StateBundle:
         return self.views("v")
 
     @property
+    def ema(self) -> dict[str, torch.Tensor]:
+        return self.views("e")
+
+    @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
@@ -148,7 +159,7 @@ class StateBundle:
         return self.flat.device
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor by ``w.``/``m.``/``v.`` + key, and the step as a 1-element tensor."""
+        """Every tensor by ``w.``/``m.``/``v.``/``e.`` + key, and the step as a 1-element tensor."""
         out = {f"{s}.{k}": t for s in SECTIONS for k, t in self.views(s).items()}
         out[STEP_KEY] = torch.tensor([self.step], dtype=torch.int64)
         return out

@@ -73,11 +73,22 @@ class TrainingSpec:
     max_grad_norm: float = TRAINING["max_grad_norm"].default
     kl_reg_weight: float = TRAINING["kl_reg_weight"].default
     teacher_top_k: int = TRAINING["teacher_top_k"].default
+    teacher: str = TRAINING["teacher"].default
+    teacher_ema_rate: float = TRAINING["teacher_ema_rate"].default
     teacher_template: str = TRAINING["teacher_template"].default
     teacher_custom_template: str = TRAINING["teacher_custom_template"].default
 
     def __post_init__(self) -> None:
-        for key in ("learning_rate", "alpha", "is_clip", "is_floor", "max_grad_norm", "kl_reg_weight"):
+        floats = (
+            "learning_rate",
+            "alpha",
+            "is_clip",
+            "is_floor",
+            "max_grad_norm",
+            "kl_reg_weight",
+            "teacher_ema_rate",
+        )
+        for key in floats:
             object.__setattr__(self, key, float(getattr(self, key)))
 
     def merged(self, overrides: Mapping[str, Any] | None, field: str = "training") -> TrainingSpec:

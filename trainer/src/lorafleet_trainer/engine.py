@@ -458,12 +458,8 @@ class TrainerEngine:
                         version,
                         hit,
                         (time.perf_counter() - t0) * 1000.0,
-                        self._teacher(model),
+                        slot,
                     )
-
-    def _teacher(self, model: Any) -> Callable[[], AbstractContextManager[Any]]:
-        """The frozen base inside an answering model: the teacher of every step."""
-        return model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
 
     def _prompt_ids(self, prompt: sampling.Prompt, field: str = "messages") -> list[int]:
         ids = list(prompt.token_ids) or sampling.chat_prompt_ids(self._tokenizer, prompt.messages)
@@ -573,11 +569,17 @@ class TrainerEngine:
             messages = prompting.teacher_messages(given, spec.teacher_template, spec.teacher_custom_template)
             teacher_ids = sampling.chat_ids(self._tokenizer, messages)
             sampling.check_prompt(teacher_ids, self._vocab_size, self._max_positions, "feedback")
-            with ans.teacher():
+            # The bare base model answering is the base teacher already.
+            teacher_weights: Callable[[], AbstractContextManager[Any]] = (
+                (lambda: stepping.teacher_weights(ans.model, ans.slot, spec))
+                if ans.slot is not None
+                else nullcontext
+            )
+            with teacher_weights():
                 (teacher,) = self._decode(ans.model, [teacher_ids], [greedy])
             positions = previewing.compare(
                 ans.model,
-                ans.teacher,
+                teacher_weights,
                 self._tokenizer,
                 student_ids,
                 teacher_ids,

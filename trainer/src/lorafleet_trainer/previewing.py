@@ -28,7 +28,7 @@ class Answering:
     version: int | None
     cache_hit: bool | None
     restore_ms: float
-    teacher: Callable[[], AbstractContextManager[Any]]  # switches the adapter off: the frozen base
+    slot: Any  # the adapter's LoraSlot (None: the bare base model answers)
 
 
 def _answer_logits(

@@ -38,6 +38,7 @@ LogProb = Annotated[float, Field(le=0.0)]
 # The LoRA and training fields take their bounds, patterns and defaults from the CRD (``limits``).
 ModuleName = Annotated[str, limits.item_field(LORA["target_modules"])]
 TemplateName = Annotated[str, limits.one_of(TRAINING["teacher_template"])]
+TeacherKind = Annotated[str, limits.one_of(TRAINING["teacher"])]
 
 
 class Lora(BaseModel):
@@ -65,6 +66,8 @@ class Training(BaseModel):
     kl_reg_weight: float | None = limits.field(TRAINING["kl_reg_weight"], None)
     is_floor: float | None = limits.field(TRAINING["is_floor"], None)
     teacher_top_k: int | None = limits.field(TRAINING["teacher_top_k"], None)
+    teacher: TeacherKind | None = limits.field(TRAINING["teacher"], None)
+    teacher_ema_rate: float | None = limits.field(TRAINING["teacher_ema_rate"], None)
     teacher_template: TemplateName | None = limits.field(TRAINING["teacher_template"], None)
     teacher_custom_template: str | None = limits.field(TRAINING["teacher_custom_template"], None)
 

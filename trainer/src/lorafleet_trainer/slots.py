@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -138,9 +140,26 @@ class LoraSlot:
         """From here until ``commit`` the slot is ahead of every copy of the adapter."""
         self.state.label(None)
 
-    def stepped(self) -> None:
-        """AdamW applied one step (its own step tensors advanced; the bundle's count follows)."""
+    @torch.no_grad()
+    def stepped(self, ema_rate: float) -> None:
+        """AdamW applied one step (its own step tensors advanced; the bundle's count follows), and
+        the EMA of the weights moves ``ema_rate`` of the way towards them."""
         self.state.step += 1
+        self.state.section("e").lerp_(self.state.section("w"), ema_rate)
+
+    @contextmanager
+    def teaching(self) -> Iterator[None]:
+        """The adapter's layers carry the EMA of its weights for the duration (the EMA teacher);
+        the weights are put back on the way out, whatever happened."""
+        weights, ema = self.state.section("w"), self.state.section("e")
+        saved = weights.clone()
+        with torch.no_grad():
+            weights.copy_(ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weights.copy_(saved)
 
     @torch.no_grad()
     def snapshot(self, adapter: AdapterId, version: int, epoch: int) -> StateBundle:
@@ -183,6 +202,7 @@ class LoraSlot:
             if ".lora_A." in k:
                 bound = 1.0 / math.sqrt(w.shape[1])
                 w.copy_(torch.rand(tuple(w.shape), generator=gen, dtype=torch.float32) * (2 * bound) - bound)
+        bundle.section("e").copy_(bundle.section("w"))
         return bundle
 
 

@@ -2,8 +2,9 @@
 
 ``prepare`` does every check that needs the model (token ids within the vocabulary, sequence
 lengths within its context) and builds the teacher prompts, before any adapter state is touched.
-``train_step`` runs the frozen teacher (and, with a KL weight, the frozen base) with the adapter
-disabled, the student with it enabled, and refuses to apply an update whose loss or gradient is
+``train_step`` runs the teacher (the frozen base with the adapter disabled, or the base with the
+EMA of the adapter's weights) and, with a KL weight, the frozen base, then the student with the
+adapter enabled, and refuses to apply an update whose loss or gradient is
 not finite. A step moves the minimum between host and device: the packed batch up in one copy,
 the metrics down in one read (the one wait that decides whether to apply the update).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +112,12 @@ def _response_logits(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
     return model(input_ids=ids.unsqueeze(0), logits_to_keep=n + 1, use_cache=False).logits[0, :-1]
 
 
+def teacher_weights(model: Any, slot: LoraSlot, spec: TrainingSpec) -> AbstractContextManager[Any]:
+    """The teacher's weights: the frozen base (the adapter switched off), or the base with the EMA
+    of the adapter's weights (``teacher: ema``)."""
+    return slot.teaching() if spec.teacher == "ema" else model.disable_adapter()
+
+
 METRIC_NAMES = ("total_loss", "distill_loss", "kl_reg", "mean_is_ratio", "clip_fraction", "grad_norm")
 
 
@@ -138,7 +146,7 @@ def train_step(
             raise NonFiniteLoss(f"the {what} is {metrics[name]}; nothing was applied", field="samples")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    slot.stepped()
+    slot.stepped(spec.teacher_ema_rate)
     metrics["tokens_processed"] = float(sum(batch.response_lengths))
     metrics["batch_size"] = float(len(batch.response_lengths))
     return metrics
@@ -154,12 +162,14 @@ def _loss_and_gradients(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     student, teacher, base = [], [], []
     model.eval()
-    with autocast, torch.no_grad(), model.disable_adapter():
-        for (s, e), n in zip(batch.spans["teacher"], batch.response_lengths, strict=True):
-            teacher.append(_response_logits(model, packed[s:e], n))
+    with autocast, torch.no_grad():
+        with teacher_weights(model, slot, spec):
+            for (s, e), n in zip(batch.spans["teacher"], batch.response_lengths, strict=True):
+                teacher.append(_response_logits(model, packed[s:e], n))
         if spec.kl_reg_weight > 0.0:
-            for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
-                base.append(_response_logits(model, packed[s:e], n))
+            with model.disable_adapter():
+                for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
+                    base.append(_response_logits(model, packed[s:e], n))
     # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
     model.train(slot.lora.dropout > 0.0)
     try:

@@ -200,7 +200,8 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {adapter} does not exist", field="adapter") from None
         exp_avg = {k[len("exp_avg.") :]: t for k, t in opt.items() if k.startswith("exp_avg.")}
         exp_avg_sq = {k[len("exp_avg_sq.") :]: t for k, t in opt.items() if k.startswith("exp_avg_sq.")}
-        return StateBundle.from_tensors(weights, exp_avg, exp_avg_sq, step=int(opt["step"].item()))
+        ema = {k[len("ema.") :]: t for k, t in opt.items() if k.startswith("ema.")} or None
+        return StateBundle.from_tensors(weights, exp_avg, exp_avg_sq, step=int(opt["step"].item()), ema=ema)
 
     def read_files(
         self, adapter: AdapterId, names: tuple[str, ...], version: int | None = None
@@ -275,6 +276,7 @@ class AdapterStore:
                 )
                 opt = {f"exp_avg.{k}": t.contiguous() for k, t in tensors.exp_avg.items()}
                 opt.update({f"exp_avg_sq.{k}": t.contiguous() for k, t in tensors.exp_avg_sq.items()})
+                opt.update({f"ema.{k}": t.contiguous() for k, t in tensors.ema.items()})
                 opt["step"] = torch.tensor([tensors.step], dtype=torch.int64)
                 self._write_bytes(aside / OPTIMIZER_STATE, st_save(opt))
             self._write_bytes(aside / META, json.dumps(meta.to_json(), indent=2, sort_keys=True).encode())
