@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -32,11 +33,12 @@ def _b64(data: bytes) -> str:
 def write(
     path: Path,
     endpoint: Endpoint,
-    user: dict[str, str],
+    user: dict[str, Any],
     name: str = NAME,
     ca_file: Path | None = None,
 ) -> Path:
-    """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data or token.
+    """Write a one-context kubeconfig; user holds client-certificate-data/client-key-data, a token
+    or an exec plugin.
 
     With ca_file the CA is written there and referenced by path, as a pod sees it (a mounted file).
     """
