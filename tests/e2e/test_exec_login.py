@@ -1,18 +1,19 @@
-"""The operator run outside the cluster, logged in by an ``exec`` credential plugin whose tokens expire.
+"""The operator run outside the cluster, logged in by an ``exec`` credential plugin whose tokens go stale.
 
-As on a laptop against a managed cluster: the kubeconfig's user is an exec plugin (here a script
-that asks the API server for a short-lived token of the chart's ServiceAccount with ``kubectl create
-token``) and the operator is a local process, not a pod. It places an adapter, places another after
-its first token has expired (the test waits until the API server refuses that token), and evicts on
-delete. The chart is installed with no operator replica, so the outside operator acts under the
-chart's own ServiceAccount and RBAC.
+As on a laptop against a managed cluster: the kubeconfig's user is an exec plugin
+(``lorafleet_local.exec_credentials``: a fresh ServiceAccount token per run from TokenRequest,
+announced to expire soon) and the operator is a local process, not a pod. It places an adapter;
+then the test makes every token issued so far invalid at once (each is bound to a Secret, and the
+test deletes those Secrets) and waits until the API server itself refuses them; the operator must
+log in again through the plugin to place another adapter and evict on delete. The chart is
+installed with no operator replica, so the outside operator acts under the chart's own
+ServiceAccount and RBAC.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import json
 import ssl
 import sys
 import urllib.error
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet_local import processes
+from lorafleet_local import exec_credentials, processes
 from lorafleet_local.fleet import call_trainer, feedback_for
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
@@ -35,24 +36,10 @@ NS = "lorafleet-exec"
 RELEASE = "lorafleet"
 CHART = Path(__file__).resolve().parents[2] / "charts" / "lorafleet"
 POOL = "outside"
-# TokenRequest's shortest lifetime: the API server refuses expirationSeconds under 600.
-TOKEN_MINUTES = 10
 READY_TIMEOUT = "600s"
-
-PLUGIN = """#!{python}
-# An exec credential plugin: a fresh token of the ServiceAccount per run, logged for the test.
-import json, subprocess, sys
-answer = json.loads(subprocess.run(
-    [{kubectl!r}, "--kubeconfig", {admin!r}, "create", "token", {account!r}, "-n", {ns!r},
-     "--duration", "{minutes}m", "-o", "json"],
-    check=True, capture_output=True, text=True).stdout)
-status = answer["status"]
-with open({log!r}, "a") as log:
-    log.write(json.dumps(status) + "\\n")
-credential = {{"token": status["token"], "expirationTimestamp": status["expirationTimestamp"]}}
-print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
-                  "status": credential}}))
-"""
+# The API server keeps a successful token authentication for 10 s (its token cache), so a token
+# whose Secret is gone may pass for that long after the deletion.
+REFUSAL_TIMEOUT = 60
 
 
 def pool_manifest() -> str:
@@ -103,33 +90,14 @@ class Outside:
         deployment = self.kube.get("deployment", "-n", NS, "-l", "app.kubernetes.io/component=operator")
         (operator,) = deployment["items"]
         account = operator["spec"]["template"]["spec"]["serviceAccountName"]
-        plugin = self.workdir / "token-plugin.py"
-        plugin.write_text(
-            PLUGIN.format(
-                python=sys.executable,
-                kubectl=str(self.kube.bin / "kubectl"),
-                admin=str(self.kube.kubeconfig),
-                account=account,
-                ns=NS,
-                minutes=TOKEN_MINUTES,
-                log=str(self.issued),
-            )
+        return exec_credentials.kubeconfig(
+            self.workdir / "exec.kubeconfig",
+            admin=self.kube.kubeconfig,
+            kubectl=self.kube.bin / "kubectl",
+            namespace=NS,
+            account=account,
+            log=self.issued,
         )
-        plugin.chmod(0o755)
-        admin = yaml.safe_load(self.kube.kubeconfig.read_text())
-        cluster = admin["clusters"][0]["cluster"]
-        user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin)}}
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "local", "cluster": cluster}],
-            "users": [{"name": "plugin", "user": user}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "plugin"}}],
-            "current-context": "local",
-        }
-        path = self.workdir / "exec.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
-        return path
 
     def start_operator(self) -> processes.Child:
         """The operator with the settings the chart's Deployment gives it, but run here."""
@@ -158,10 +126,13 @@ class Outside:
         )
         return self.operator
 
-    def issued_tokens(self) -> list[dict[str, Any]]:
-        if not self.issued.exists():
-            return []
-        return [json.loads(line) for line in self.issued.read_text().splitlines() if line.strip()]
+    def issued_tokens(self) -> list[exec_credentials.Issued]:
+        return exec_credentials.read_log(self.issued)
+
+    def revoke(self, issued: list[exec_credentials.Issued]) -> None:
+        """Delete the Secrets ``issued`` are bound to: the API server stops accepting those tokens."""
+        secrets = sorted({entry.secret for entry in issued})
+        self.kube.kubectl("delete", "secret", *secrets, "-n", NS)
 
     def uninstall(self) -> None:
         self.kube.kubectl(
@@ -181,10 +152,6 @@ class Outside:
                 "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "90s", check=False, timeout=120
             )
             self.kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)
-
-
-def expiry(issued: dict[str, Any]) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(str(issued["expirationTimestamp"]).replace("Z", "+00:00"))
 
 
 def api_status(kube: Kube, token: str) -> int:
@@ -235,7 +202,7 @@ def outside(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ou
         setup.uninstall()
 
 
-def test_an_operator_outside_the_cluster_logs_in_with_an_exec_plugin_past_token_expiry(
+def test_an_operator_outside_the_cluster_logs_in_again_when_its_exec_tokens_go_stale(
     outside: Outside,
 ) -> None:
     kube = outside.kube
@@ -248,19 +215,39 @@ def test_an_operator_outside_the_cluster_logs_in_with_an_exec_plugin_past_token_
     )
 
     # The operator (its own client and kopf) acts through tokens only the plugin handed out.
-    initial = outside.issued_tokens()
-    assert initial, "the operator never ran the exec plugin"
-    expiries = [expiry(issued) for issued in initial]
-    lifetime = max(expiries) - datetime.datetime.now(datetime.UTC)
-    assert lifetime <= datetime.timedelta(minutes=TOKEN_MINUTES), f"a token lives {lifetime}"
+    first = outside.issued_tokens()
+    assert first, "the operator never ran the exec plugin"
 
-    # Wait until the API server itself refuses every token issued so far: their expiry, not a
-    # guess at it. From then on, anything the operator does needs a token it fetched again.
+    # Its client renews on its own as an announced expiry nears, while the old token is still
+    # good. The operator logs in twice at start (its client, then kopf); a run of the plugin
+    # RENEW_AFTER after the first can only be that renewal.
+    renew_after = exec_credentials.RENEW_AFTER
     eventually(
-        "the API server to refuse every token issued so far",
-        lambda: all(api_status(kube, issued["token"]) == 401 for issued in initial),
-        timeout=lifetime.total_seconds() + 120,
-        interval=5,
+        "the operator's client to renew its credential before the announced expiry",
+        lambda: any(issued.at - first[0].at >= renew_after for issued in outside.issued_tokens()),
+        timeout=renew_after.total_seconds() + 90,
+        interval=1.0,
+        child=operator,
+    )
+
+    # Each token is short-lived by the API server's own clock and announced to the client as
+    # expiring sooner still.
+    stale = outside.issued_tokens()
+    now = datetime.datetime.now(datetime.UTC)
+    for issued in stale:
+        assert issued.expires - now <= exec_credentials.TOKEN_LIFETIME, f"lives until {issued.expires}"
+        assert issued.announced <= issued.expires, issued
+
+    # Every token issued so far goes stale now, at a moment the test picks rather than at an
+    # expiry it would have to wait out; wait until the API server itself refuses each of them.
+    # From then on, anything the operator does needs a token it fetched again.
+    outside.revoke(stale)
+    revoked_at = datetime.datetime.now(datetime.UTC)
+    eventually(
+        "the API server to refuse every token issued before the revocation",
+        lambda: all(api_status(kube, issued.token) == 401 for issued in stale),
+        timeout=REFUSAL_TIMEOUT,
+        interval=1.0,
     )
     assert operator.alive(), operator.log_tail()
 
@@ -268,7 +255,10 @@ def test_an_operator_outside_the_cluster_logs_in_with_an_exec_plugin_past_token_
     kube.kubectl(
         "wait", "loraadapter/second", *ns, "--for=condition=Ready", f"--timeout={READY_TIMEOUT}", timeout=700
     )
-    assert len(outside.issued_tokens()) > len(initial), "the operator never ran the plugin again"
+    fresh = [issued for issued in outside.issued_tokens() if issued.at > revoked_at]
+    assert fresh, "the operator never ran the plugin again"
+    # Refused for being revoked, not because the plugin's tokens stopped working.
+    assert api_status(kube, fresh[-1].token) == 200
     assert operator.alive(), operator.log_tail()  # it kept its Lease throughout
 
     # Eviction on delete: one training step puts "first" in its pod's cache; the finalizer empties
