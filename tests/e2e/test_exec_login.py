@@ -2,10 +2,11 @@
 
 As on a laptop against a managed cluster: the kubeconfig's user is an exec plugin
 (``lorafleet_local.exec_credentials``: a fresh ServiceAccount token per run from TokenRequest,
-announced to expire soon) and the operator is a local process, not a pod. It places an adapter;
-then the test makes every token issued so far invalid at once (each is bound to a Secret, and the
-test deletes those Secrets) and waits until the API server itself refuses them; the operator must
-log in again through the plugin to place another adapter and evict on delete. The chart is
+announced to expire soon enough that the client renews it every 30 s) and the operator is a local
+process, not a pod. It places an adapter and renews its credential on its own; then the test makes
+every token issued so far invalid at once (each is bound to a Secret, and the test deletes those
+Secrets) and waits until the API server itself refuses them; the operator must log in again
+through the plugin to place another adapter and evict on delete. The chart is
 installed with no operator replica, so the outside operator acts under the chart's own
 ServiceAccount and RBAC.
 """
