@@ -11,11 +11,12 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint images test-images test-node demo bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint images test-images test-node demo eval bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e, vLLM serving)"
+	@echo "make eval        learning judged on held-out questions: shipped defaults vs earlier settings"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
@@ -115,6 +116,13 @@ test-vllm: setup vllm
 
 demo: setup vllm
 	$(VENV)/bin/lorafleet-local demo
+
+# Learning judged by held-out behaviour: every goal suite of examples/eval, trained with the shipped
+# defaults and with earlier releases' settings, side by side, on builtin:smollm2 (a trainer of its
+# own; local/src/lorafleet_local/evaluating.py). A table, eval-results/eval.json and eval.png.
+EVAL_ARGS ?= --compare previous defaults
+eval: python-deps
+	$(VENV)/bin/lorafleet-local eval $(EVAL_ARGS) --out eval-results
 
 bench: python-deps
 	$(PY) -m lorafleet_trainer.bench --json bench-results/bench.json

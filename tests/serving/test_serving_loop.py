@@ -140,37 +140,41 @@ def _wait_served(server: Server, name: str, artifact: str, timeout: float) -> fl
 
 
 def one_sample(fleet: Fleet, url: str) -> dict[str, Any]:
-    """A one-sample distill body of alice's goal: a short rollout of its first question, on the
-    adapter at ``url``, with the goal's feedback and training settings."""
-    goal = goals.Goal.of("alice")
-    code, rollout = fleet.call(
-        "POST", url + "/generate", {"messages": goal.messages(goal.questions[0]), "max_tokens": 8}
-    )
-    assert code == 200, rollout
-    return {"samples": [{**rollout["sample"], "feedback": goal.feedback}], "training": goal.training}
+    """A one-sample distill body of alice's goal: a short rollout of its first training question, on
+    the adapter at ``url``, with the goal's feedback and training settings."""
+    suite = goals.Goal.of("alice").suite
+    body = {
+        "prompts": [{"messages": suite.messages(suite.train[0])}],
+        "max_tokens": 8,
+        "feedback": suite.feedback,
+    }
+    code, answer = fleet.call("POST", url + "/rollouts", body)
+    assert code == 200, answer
+    return {"samples": [answer["rollouts"][0]["sample"]]}
 
 
 def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fleet, Server]) -> None:
     fleet, server = loop
     url = fleet.adapter_url("alice")
     goal = goals.Goal.of("alice")
-    run = goals.before(fleet.call, url, goal)
+    suite = goal.suite
+    question = suite.messages(suite.held_out[0].question)
+    run = goals.GoalRun(goal)
+    run.checkpoints.append(goals.judge(fleet.call, url, goal, 0))
     latencies, step_ms = [], []
     for _ in range(goal.steps):
         answer = goals.step(fleet.call, url, run)
         latencies.append(_wait_served(server, "alice", answer["artifact"], timeout=60))
         step_ms.append(answer["timing_ms"]["total"])
-        served = server.chat("alice", goal.messages(goal.held_out), goal.max_tokens)
+        served = server.chat("alice", question, suite.max_tokens)
         code, own = fleet.call(
-            "POST",
-            url + "/generate",
-            {"messages": goal.messages(goal.held_out), "max_tokens": goal.max_tokens},
+            "POST", url + "/generate", {"messages": question, "max_tokens": suite.max_tokens}
         )
         assert code == 200, own
         assert served == own["text"], (
             f"version {answer['version']}: vLLM {served!r} != trainer {own['text']!r}"
         )
-    run.after = served
+    run.checkpoints.append(goals.judge(fleet.call, url, goal, goal.steps))
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
     fleet.figures.update(
@@ -180,9 +184,11 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
         step_with_publishing_ms=round(statistics.mean(step_ms), 1),
     )
     print(
-        f"\nalice before: {run.before!r}\nalice after (vLLM): {run.after!r}\npublish latencies: {latencies}"
+        f"\nalice before: {goals.describe(run.before)}\nalice after: {goals.describe(run.after)}"
+        f"\nalice's last answer from vLLM: {served!r}\npublish latencies: {latencies}"
     )
-    assert run.moved, (run.before, run.after)
+    # The served versions learnt: more held-out answers follow alice's goal than before.
+    assert run.after.follow > run.before.follow, (run.before.answers, run.after.answers)
 
     def served_everywhere() -> dict[str, Any]:
         condition = _served_condition(fleet, "alice")

@@ -70,7 +70,10 @@ def test_training_merge_layers_and_validates() -> None:
         ({"teacher_template": "polite"}, "training.teacher_template"),
         ({"teacher_template": 3}, "training.teacher_template"),
         ({"teacher_template": "custom"}, "training.teacher_custom_template"),
-        ({"teacher_template": "custom", "teacher_custom_template": "{question}"}, "training.teacher_custom_template"),
+        (
+            {"teacher_template": "custom", "teacher_custom_template": "{question}"},
+            "training.teacher_custom_template",
+        ),
         ({"teacher_custom_template": "x" * 8193}, "training.teacher_custom_template"),
     ],
 )

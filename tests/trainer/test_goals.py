@@ -1,5 +1,5 @@
 """The example feedback goals (examples/goals) are well formed: each names an adapter of
-examples/adapters.yaml, and its requests are ones the trainer accepts."""
+examples/adapters.yaml and a goal suite of examples/eval, and its requests are ones the trainer accepts."""
 
 from __future__ import annotations
 
@@ -23,13 +23,24 @@ def test_every_example_adapter_has_a_goal() -> None:
 
 @pytest.mark.parametrize("path", GOALS, ids=lambda p: p.stem)
 def test_a_goal_makes_valid_requests(path: Path) -> None:
+    """The requests the goal's client sends (goals.py) are ones this trainer's schemas accept."""
     goal: dict[str, Any] = json.loads(path.read_text())
-    assert goal["adapter"] == path.stem
-    assert goal["feedback"] and goal["questions"] and goal["held_out"] not in goal["questions"]
-    assert goal["towards"] != goal["away"]
-    assert set(goal["check"]) <= {"marker_words", "max_words"} and goal["check"]
-    schemas.Training.model_validate(goal["training"])
-    for question in [*goal["questions"], goal["held_out"]]:
-        messages = [{"role": "user", "content": question}]
-        schemas.GenerateRequest.model_validate({"messages": messages, "max_tokens": goal["max_tokens"]})
-    assert 1 <= goal["steps"] <= 50
+    assert goal["adapter"] == path.stem and 1 <= goal["steps"] <= 50
+    suite: dict[str, Any] = json.loads((EXAMPLES / "eval" / f"{goal['suite']}.json").read_text())
+    schemas.Training.model_validate(goal.get("training", {}))
+    train = [{"messages": [{"role": "user", "content": q}]} for q in suite["train"]]
+    held_out = [{"messages": [{"role": "user", "content": h["question"]}]} for h in suite["held_out"]]
+    schemas.RolloutsRequest.model_validate(
+        {"prompts": train, "n": 2, "temperature": 1.0, "max_tokens": suite["max_tokens"], "seed": 1,
+         "feedback": suite["feedback"]}
+    )  # fmt: skip
+    schemas.RolloutsRequest.model_validate(
+        {"prompts": held_out, "temperature": 0.0, "max_tokens": suite["max_tokens"]}
+    )
+    schemas.TeacherRequest.model_validate(
+        {
+            "messages": held_out[0]["messages"],
+            "feedback": suite["feedback"],
+            "max_tokens": suite["max_tokens"],
+        }
+    )

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from lorafleet_local import goals, pod_runner
+from lorafleet_local import evaluating, goals, pod_runner
 from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
@@ -39,6 +39,7 @@ EVICTED = "bob"
 MODEL = "builtin:smollm2"
 STAGES = 11
 VLLM_READY_S = 1800  # vLLM's first start on a 2-core machine takes minutes
+JUDGE_EVERY = 4  # held-out answers judged every this many steps, for the learning curves
 
 
 class Display:
@@ -116,7 +117,7 @@ def per_pod(fleet: Fleet, work: Callable[[list[str]], None]) -> None:
 def ask_before(
     fleet: Fleet, show: Display, urls: dict[str, str], steps: int | None
 ) -> dict[str, goals.GoalRun]:
-    """Each adapter's held-out answer before training, and its batch of rollouts with feedback."""
+    """Each adapter's teacher preview, and its held-out answers before training, judged."""
     runs: dict[str, goals.GoalRun] = {}
 
     def ask(names: list[str]) -> None:
@@ -124,37 +125,48 @@ def ask_before(
             goal = goals.Goal.of(name)
             if steps is not None:
                 goal = dataclasses.replace(goal, steps=steps)
-            run = runs[name] = goals.before(fleet.call, urls[name], goal)
-            show.out(
-                f"        {name:<6} feedback: {goal.feedback!r}\n"
-                f"               asked:    {goal.held_out!r}\n"
-                f"               answer:   {quoted(run.before)}\n"
-                f"               rollouts: {len(run.samples)} training answers, feedback added"
-            )
+            run = goals.GoalRun(goal, preview=goals.preview(fleet.call, urls[name], goal))
+            run.checkpoints.append(goals.judge(fleet.call, urls[name], goal, 0))
+            runs[name] = run
+            suite = goal.suite
+            lines = [
+                f"{name:<6} goal:     {suite.name} ({suite.kind}), feedback {suite.feedback!r}",
+                *(f"       {line}" for line in goals.preview_lines(run.preview)),
+                f"       held-out: {len(suite.held_out)} questions it never trains on;"
+                f" {goals.describe(run.before)}",
+                f"       asked:    {suite.held_out[0].question!r}",
+                f"       answer:   {quoted(run.before.answers[0])}",
+            ]
+            show.out("\n".join(f"        {line}" for line in lines))
 
     per_pod(fleet, ask)
     return runs
 
 
 def train(fleet: Fleet, show: Display, urls: dict[str, str], runs: dict[str, goals.GoalRun]) -> None:
-    """Every adapter's steps; adapters on different pods train at the same time."""
+    """Every adapter's steps, fresh rollouts each; adapters on different pods train at the same time."""
     total = sum(run.goal.steps for run in runs.values())
     done = [0]
 
     def steps(names: list[str]) -> None:
         # Round robin over the pod's adapters: each step finds its adapter in the CPU cache.
-        for index in range(max(runs[n].goal.steps for n in names)):
+        for index in range(1, max(runs[n].goal.steps for n in names) + 1):
             for name in names:
                 run = runs[name]
-                if index >= run.goal.steps:
+                if index > run.goal.steps:
                     continue
                 answer = goals.step(fleet.call, urls[name], run)
+                judged = ""
+                if index % JUDGE_EVERY == 0 and index < run.goal.steps:
+                    run.checkpoints.append(goals.judge(fleet.call, urls[name], run.goal, index))
+                    judged = f"  held-out: {goals.describe(run.checkpoints[-1])}"
                 with show.lock:
                     done[0] += 1
                     count = done[0]
                 show.line(
                     f"[{count:3d}/{total}] {name:<6} v{answer['version']:<3} {answer['cache']:<4} "
-                    f"distill loss {run.losses[-1]:.4f}  {run.step_ms[-1] / 1000:5.1f} s"
+                    f"distill loss {run.losses[-1]:.4f}  rollouts {run.rollout_ms[-1] / 1000:4.1f} s"
+                    f"  step {run.step_ms[-1] / 1000:4.1f} s{judged}"
                 )
 
     per_pod(fleet, steps)
@@ -163,12 +175,21 @@ def train(fleet: Fleet, show: Display, urls: dict[str, str], runs: dict[str, goa
 def ask_after(
     fleet: Fleet, show: Display, urls: dict[str, str], runs: dict[str, goals.GoalRun]
 ) -> list[goals.GoalRun]:
+    def ask(names: list[str]) -> None:
+        for name in names:
+            run = runs[name]
+            run.checkpoints.append(goals.judge(fleet.call, urls[name], run.goal, run.goal.steps))
+
+    per_pod(fleet, ask)
     for name in ADAPTERS:
-        run = goals.after(fleet.call, urls[name], runs[name])
-        goal = run.goal
-        show.line(f"{name:<6} asked:  {goal.held_out!r}")
-        show.line(f"       before: {quoted(run.before)}")
-        show.line(f"       after:  {quoted(run.after)}  (v{run.version})")
+        run = runs[name]
+        show.line(f"{name:<6} held-out, before: {goals.describe(run.before)}")
+        show.line(f"       held-out, after:  {goals.describe(run.after)}  (v{run.version})")
+        shown = zip(run.goal.suite.held_out[:3], run.before.answers[:3], run.after.answers[:3], strict=True)
+        for question, before, after in shown:
+            show.line(f"       asked:  {question.question!r}")
+            show.line(f"       before: {quoted(before)}")
+            show.line(f"       after:  {quoted(after)}")
     return [runs[name] for name in ADAPTERS]
 
 
@@ -199,13 +220,14 @@ def serve(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
             return status if versions and all(v == version for v in versions) else None
 
         status = eventually(f"{name} v{run.version} served by vLLM", served, timeout=120, interval=1.0)
-        body = {"model": status["servedName"], "messages": run.goal.messages(run.goal.held_out),
-                "max_tokens": run.goal.max_tokens, "temperature": 0.0}  # fmt: skip
+        suite = run.goal.suite
+        body = {"model": status["servedName"], "messages": suite.messages(suite.held_out[0].question),
+                "max_tokens": suite.max_tokens, "temperature": 0.0}  # fmt: skip
         code, answer = fleet.call("POST", server + "/v1/chat/completions", body)
         if code != 200:
             raise RuntimeError(f"vLLM answered {code} for {name}: {answer}")
         text = answer["choices"][0]["message"]["content"]
-        same = "same as the trainer's" if text == run.after else "differs from the trainer's"
+        same = "same as the trainer's" if text == run.after.answers[0] else "differs from the trainer's"
         show.line(
             f"{name:<6} vLLM (model {status['servedName']!r}, v{run.version}): {quoted(text)}  ({same})"
         )
@@ -247,21 +269,37 @@ def evict(fleet: Fleet, show: Display) -> None:
         show.line(f"evictions{{reason={series['metric'].get('reason')}}} = {series['value'][1]}")
 
 
-def summary(show: Display, runs: list[goals.GoalRun]) -> None:
+def summary(show: Display, runs: list[goals.GoalRun], workdir: Path) -> None:
+    """Judged by behaviour on held-out questions, never by the loss: "achieved" only when the goal
+    is followed with the facts kept and no breakdown."""
     show.line(
-        f"{'adapter':<8}{'goal':<14}{'steps':>5}  {'distill loss':<17}{'held-out answer':<34}moved  vLLM"
+        f"{'adapter':<8}{'goal':<18}{'steps':>5}  {'distill loss':<17}{'follows':<12}{'facts kept':<12}"
+        f"{'degenerate':<12}{'achieved':<10}vLLM"
     )
     for run in runs:
-        goal = run.goal
+        b, a = run.before, run.after
         loss = f"{run.losses[0]:.4f} → {run.losses[-1]:.4f}" if run.losses else "-"
-        figure = f"{goal.score(run.before):.2f} → {goal.score(run.after):.2f} {goal.measure()}"
+        vllm = "-" if not run.served else "same answer" if run.served == a.answers[0] else "differs"
         show.line(
-            f"{goal.adapter:<8}{goal.goal:<14}{len(run.losses):>5}  {loss:<17}{figure:<34}"
-            f"{'yes' if run.moved else 'no':<7}{'same answer' if run.served == run.after else 'differs'}"
+            f"{run.goal.adapter:<8}{run.goal.suite.name + ' (' + run.goal.suite.kind + ')':<18}"
+            f"{len(run.losses):>5}  {loss:<17}{goals.pct(b.follow) + ' → ' + goals.pct(a.follow):<12}"
+            f"{goals.pct(b.facts) + ' → ' + goals.pct(a.facts):<12}"
+            f"{goals.pct(b.degenerate) + ' → ' + goals.pct(a.degenerate):<12}"
+            f"{'yes' if run.achieved else 'no':<10}{vllm}"
         )
+    missed = [r.goal.adapter for r in runs if not r.achieved]
+    if missed:
+        show.line(f"not achieved on held-out questions: {', '.join(missed)} (whatever the loss did)")
     steps = [ms for run in runs for ms in run.step_ms]
+    rolls = [ms for run in runs for ms in run.rollout_ms]
     if steps:
-        show.line(f"mean step time {sum(steps) / len(steps) / 1000:.1f} s over {len(steps)} steps")
+        show.line(
+            f"mean step {sum(steps) / len(steps) / 1000:.1f} s and rollouts"
+            f" {sum(rolls) / len(rolls) / 1000:.1f} s per step, over {len(steps)} steps"
+        )
+    png = workdir / "learning-curves.png"
+    evaluating.plot([evaluating.Result("demo", run) for run in runs], png)
+    show.line(f"learning curves: {png}")
 
 
 def run(workdir: Path, model: str, steps: int | None) -> None:
@@ -326,7 +364,7 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
         show.section(f"kubectl delete loraadapter {EVICTED}: it leaves vLLM and the trainer's cache")
         evict(fleet, show)
         show.section("summary")
-        summary(show, runs)
+        summary(show, runs, workdir)
     finally:
         show.out(f"\n        {show.elapsed()}  tearing down")
         if fleet is not None:

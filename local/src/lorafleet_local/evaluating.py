@@ -18,16 +18,14 @@ import json
 import math
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafleet_local import checkout, polling, processes, verifiers
+from lorafleet_local import goals, polling, processes, verifiers
 from lorafleet_local.fleet import call_trainer
 
-SUITES = checkout.EXAMPLES / "eval"
 # The LoRA of the example adapters (examples/adapters.yaml): every linear layer, rank 16.
 LORA = {
     "rank": 16,
@@ -35,15 +33,7 @@ LORA = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-# The goal is met when this share of held-out answers follows it (issue 24's bar), with the facts
-# kept at FACT_BAR of what the base model keeps and at most DEGENERATE_BAR degenerate answers.
-FOLLOW_BAR = 0.7
-FACT_BAR = 0.8
-DEGENERATE_BAR = 0.1
-
-
-class EvalError(RuntimeError):
-    """A trainer call of the evaluation was refused; the message names the call and the answer."""
+FOLLOW_BAR, FACT_BAR, DEGENERATE_BAR = goals.FOLLOW_BAR, goals.FACT_BAR, goals.DEGENERATE_BAR
 
 
 @dataclass(frozen=True)
@@ -52,9 +42,7 @@ class Config:
 
     name: str
     training: dict[str, Any] = field(default_factory=dict)
-    fresh: bool = True  # fresh rollouts of the current version every step, else greedy ones taken once
-    n: int = 2  # rollouts per training question and step
-    temperature: float = 1.0
+    loop: goals.Loop = field(default_factory=goals.Loop)
 
     @classmethod
     def parse(cls, text: str) -> Config:
@@ -62,10 +50,7 @@ class Config:
         ``defaults:alpha=0.5,n=4``; keys other than fresh, n and temperature are training fields."""
         name, _, changes = text.partition(":")
         base = NAMED.get(name, cls(name))
-        training, own = (
-            dict(base.training),
-            {"fresh": base.fresh, "n": base.n, "temperature": base.temperature},
-        )
+        training, loop = dict(base.training), asdict(base.loop)
         for item in filter(None, changes.split(",")):
             key, sep, raw = item.partition("=")
             if not sep:
@@ -74,168 +59,58 @@ class Config:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
-            (own if key in own else training)[key] = value
-        return cls(text, training, bool(own["fresh"]), int(own["n"]), float(own["temperature"]))
+            (loop if key in loop else training)[key] = value
+        return cls(text, training, goals.Loop(**loop))
 
 
 NAMED = {
     # The shipped defaults: every training field from the CRD, fresh sampled rollouts.
     "defaults": Config("defaults"),
-    # What earlier releases did: the feedback appended under a header, the alpha-0.5 JSD, and four
+    # What earlier releases did: the feedback appended under a header, the alpha-0.5 JSD, and
     # greedy rollouts taken once and reused for every step (the demo's goals used lr 5e-4..1e-3).
     "previous": Config(
         "previous",
         {"alpha": 0.5, "teacher_template": "appended", "learning_rate": 5e-4},
-        fresh=False,
-        n=1,
-        temperature=0.0,
+        goals.Loop(n=1, temperature=0.0, fresh=False),
     ),
 }
 
 
 @dataclass
-class Checkpoint:
-    step: int
-    follow: float
-    facts: float
-    degenerate: float
-    capability: float  # mean log-probability of the capability reference answers
-    loss: float | None  # the distill loss of the step just taken
-    answers: list[str]
-
-
-@dataclass
-class GoalResult:
-    suite: str
-    kind: str
+class Result:
     config: str
-    checkpoints: list[Checkpoint] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)  # the distill call, as the client waits for it
-    rollout_s: list[float] = field(default_factory=list)  # the rollouts call of each step
+    run: goals.GoalRun
 
     @property
-    def first(self) -> Checkpoint:
-        return self.checkpoints[0]
-
-    @property
-    def last(self) -> Checkpoint:
-        return self.checkpoints[-1]
-
-    def achieved_at(self) -> int | None:
-        """The first checkpoint's step where the goal is met on held-out questions, facts kept."""
-        base_facts = self.first.facts
-        for c in self.checkpoints:
-            if achieved(c, base_facts):
-                return c.step
-        return None
-
-
-def achieved(c: Checkpoint, base_facts: float) -> bool:
-    return c.follow >= FOLLOW_BAR and c.facts >= FACT_BAR * base_facts and c.degenerate <= DEGENERATE_BAR
-
-
-class Client:
-    """The trainer routes the evaluation uses, for one adapter."""
-
-    def __init__(self, base_url: str, namespace: str, token: str = "") -> None:
-        self.base_url, self.namespace, self.token = base_url.rstrip("/"), namespace, token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        code, answer = call_trainer(method, self.base_url + path, body, self.token, timeout=1800)
-        if code >= 300:
-            raise EvalError(f"{method} {path}: {code} {answer}")
-        return answer
-
-    def route(self, adapter: str) -> str:
-        return f"/v1/adapters/{self.namespace}/{adapter}"
-
-
-def _judge(suite: verifiers.Suite, answers: Sequence[str]) -> tuple[float, float, float]:
-    n = len(answers)
-    follow = sum(verifiers.follows(a, suite.verifier) for a in answers) / n
-    facts = sum(verifiers.keeps_fact(a, h.fact) for a, h in zip(answers, suite.held_out, strict=True)) / n
-    broken = sum(verifiers.degenerate(a) is not None for a in answers) / n
-    return follow, facts, broken
-
-
-def checkpoint(
-    client: Client,
-    adapter: str,
-    suite: verifiers.Suite,
-    capability: Sequence[verifiers.Reference],
-    step: int,
-    loss: float | None,
-) -> Checkpoint:
-    route = client.route(adapter)
-    body = {
-        "prompts": [{"messages": suite.messages(h.question)} for h in suite.held_out],
-        "temperature": 0.0,
-        "max_tokens": suite.max_tokens,
-    }
-    answers = [r["text"] for r in client.call("POST", route + "/rollouts", body)["rollouts"]]
-    scores = [
-        client.call(
-            "POST",
-            route + "/score",
-            {"messages": [{"role": "user", "content": r.question}], "response": r.answer},
-        )["mean_logprob"]
-        for r in capability
-    ]
-    follow, facts, broken = _judge(suite, answers)
-    return Checkpoint(step, follow, facts, broken, sum(scores) / len(scores), loss, answers)
-
-
-def rollouts(
-    client: Client, adapter: str, suite: verifiers.Suite, config: Config, seed: int
-) -> list[dict[str, Any]]:
-    body = {
-        "prompts": [{"messages": suite.messages(q)} for q in suite.train],
-        "n": config.n,
-        "temperature": config.temperature,
-        "max_tokens": suite.max_tokens,
-        "seed": seed,
-        "feedback": suite.feedback,
-    }
-    return [r["sample"] for r in client.call("POST", client.route(adapter) + "/rollouts", body)["rollouts"]]
+    def suite(self) -> verifiers.Suite:
+        return self.run.goal.suite
 
 
 def run_goal(
-    client: Client,
+    call: goals.Call,
+    base_url: str,
+    namespace: str,
     suite: verifiers.Suite,
     config: Config,
     capability: Sequence[verifiers.Reference],
     steps: int,
     every: int,
     seed: int = 0,
-    on_checkpoint: Callable[[GoalResult], None] | None = None,
-) -> GoalResult:
+    on_step: Callable[[goals.GoalRun], None] | None = None,
+) -> Result:
     """Train a fresh adapter on ``suite`` with ``config`` for ``steps``, judging every ``every``."""
     adapter = f"{config.name.partition(':')[0]}-{suite.name}"[:63].strip("-")
-    route = client.route(adapter)
-    client.call("DELETE", route)  # a fresh adapter: an earlier run's state would not compare
-    client.call("PUT", route, {"lora": LORA, "epoch": 1, "training": config.training or None})
-    result = GoalResult(suite.name, suite.kind, config.name)
-    result.checkpoints.append(checkpoint(client, adapter, suite, capability, 0, None))
-    if on_checkpoint:
-        on_checkpoint(result)
-    samples: list[dict[str, Any]] = []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        if config.fresh or not samples:
-            samples = rollouts(client, adapter, suite, config, seed * 100_003 + step)
-        t1 = time.perf_counter()
-        answer = client.call("POST", route + "/distill", {"samples": samples})
-        t2 = time.perf_counter()
-        if config.fresh or step == 1:
-            result.rollout_s.append(t1 - t0)
-        result.step_s.append(t2 - t1)
-        if step % every == 0 or step == steps:
-            loss = float(answer["metrics"]["distill_loss"])
-            result.checkpoints.append(checkpoint(client, adapter, suite, capability, step, loss))
-            if on_checkpoint:
-                on_checkpoint(result)
-    client.call("DELETE", route)
-    return result
+    url = f"{base_url.rstrip('/')}/v1/adapters/{namespace}/{adapter}"
+    call("DELETE", url, None)  # a fresh adapter: an earlier run's state would not compare
+    code, answer = call("PUT", url, {"lora": LORA, "epoch": 1, "training": config.training or None})
+    if code != 201:
+        raise goals.GoalError(f"init {adapter}: {code} {answer}")
+    goal = goals.Goal(adapter, suite, steps, dict(config.training), config.loop)
+    try:
+        run = goals.run_goal(call, url, goal, on_step, every=every, seed=seed, capability=capability)
+    finally:
+        call("DELETE", url, None)
+    return Result(config.name, run)
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -245,59 +120,61 @@ def pct(x: float) -> str:
     return f"{100 * x:3.0f}%"
 
 
-def table(results: Sequence[GoalResult]) -> str:
+def table(results: Sequence[Result]) -> str:
     """Per goal and configuration: before -> after for each figure, and where the goal was met."""
     lines = [
-        f"{'goal':10s} {'kind':9s} {'config':28s} {'follow':>11s} {'facts':>11s} {'degen.':>11s}"
-        f" {'capability':>15s} {'loss':>15s}  achieved"
+        f"{'goal':10s} {'kind':9s} {'config':30s} {'follow':>11s} {'facts':>11s} {'degen.':>11s}"
+        f" {'capability':>15s} {'distill loss':>15s}  achieved"
     ]
     for r in results:
-        a, b = r.first, r.last
-        losses = [c.loss for c in r.checkpoints if c.loss is not None]
+        a, b = r.run.before, r.run.after
+        losses = r.run.losses
         loss = f"{losses[0]:.3f}->{losses[-1]:.3f}" if losses else "-"
-        at = r.achieved_at()
+        at = r.run.achieved_at()
         lines.append(
-            f"{r.suite:10s} {r.kind:9s} {r.config[:28]:28s} {pct(a.follow)}->{pct(b.follow)}"
+            f"{r.suite.name:10s} {r.suite.kind:9s} {r.config[:30]:30s} {pct(a.follow)}->{pct(b.follow)}"
             f" {pct(a.facts)}->{pct(b.facts)} {pct(a.degenerate)}->{pct(b.degenerate)}"
-            f" {a.capability:6.2f}->{b.capability:6.2f} {loss:>15s}  {'no' if at is None else f'step {at}'}"
+            f" {a.capability or 0:6.2f}->{b.capability or 0:6.2f} {loss:>15s}"
+            f"  {'no' if at is None else f'step {at}'}"
         )
     return "\n".join(lines)
 
 
-def summary(results: Sequence[GoalResult]) -> str:
+def summary(results: Sequence[Result]) -> str:
     """One line per configuration: goals met, and what the figures say beside the loss."""
     out = []
     for config in dict.fromkeys(r.config for r in results):
         mine = [r for r in results if r.config == config]
-        met = [r for r in mine if r.achieved_at() is not None]
-        fell = [r for r in mine if _loss_fell(r) and r.last.follow <= r.first.follow]
+        met = [r.suite.name for r in mine if r.run.achieved_at() is not None]
         line = f"{config}: goal met on held-out questions for {len(met)} of {len(mine)} goals"
-        if met:
-            line += f" ({', '.join(r.suite for r in met)})"
+        line += f" ({', '.join(met)})" if met else ""
+        fell = [r.suite.name for r in mine if _loss_fell(r) and r.run.after.follow <= r.run.before.follow]
         if fell:
             line += (
-                f"; the distill loss fell 5x or more while the follow-rate did not rise for "
-                f"{', '.join(r.suite for r in fell)}: a falling loss is not learning"
+                f"; the distill loss fell 5x or more while the follow-rate did not rise for"
+                f" {', '.join(fell)}: a falling loss is not learning"
             )
+        broke = [r.suite.name for r in mine if r.run.after.degenerate > DEGENERATE_BAR]
+        if broke:
+            line += f"; degenerate answers above {pct(DEGENERATE_BAR).strip()} for {', '.join(broke)}"
         out.append(line)
     return "\n".join(out)
 
 
-def _loss_fell(r: GoalResult) -> bool:
-    losses = [c.loss for c in r.checkpoints if c.loss is not None and c.loss > 0]
+def _loss_fell(r: Result) -> bool:
+    losses = [x for x in r.run.losses if x > 0]
     return len(losses) >= 2 and losses[0] / losses[-1] >= 5
 
 
-def timings(results: Sequence[GoalResult]) -> str:
+def timings(results: Sequence[Result]) -> str:
     lines = []
     for config in dict.fromkeys(r.config for r in results):
-        mine = [r for r in results if r.config == config]
-        steps = [s for r in mine for s in r.step_s]
-        rolls = [s for r in mine for s in r.rollout_s]
+        steps = [ms for r in results if r.config == config for ms in r.run.step_ms]
+        rolls = [ms for r in results if r.config == config for ms in r.run.rollout_ms]
         if steps:
             lines.append(
-                f"{config}: distill step {_mean(steps):.2f} s, rollouts {_mean(rolls):.2f} s per step"
-                f" (mean over {len(steps)} steps)"
+                f"{config}: distill step {_mean(steps) / 1000:.2f} s, rollouts {_mean(rolls) / 1000:.2f} s"
+                f" per step that sampled them (means over {len(steps)} steps)"
             )
     return "\n".join(lines)
 
@@ -306,37 +183,54 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def to_json(results: Sequence[GoalResult]) -> dict[str, Any]:
+def to_json(results: Sequence[Result]) -> dict[str, Any]:
     return {
-        "bars": {"follow": FOLLOW_BAR, "facts_of_base": FACT_BAR, "degenerate": DEGENERATE_BAR},
-        "results": [{**asdict(r), "achieved_at": r.achieved_at()} for r in results],
+        "bars": {"follow": FOLLOW_BAR, "facts_of_before": FACT_BAR, "degenerate": DEGENERATE_BAR},
+        "results": [
+            {
+                "goal": r.suite.name,
+                "kind": r.suite.kind,
+                "config": r.config,
+                "achieved_at": r.run.achieved_at(),
+                "checkpoints": [asdict(c) for c in r.run.checkpoints],
+                "losses": r.run.losses,
+                "step_ms": r.run.step_ms,
+                "rollout_ms": r.run.rollout_ms,
+                "teacher_preview": r.run.preview,
+            }
+            for r in results
+        ],
     }
 
 
-def plot(results: Sequence[GoalResult], path: Path) -> None:
+def plot(results: Sequence[Result], path: Path) -> None:
     """Follow-rate and fact retention against steps, one panel per goal, a line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = list(dict.fromkeys(r.suite for r in results))
-    cols = min(3, len(suites))
-    rows = math.ceil(len(suites) / cols)
+    names = list(dict.fromkeys(r.suite.name for r in results))
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, suite in zip(axes.flat, suites, strict=False):
-        for i, r in enumerate(x for x in results if x.suite == suite):
-            steps = [c.step for c in r.checkpoints]
-            colour = f"C{i}"
-            ax.plot(steps, [c.follow for c in r.checkpoints], "-o", color=colour, label=f"{r.config} follow")
-            ax.plot(steps, [c.facts for c in r.checkpoints], "--", color=colour, label=f"{r.config} facts")
+    for ax, name in zip(axes.flat, names, strict=False):
+        mine = [r for r in results if r.suite.name == name]
+        for i, r in enumerate(mine):
+            steps = [c.step for c in r.run.checkpoints]
+            ax.plot(
+                steps, [c.follow for c in r.run.checkpoints], "-o", color=f"C{i}", label=f"{r.config}: follow"
+            )
+            ax.plot(
+                steps, [c.facts for c in r.run.checkpoints], "--", color=f"C{i}", label=f"{r.config}: facts"
+            )
         ax.axhline(FOLLOW_BAR, color="grey", lw=0.6)
-        ax.set_title(f"{suite} ({next(x.kind for x in results if x.suite == suite)})")
+        ax.set_title(f"{name} ({mine[0].suite.kind})")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("steps")
-    for ax in list(axes.flat)[len(suites) :]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -344,17 +238,19 @@ def plot(results: Sequence[GoalResult], path: Path) -> None:
 
 
 def load(names: Sequence[str] | None = None) -> tuple[list[verifiers.Suite], tuple[verifiers.Reference, ...]]:
-    suites = verifiers.load_all(SUITES)
+    suites = verifiers.load_all(goals.SUITES)
     if names:
         unknown = set(names) - {s.name for s in suites}
         if unknown:
-            raise ValueError(f"no goal suite named {sorted(unknown)} in {SUITES}")
+            raise ValueError(f"no goal suite named {sorted(unknown)} in {goals.SUITES}")
         suites = [s for s in suites if s.name in names]
-    return suites, verifiers.load_capability(SUITES / verifiers.CAPABILITY_FILE)
+    return suites, verifiers.load_capability(goals.SUITES / verifiers.CAPABILITY_FILE)
 
 
 def evaluate(
-    client: Client,
+    call: goals.Call,
+    base_url: str,
+    namespace: str,
     configs: Sequence[Config],
     suites: Sequence[verifiers.Suite],
     capability: Sequence[verifiers.Reference],
@@ -362,26 +258,30 @@ def evaluate(
     every: int,
     seed: int = 0,
     log: Callable[[str], None] = print,
-) -> list[GoalResult]:
+) -> list[Result]:
     """Every suite under every configuration, one after another (the same seeds for each)."""
     results = []
-
-    def show(r: GoalResult) -> None:
-        c = r.last
-        loss = f"loss {c.loss:.4f}" if c.loss is not None else "before training"
-        log(
-            f"  {r.suite:10s} {r.config[:28]:28s} step {c.step:3d}  follow {pct(c.follow)}"
-            f"  facts {pct(c.facts)}  degenerate {pct(c.degenerate)}  capability {c.capability:6.2f}"
-            f"  {loss}  | {c.answers[0][:60]!r}"
-        )
-
     for suite in suites:
         for config in configs:
-            results.append(run_goal(client, suite, config, capability, steps, every, seed, show))
+            shown = [0]
+
+            def show(run: goals.GoalRun, config: Config = config, shown: list[int] = shown) -> None:
+                for c in run.checkpoints[shown[0] :]:
+                    loss = f"loss {run.losses[c.step - 1]:.4f}" if c.step else "before"
+                    log(
+                        f"  {run.goal.suite.name:10s} {config.name[:30]:30s} step {c.step:3d}"
+                        f"  follow {pct(c.follow)}  facts {pct(c.facts)}  degenerate {pct(c.degenerate)}"
+                        f"  capability {c.capability or 0:6.2f}  {loss:12s} | {c.answers[0][:60]!r}"
+                    )
+                shown[0] = len(run.checkpoints)
+
+            result = run_goal(call, base_url, namespace, suite, config, capability, steps, every, seed, show)
+            show(result.run)
+            results.append(result)
     return results
 
 
-def report(results: Sequence[GoalResult], out: Path | None, log: Callable[[str], None] = print) -> None:
+def report(results: Sequence[Result], out: Path | None, log: Callable[[str], None] = print) -> None:
     log("\n" + table(results))
     log("\n" + summary(results))
     log(timings(results))
@@ -394,9 +294,8 @@ def report(results: Sequence[GoalResult], out: Path | None, log: Callable[[str],
 
 def named(configs: Mapping[str, Config] = NAMED) -> str:
     def one(c: Config) -> str:
-        return (
-            f"{c.name} ({'fresh' if c.fresh else 'reused greedy'} rollouts, {c.training or 'CRD defaults'})"
-        )
+        rollouts = "fresh" if c.loop.fresh else "reused greedy"
+        return f"{c.name} ({rollouts} rollouts, {c.training or 'CRD defaults'})"
 
     return ", ".join(one(c) for c in configs.values())
 
@@ -456,13 +355,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting a trainer for {args.model} (log: {workdir / 'trainer.log'})", flush=True)
         child, url = start_trainer(workdir, args.model)
     try:
-        client = Client(url, args.namespace, args.token)
+
+        def call(method: str, target: str, body: Any) -> tuple[int, Any]:
+            return call_trainer(method, target, body, args.token, timeout=1800)
+
         print(
             f"{len(suites)} goals x {len(configs)} configurations, {args.steps} steps,"
-            f" judged every {args.every}"
+            f" judged every {args.every}",
+            flush=True,
         )
-        results = evaluate(client, configs, suites, capability, args.steps, args.every, args.seed,
-                           lambda line: print(line, flush=True))  # fmt: skip
+        results = evaluate(call, url, args.namespace, configs, suites, capability, args.steps, args.every,
+                           args.seed, lambda line: print(line, flush=True))  # fmt: skip
         report(results, args.out)
     finally:
         if child is not None:
