@@ -80,14 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         assert (
             c.put(ADAPTER, json={"lora": LORA, "epoch": 1, "serving": {"name": "alice"}}).status_code == 201
         )
-        goal = goals.Goal.of("alice")
+        suite = goals.Goal.of("alice").suite
         rollout = c.post(
-            ADAPTER + "/generate", json={"messages": goal.messages(goal.questions[0]), "max_tokens": 24}
-        )
-        body = {
-            "samples": [{**rollout.json()["sample"], "feedback": goal.feedback}],
-            "training": goal.training,
-        }
+            ADAPTER + "/rollouts",
+            json={"prompts": [{"messages": suite.messages(suite.train[0])}], "max_tokens": 24,
+                  "feedback": suite.feedback},
+        )  # fmt: skip
+        body = {"samples": [rollout.json()["rollouts"][0]["sample"]]}
         server = {"name": "vllm", "url": vllm.base_url}
         times: dict[str, list[float]] = {"publishing": [], "not_publishing": []}
         c.post(ADAPTER + "/distill", json=body)  # warm-up: first-step allocations
