@@ -2,16 +2,18 @@
 
 It starts the control plane (or uses KUBECONFIG), installs the chart with Helm and applies the
 example pool and adapters: `builtin:smollm2` (SmolLM2-135M-Instruct) on two CPU trainer pods. Each
-example adapter has a feedback goal (examples/goals: French, one word, one short sentence). Through
-the trainer's HTTP API at each adapter's `status.endpoint` the demo asks every adapter a held-out
-question (the answer before), takes a rollout of each training question and adds the feedback, trains
-every adapter with SDPO steps on that batch (the two pods in parallel, a line per step with its
-loss), and asks again (the answer after). Then the loop closes: the example vLLM Deployment starts
-(vLLM's CPU build, serving the same model; it starts once training is done, so it does not compete
-for the two cores), the trainers load every adapter's latest version into it, and the same
-question to vLLM through each adapter's served name gives the trained answer, at the trainer's
-version. Then `kubectl get`, the cache figures from a real Prometheus, a delete that evicts the
-adapter's cache entry and unloads it from vLLM, a summary table, and teardown.
+example adapter has a feedback goal (examples/goals, each a goal suite of examples/eval). Through the
+trainer's HTTP API at each adapter's `status.endpoint` the demo shows the teacher preview (would the
+teacher follow the feedback at all?), judges the adapter's answers to held-out questions it never
+trains on (goal followed, fact kept, degenerate), trains every adapter with SDPO steps on fresh
+rollouts of its current version (the two pods in parallel, a line per step), and judges again; the
+summary says "achieved" only when the goal is met on held-out questions with the facts kept. Then
+the loop closes: the example vLLM Deployment starts (vLLM's CPU build, serving the same model; it
+starts once training is done, so it does not compete for the two cores), the trainers load every
+adapter's latest version into it, and the first held-out question to vLLM through each adapter's
+served name gives the trainer's answer, at the trainer's version. Then `kubectl get`, the cache
+figures from a real Prometheus, a delete that evicts the adapter's cache entry and unloads it from
+vLLM, the summary table with the learning curves saved as a PNG, and teardown.
 
     lorafleet-local demo [--model builtin:smollm2] [--steps N] [--workdir DIR]
 """
@@ -269,7 +271,7 @@ def evict(fleet: Fleet, show: Display) -> None:
         show.line(f"evictions{{reason={series['metric'].get('reason')}}} = {series['value'][1]}")
 
 
-def summary(show: Display, runs: list[goals.GoalRun], workdir: Path) -> None:
+def summary(show: Display, runs: list[goals.GoalRun]) -> None:
     """Judged by behaviour on held-out questions, never by the loss: "achieved" only when the goal
     is followed with the facts kept and no breakdown."""
     show.line(
@@ -297,9 +299,10 @@ def summary(show: Display, runs: list[goals.GoalRun], workdir: Path) -> None:
             f"mean step {sum(steps) / len(steps) / 1000:.1f} s and rollouts"
             f" {sum(rolls) / len(rolls) / 1000:.1f} s per step, over {len(steps)} steps"
         )
-    png = workdir / "learning-curves.png"
+    # Kept after the demo's scratch directory is gone.
+    png = Path("demo-results") / "learning-curves.png"
     evaluating.plot([evaluating.Result("demo", run) for run in runs], png)
-    show.line(f"learning curves: {png}")
+    show.line(f"learning curves (follow-rate and facts kept against steps): {png.resolve()}")
 
 
 def run(workdir: Path, model: str, steps: int | None) -> None:
@@ -364,7 +367,7 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
         show.section(f"kubectl delete loraadapter {EVICTED}: it leaves vLLM and the trainer's cache")
         evict(fleet, show)
         show.section("summary")
-        summary(show, runs, workdir)
+        summary(show, runs)
     finally:
         show.out(f"\n        {show.elapsed()}  tearing down")
         if fleet is not None:
