@@ -454,7 +454,6 @@ class TrainerEngine:
                 with autocast, model.disable_adapter() if bare else nullcontext(), torch.no_grad():
                     yield Answering(
                         model,
-                        self._tokenizer,
                         version,
                         hit,
                         (time.perf_counter() - t0) * 1000.0,
@@ -558,14 +557,13 @@ class TrainerEngine:
         ).merged(training)
         if not prompt.messages:
             raise InvalidInput("the teacher preview needs chat messages", field="messages")
-        users = [m.content for m in prompt.messages if m.role == "user"]
-        system = "\n".join(m.content for m in prompt.messages if m.role == "system")
+        user, system = prompt.teacher_reads()
         greedy = sampling.SamplingParams(max_tokens=max_tokens)
         with self._answering(adapter) as ans:
             student_ids = self._prompt_ids(prompt)
             (student,) = self._decode(ans.model, [student_ids], [greedy])
             student_text = self._tokenizer.decode(student.token_ids, skip_special_tokens=True)
-            given = prompting.TeacherInput(users[-1] if users else "", feedback, system, student_text)
+            given = prompting.TeacherInput(user or "", feedback, system, student_text)
             messages = prompting.teacher_messages(given, spec.teacher_template, spec.teacher_custom_template)
             teacher_ids = sampling.chat_ids(self._tokenizer, messages)
             sampling.check_prompt(teacher_ids, self._vocab_size, self._max_positions, "feedback")

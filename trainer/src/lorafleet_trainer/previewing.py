@@ -24,7 +24,6 @@ class Answering:
     """A model ready to answer as one adapter version (see ``TrainerEngine._answering``)."""
 
     model: Any
-    tokenizer: Any
     version: int | None
     cache_hit: bool | None
     restore_ms: float

@@ -36,6 +36,12 @@ class Prompt:
     messages: tuple[Message, ...] = ()
     token_ids: tuple[int, ...] = ()
 
+    def teacher_reads(self) -> tuple[str | None, str]:
+        """What the teacher of a distill step reads: the user's last words and the system prompt."""
+        users = [m.content for m in self.messages if m.role == "user"]
+        systems = [m.content for m in self.messages if m.role == "system"]
+        return (users[-1] if users else None), "\n".join(systems)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

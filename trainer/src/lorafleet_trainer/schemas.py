@@ -342,6 +342,11 @@ class GenerateTiming(BaseModel):
     total: float = Field(description="ms from acceptance to result (queue included)")
 
 
+def cache_label(hit: bool | None) -> Literal["hit", "miss"] | None:
+    """Where the answering version came from: the CPU cache, storage, or (None) the bare base."""
+    return None if hit is None else "hit" if hit else "miss"
+
+
 class GenerateResponse(BaseModel):
     model_config = _RESPONSE
 
@@ -372,7 +377,7 @@ class GenerateResponse(BaseModel):
         return cls(
             adapter=str(adapter) if adapter is not None else None,
             version=gen.version,
-            cache=None if gen.cache_hit is None else "hit" if gen.cache_hit else "miss",
+            cache=cache_label(gen.cache_hit),
             text=gen.text,
             token_ids=gen.token_ids,
             logprobs=gen.logprobs,

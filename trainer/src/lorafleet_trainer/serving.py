@@ -330,7 +330,7 @@ class TrainerService:
         job = self.queue.submit(lambda: self.engine.generate(adapter, prompt, params))
         result: Generation = await self._wait(job, disconnected)
         timing = self._timing(job, result, accepted)
-        user, system = _teacher_reads(prompt)
+        user, system = prompt.teacher_reads()
         return schemas.GenerateResponse.of(adapter, result, user, system, timing)
 
     def _max_tokens(self, asked: int | None) -> int:
@@ -368,7 +368,7 @@ class TrainerService:
         done: list[Generation] = await self._wait(job, disconnected)
         rows = []
         for i, (prompt, gen) in enumerate(zip(prompts, done, strict=True)):
-            user, system = _teacher_reads(prompt)
+            user, system = prompt.teacher_reads()
             draft = schemas.GenerateResponse.draft(gen, user, system)
             sample = (
                 draft if body.feedback is None else schemas.ReadySample(**dict(draft), feedback=body.feedback)
@@ -388,7 +388,7 @@ class TrainerService:
         return schemas.RolloutsResponse(
             adapter=str(adapter) if adapter is not None else None,
             version=first.version,
-            cache=None if first.cache_hit is None else "hit" if first.cache_hit else "miss",
+            cache=schemas.cache_label(first.cache_hit),
             rollouts=rows,
             timing_ms=self._timing(job, first, accepted),
         )
@@ -469,10 +469,3 @@ def _prompt(body: schemas.PromptIn, field: str = "") -> sampling.Prompt:
         raise InvalidInput("give either messages or prompt_token_ids, not both", field=f"{where}messages")
     messages = tuple(sampling.Message(m.role, m.content) for m in body.messages or ())
     return sampling.Prompt(messages=messages, token_ids=tuple(body.prompt_token_ids or ()))
-
-
-def _teacher_reads(prompt: sampling.Prompt) -> tuple[str | None, str]:
-    """What the teacher of a distill step reads: the user's last words and the system prompt."""
-    users = [m.content for m in prompt.messages if m.role == "user"]
-    systems = [m.content for m in prompt.messages if m.role == "system"]
-    return (users[-1] if users else None), "\n".join(systems)
