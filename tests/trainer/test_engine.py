@@ -13,7 +13,7 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import max_diff, sample_dict, samples, stored_state
 
-from lorafleet_trainer import models, stepping
+from lorafleet_trainer import models, sampling, stepping
 from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.engine import EngineConfig, TrainerEngine
 from lorafleet_trainer.errors import (
@@ -299,3 +299,17 @@ def test_the_ema_follows_the_weights_and_an_ema_teacher_reads_it(engine: Trainer
     assert torch.equal(slot.state.section("w"), weights_before)  # put back
     ema_step = engine.distill(adapter, samples(6, n=2), {"teacher": "ema"})
     assert ema_step.version == 2 and math.isfinite(ema_step.metrics["distill_loss"])
+
+
+def test_score_gives_the_logprobs_generate_reported_and_names_a_bad_token(engine: TrainerEngine) -> None:
+    prompt = sampling.Prompt(token_ids=(5, 9, 14, 3))
+    answer = engine.generate(None, prompt, sampling.SamplingParams(max_tokens=6))
+    scored = engine.score(None, prompt, answer.token_ids)
+    assert scored.token_ids == answer.token_ids
+    assert scored.logprobs == pytest.approx(answer.logprobs, abs=1e-4)
+    with pytest.raises(InvalidInput) as err:
+        engine.score(None, prompt, [answer.token_ids[0], engine.vocab_size + 3])
+    assert err.value.field == "response_token_ids[1]"
+    with pytest.raises(InvalidInput) as err:  # fits on its own, not after the prompt
+        engine.score(None, prompt, [1] * (engine._max_positions - 2))
+    assert err.value.field == "response"

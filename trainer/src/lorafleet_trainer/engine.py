@@ -527,12 +527,15 @@ class TrainerEngine:
                     raise InvalidInput("has no token", field="response")
             else:
                 response_ids = list(response)
-            sampling.check_prompt(
-                [*ids, *response_ids[:-1]], self._vocab_size, self._max_positions, "response"
-            )
-            sampling.check_prompt(
-                list(response_ids), self._vocab_size, self._max_positions, "response_token_ids"
-            )
+            # Each response token against the vocabulary, named by its own index; then the whole
+            # sequence against the context (the last token is predicted, never fed).
+            sampling.check_prompt(response_ids, self._vocab_size, self._max_positions, "response_token_ids")
+            if len(ids) + len(response_ids) > self._max_positions:
+                raise InvalidInput(
+                    f"prompt and response take {len(ids) + len(response_ids)} tokens;"
+                    f" the model's context is {self._max_positions}",
+                    field="response",
+                )
             logprobs = previewing.token_logprobs(ans.model, ids, list(response_ids), self._device)
         return Scored(ans.version, ids, list(response_ids), logprobs)
 
