@@ -17,16 +17,10 @@ from typing import Any
 import pytest
 from tests.trainer.service import live
 
-from lorafleet_local import goals, verifiers
+from lorafleet_local import evaluating, goals, verifiers
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-LORA = {
-    "rank": 16,
-    "alpha": 32,
-    "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 # Goal suite -> steps: where `make eval` with the defaults met the bar (brevity at step 10, no lists
 # at 15; README, "Learning"). The adapters are named as `make eval` names them, so they start from
 # the same initial weights and the run is that evaluation's run.
@@ -52,7 +46,7 @@ def test_the_goal_is_met_on_held_out_questions_with_the_defaults(
 ) -> None:
     client = trainer.client(timeout=900)
     route = f"/v1/adapters/eval/defaults-{suite}"
-    assert client.put(route, json={"lora": LORA, "epoch": 1}).status_code == 201
+    assert client.put(route, json={"lora": evaluating.LORA, "epoch": 1}).status_code == 201
 
     def call(method: str, url: str, body: Any) -> tuple[int, Any]:
         response = client.request(method, url, json=body)
