@@ -20,7 +20,8 @@ import yaml
 from tests.chart import charting
 from tests.chart.crd_schemas import write_kubernetes_schemas, write_schemas
 
-from lorafleet_operator import building, pools
+from lorafleet_api import pools
+from lorafleet_operator import building
 from lorafleet_operator.settings import ENV_PREFIX, OperatorSettings
 
 K8S_SCHEMAS = (

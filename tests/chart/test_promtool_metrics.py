@@ -15,7 +15,7 @@ from tests.chart import charting
 from tests.chart.operator_side import OperatorSide
 from tests.trainer.service import live, payloads
 
-from lorafleet_operator import adapters
+from lorafleet_api import adapters, wire
 
 pytest.importorskip("lorafleet_trainer")
 
@@ -25,7 +25,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[live.LiveT
     trainer = live.start_trainer(tmp_path_factory.mktemp("promtool"), args=["--threads", "1"])
     side = OperatorSide(token=None)
     try:
-        body = adapters.init_request(adapters.parse_spec({"spec": {"pool": "p"}}), 1)
+        body = wire.init_request(adapters.parse_spec({"spec": {"pool": "p"}}), 1)
         side.run(side.client.init(trainer.base_url, "team-a", "alice", body))
         step = trainer.client().post("/v1/adapters/team-a/alice/distill", json=payloads.distill_body())
         assert step.status_code == 200, step.text

@@ -1,7 +1,8 @@
 """Helpers of the operator's handler tests: a recording trainer app, a kubelet stand-in, manifests.
 
-The trainer app is a real aiohttp server that answers the trainer API as DESIGN.md describes and
-records every call with the address it arrived on, so tests see which pod got which request. The
+The trainer app is a real aiohttp server that answers the trainer API with the trainer's own wire
+models (``lorafleet_api.wire``) and records every call with the address it arrived on, so tests see
+which pod got which request. The
 kubelet stand-in gives each new pod a uid, the IP of its ordinal and a Ready condition.
 """
 
@@ -15,7 +16,9 @@ from typing import Any
 
 import kmock
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
+from lorafleet_api import adapters, wire
 from lorafleet_local import polling
 from lorafleet_operator import names
 
@@ -28,6 +31,7 @@ SERVICES = "v1/services"
 EVENTS = "v1/events"
 BASE_IP = 10  # pod ordinal k listens on 127.0.0.(10 + k)
 MAX_PODS = 6
+SINCE = "2026-01-01T00:00:00Z"  # when the fake trainers say a server's version last changed
 
 
 def ip_of(ordinal: int) -> str:
@@ -44,14 +48,31 @@ class Call:
 
 
 @dataclasses.dataclass
+class Stored:
+    """One adapter in a fake trainer's store, as the real trainer would hold it."""
+
+    lora: adapters.Lora
+    epoch: int
+    version: int = 0
+    cached: bool = False  # the real trainer caches an adapter at its first step, not at init
+    cache_bytes: int = 0
+
+
+@dataclasses.dataclass
 class Trainers:
-    """The recording trainer servers: their calls, their per-pod state, and switches for failures."""
+    """The recording trainer servers: their calls, their per-pod state, and switches for failures.
+
+    They answer with the trainer's own wire models (``lorafleet_api.wire``), so a field the operator
+    reads that the trainer no longer sends fails these tests too."""
 
     port: int
     calls: list[Call] = dataclasses.field(default_factory=list)
-    # ip -> {(ns, name): {"lora":..., "epoch":...}}
-    adapters: dict[str, dict[tuple[str, str], dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    adapters: dict[str, dict[tuple[str, str], Stored]] = dataclasses.field(default_factory=dict)  # by IP
     failing: set[str] = dataclasses.field(default_factory=set)  # IPs answering 503 to everything
+    # What each pod was told by PUT /v1/serving: its servers and its adapters' served names.
+    serving: dict[str, wire.ServingRequest] = dataclasses.field(default_factory=dict)
+    refusing: dict[str, str] = dataclasses.field(default_factory=dict)  # server name -> its load error
+    dropping: set[str] = dataclasses.field(default_factory=set)  # fields left out of state answers
 
     def of(self, method: str, suffix: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and c.path.endswith(suffix)]
@@ -62,6 +83,75 @@ class Trainers:
             for c in self.calls
             if c.method == "PUT" and (name is None or c.path == f"/v1/adapters/{NS}/{name}")
         ]
+
+    def train(self, ip: str, name: str, version: int, cache_bytes: int = 1000) -> None:
+        """What a distill step does to the adapter's state: a new version, cached."""
+        entry = self.adapters[ip][(NS, name)]
+        entry.version, entry.cached, entry.cache_bytes = version, True, cache_bytes
+
+    def state(self, ip: str, key: tuple[str, str]) -> wire.AdapterState:
+        entry = self.adapters[ip][key]
+        served_name, served = None, []
+        told = self.serving.get(ip)
+        owned = {(a.namespace, a.name): a.served_name for a in told.adapters} if told else {}
+        if key in owned and told is not None:
+            served_name = owned[key]
+            served = [
+                wire.ServedVersion(
+                    server=s.name,
+                    version=None if s.name in self.refusing else entry.version,
+                    error=self.refusing.get(s.name),
+                    since=SINCE,
+                )
+                for s in told.servers
+            ]
+        return wire.AdapterState(
+            namespace=key[0],
+            name=key[1],
+            version=entry.version,
+            epoch=entry.epoch,
+            lora=entry.lora,
+            cached=entry.cached,
+            cache_bytes=entry.cache_bytes,
+            artifact=f"{key[0]}/.{key[1]}.v{entry.version:08d}",
+            served_name=served_name,
+            served=served,
+        )
+
+
+def adapter_state(version: int = 0, cached: bool = False, **fields: Any) -> wire.AdapterState:
+    """A trainer's answer for team-a/alice, as the pure outcome tests feed it."""
+    values: dict[str, Any] = {
+        "namespace": NS,
+        "name": "alice",
+        "epoch": 1,
+        "lora": adapters.Lora(),
+        "cache_bytes": 1000 if cached else 0,
+        "artifact": f"{NS}/.alice.v{version:08d}",
+        "served_name": None,
+        "served": [],
+        **fields,
+    }
+    return wire.AdapterState(version=version, cached=cached, **values)
+
+
+def _same_shape(a: adapters.Lora, b: adapters.Lora) -> bool:
+    """The trainer's test of one LoRA config: module order is irrelevant (``LoraSpec.shape_key``)."""
+    return (a.rank, a.alpha, a.dropout, sorted(a.target_modules)) == (
+        b.rank,
+        b.alpha,
+        b.dropout,
+        sorted(b.target_modules),
+    )
+
+
+def _answer(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    text = f"{field}: {message}" if field else message
+    return _answer(wire.Error(error=text, field=field), status)
 
 
 def trainer_app(state: Trainers) -> web.Application:
@@ -76,60 +166,105 @@ def trainer_app(state: Trainers) -> web.Application:
 
     def guard(ip: str, request: web.Request) -> web.Response | None:
         if ip in state.failing:
-            return web.json_response({"error": "not ready"}, status=503)
+            return _error(503, "the base model is not loaded yet")
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return web.json_response({"error": "Authorization: bearer token required"}, status=401)
+            return _error(401, "bearer token required", "Authorization")
         return None
 
     async def init(request: web.Request) -> web.Response:
         ip, body = await record(request)
         if (refusal := guard(ip, request)) is not None:
             return refusal
+        try:
+            asked = wire.InitRequest.model_validate(body)
+        except ValidationError as exc:
+            return _error(422, str(exc), "body")
         known = state.adapters.setdefault(ip, {})
         previous = known.get(key(request))
-        if previous is not None and previous["lora"] != body["lora"]:
-            return web.json_response({"error": "lora: differs from the stored adapter"}, status=409)
-        if previous is not None and body["epoch"] < previous["epoch"]:
-            message = f"epoch: epoch {body['epoch']} is older than the adapter's epoch {previous['epoch']}"
-            return web.json_response({"error": message}, status=409)
-        version = previous["version"] if previous is not None else 0
-        known[key(request)] = {"lora": body["lora"], "epoch": body["epoch"], "version": version}
-        return web.json_response({"epoch": body["epoch"]}, status=200 if previous else 201)
+        if previous is not None and not _same_shape(previous.lora, asked.lora):
+            return _error(409, "differs from the stored adapter's", "lora")
+        if previous is not None and asked.epoch < previous.epoch:
+            return _error(409, f"{asked.epoch} is older than the adapter's epoch {previous.epoch}", "epoch")
+        if previous is None:
+            known[key(request)] = Stored(asked.lora, asked.epoch)
+        elif asked.epoch > previous.epoch:  # a new placement: the cached state of the old one goes
+            previous.epoch, previous.cached, previous.cache_bytes = asked.epoch, False, 0
+        return _answer(state.state(ip, key(request)), 200 if previous else 201)
 
     async def get_state(request: web.Request) -> web.Response:
         ip, _ = await record(request)
         if (refusal := guard(ip, request)) is not None:
             return refusal
-        entry = state.adapters.get(ip, {}).get(key(request))
-        if entry is None:
-            return web.json_response({"error": "adapter not found"}, status=404)
-        return web.json_response({"version": entry["version"], "epoch": entry["epoch"], "cached": True})
+        if key(request) not in state.adapters.get(ip, {}):
+            return _error(404, "no stored adapter has this id", "adapter")
+        body = state.state(ip, key(request)).model_dump(mode="json")
+        for name in state.dropping:  # a trainer that does not send what the wire model requires
+            body.pop(name, None)
+        return web.json_response(body)
 
     async def evict(request: web.Request) -> web.Response:
         ip, _ = await record(request)
         if (refusal := guard(ip, request)) is not None:
             return refusal
-        return web.json_response({"evicted": state.adapters.get(ip, {}).pop(key(request), None) is not None})
+        entry = state.adapters.get(ip, {}).get(key(request))
+        evicted = entry is not None and entry.cached
+        if entry is not None:  # the stored adapter stays; only its cache entry goes
+            entry.cached, entry.cache_bytes = False, 0
+        return _answer(wire.Evicted(evicted=evicted))
 
     async def delete(request: web.Request) -> web.Response:
         ip, _ = await record(request)
         if (refusal := guard(ip, request)) is not None:
             return refusal
-        return web.json_response({"deleted": state.adapters.get(ip, {}).pop(key(request), None) is not None})
+        gone = state.adapters.get(ip, {}).pop(key(request), None)
+        return _answer(wire.Deleted(deleted=gone is not None))
 
     async def cache(request: web.Request) -> web.Response:
         ip = request.transport.get_extra_info("sockname")[0] if request.transport else "?"
         if (refusal := guard(ip, request)) is not None:
             return refusal
-        used = 1000 * len(state.adapters.get(ip, {}))
-        return web.json_response({"capacity_bytes": 10**9, "used_bytes": used, "entries": []})
+        held = [(k, e) for k, e in state.adapters.get(ip, {}).items() if e.cached]
+        entries = [
+            wire.CacheEntry(adapter=f"{k[0]}/{k[1]}", bytes=e.cache_bytes, pinned=False, version=e.version)
+            for k, e in held
+        ]
+        used = sum(e.cache_bytes for _, e in held)
+        return _answer(wire.CacheState(capacity_bytes=10**9, used_bytes=used, entries=entries))
+
+    async def set_serving(request: web.Request) -> web.Response:
+        ip, body = await record(request)
+        if (refusal := guard(ip, request)) is not None:
+            return refusal
+        told = wire.ServingRequest.model_validate(body)
+        state.serving[ip] = told
+        return _answer(
+            wire.ServingState(
+                servers=[s.name for s in told.servers],
+                adapter_root=told.adapter_root or "/var/lib/lorafleet",
+                lag_versions=0,
+                lag_seconds=0.0,
+            )
+        )
+
+    async def unpublish(request: web.Request) -> web.Response:
+        ip, _ = await record(request)
+        if (refusal := guard(ip, request)) is not None:
+            return refusal
+        told = state.serving.get(ip)
+        if told is None:
+            return _answer(wire.Unpublished(servers={}))
+        adapters_left = [a for a in told.adapters if (a.namespace, a.name) != key(request)]
+        state.serving[ip] = told.model_copy(update={"adapters": adapters_left})
+        return _answer(wire.Unpublished(servers={s.name: "unloaded" for s in told.servers}))
 
     app = web.Application()
     app.router.add_put("/v1/adapters/{ns}/{name}", init)
     app.router.add_get("/v1/adapters/{ns}/{name}", get_state)
     app.router.add_delete("/v1/adapters/{ns}/{name}/cache", evict)
+    app.router.add_delete("/v1/adapters/{ns}/{name}/serving", unpublish)
     app.router.add_delete("/v1/adapters/{ns}/{name}", delete)
     app.router.add_get("/v1/cache", cache)
+    app.router.add_put("/v1/serving", set_serving)
     return app
 
 

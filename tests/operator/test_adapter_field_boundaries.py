@@ -18,8 +18,8 @@ import pytest
 from tests.operator.field_probes import ROOT, crd_admits, fields, probes
 from tests.trainer.service import live
 
+from lorafleet_api import adapters, wire
 from lorafleet_local.kube import Kube
-from lorafleet_operator import adapters
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +75,7 @@ def test_admitted_means_trainable(
         assert f"spec.{sec}" in done.stderr, done.stderr  # the refusal names the field
         return
     stored = json.loads(done.stdout)  # with the CRD's defaults applied by the API server
-    body = adapters.init_request(adapters.parse_spec(stored), 1)
+    body = wire.init_request(adapters.parse_spec(stored), 1).model_dump(mode="json", exclude_none=True)
     answer = trainer.client().put(f"/v1/adapters/{NAMESPACE}/probe-{index}", json=body)
     if answer.status_code == 422 and "is not a linear layer" in answer.text:
         return  # a module name the CRD allows but builtin:tiny lacks: only the loaded model knows

@@ -2,11 +2,12 @@
 
 The test walks every field of the LoraAdapter CRD's ``spec.lora`` and ``spec.training`` schemas,
 derives probe values from each limit it finds (each bound, one past it, the items' pattern and
-lengths, the list's size and uniqueness, the default) and asks three judges about each probe: the CRD
-schema (what ``kubectl apply`` admits), the operator's spec parsing, and the trainer's request
-schema plus its own config parser. All three must give the same verdict, so a value the API server
-admits is never refused by the trainer after the adapter was placed. A keyword the walk does not
-know fails the test, so a new kind of limit cannot slip past it.
+lengths, the list's size and uniqueness, the default) and asks three judges about each probe: the
+CRD schema (what ``kubectl apply`` admits), the spec parsing the operator uses (``lorafleet_api``),
+and the trainer's request schema (the same models, snake_case) plus the engine's settings built
+from it. All three must give the same verdict, so a value the API server admits is never refused by
+the trainer after the adapter was placed. A keyword the walk does not know fails the test, so a new
+kind of limit cannot slip past it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import pytest
 from pydantic import ValidationError
 from tests.operator.field_probes import ROOT, SECTIONS, crd_admits, fields, probes, section, snake
 
-from lorafleet_operator import adapters
+from lorafleet_api import adapters, wire
 
-schemas = pytest.importorskip("lorafleet_trainer.schemas")
 configs = pytest.importorskip("lorafleet_trainer.configs")
 errors = pytest.importorskip("lorafleet_trainer.errors")
 
@@ -44,13 +44,13 @@ def operator_admits(sec: str, name: str, value: Any) -> bool:
 def trainer_admits(sec: str, name: str, value: Any) -> bool:
     body = {"lora": {}, "epoch": 1, sec: {snake(name): value}}
     try:
-        parsed = schemas.InitRequest.model_validate(body)
+        parsed = wire.InitRequest.model_validate(body)
     except ValidationError:
         return False
-    # The request schema admitted it: the engine's own parser must too (one verdict per value).
+    # The request schema admitted it: the engine's settings must take it (one verdict per value).
     try:
-        configs.LoraSpec.from_dict(parsed.lora.model_dump())
-        configs.TrainingSpec.from_dict((parsed.training or schemas.Training()).model_dump(exclude_none=True))
+        configs.LoraSpec.of(parsed.lora)
+        configs.TrainingSpec().merged(parsed.training)
     except errors.InvalidInput as exc:
         # A rule across fields (the CRD's CEL rule) is judged on the merged settings, where the
         # adapter's stored defaults are known; the request schema sees one request's fields only.
@@ -71,13 +71,11 @@ def test_crd_operator_and_trainer_agree(sec: str, name: str, value: Any) -> None
 
 @pytest.mark.parametrize(("sec", "name", "sub"), fields(), ids=lambda x: x if isinstance(x, str) else "")
 def test_defaults_agree(sec: str, name: str, sub: dict[str, Any]) -> None:
-    operator_model = {"lora": adapters.Lora, "training": adapters.Training}[sec]()
-    trainer_model = {"lora": schemas.Lora, "training": schemas.Training}[sec]()
-    # A training field left out of a request means "the adapter's own setting", so the wire models
-    # hold None there; the engine's spec holds the CRD's default, the one every path falls back to.
-    wire = sub.get("default") if sec == "lora" else None
-    assert getattr(operator_model, snake(name)) == wire, f"operator spec.{sec}.{name}"
-    assert getattr(trainer_model, snake(name)) == wire, f"trainer {sec}.{snake(name)}"
+    model = {"lora": adapters.Lora, "training": adapters.Training}[sec]()
+    # A training field left out of a request means "the adapter's own setting", so the wire model
+    # holds None there; the engine's spec holds the CRD's default, the one every path falls back to.
+    want = sub.get("default") if sec == "lora" else None
+    assert getattr(model, snake(name)) == want, f"spec.{sec}.{name}"
     engine = {"lora": configs.LoraSpec, "training": configs.TrainingSpec}[sec]()
     got = getattr(engine, snake(name))
     assert (list(got) if isinstance(got, tuple) else got) == sub["default"], f"engine {sec}.{snake(name)}"
@@ -86,13 +84,11 @@ def test_defaults_agree(sec: str, name: str, sub: dict[str, Any]) -> None:
 @pytest.mark.parametrize("sec", SECTIONS)
 def test_no_side_has_a_field_the_crd_lacks(sec: str) -> None:
     crd = {snake(name) for name in section(sec)["properties"]}
-    operator = set({"lora": adapters.Lora, "training": adapters.Training}[sec].model_fields)
-    trainer = set({"lora": schemas.Lora, "training": schemas.Training}[sec].model_fields)
-    assert operator == crd and trainer == crd
+    assert set({"lora": adapters.Lora, "training": adapters.Training}[sec].model_fields) == crd
 
 
-def test_both_packages_hold_the_crds_limits() -> None:
-    """The JSON copies the operator and the trainer read are what the CRD says (`make sync-crds`)."""
+def test_the_contract_holds_the_crds_limits() -> None:
+    """The JSON copy lorafleet_api reads is what the CRDs say (`make sync-crds`)."""
     check = [sys.executable, str(ROOT / "scripts/sync_field_contract.py"), "--check"]
     done = subprocess.run(check, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -1,11 +1,11 @@
-"""The LoraAdapter spec model and its snake_case init request for the trainer."""
+"""The LoraAdapter spec model (``lorafleet_api.adapters``) and its snake_case init request."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from lorafleet_operator import adapters
+from lorafleet_api import adapters, wire
 
 
 def test_init_request_is_snake_case_with_epoch() -> None:
@@ -13,8 +13,8 @@ def test_init_request_is_snake_case_with_epoch() -> None:
         {"spec": {"pool": "demo", "lora": {"rank": 4, "targetModules": ["q_proj"]},
                   "training": {"learningRate": 1e-4, "teacherTopK": 20}}}
     )  # fmt: skip
-    assert adapters.init_request(spec, 3) == {
-        "lora": {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj"]},
+    assert wire.init_request(spec, 3).model_dump(mode="json", exclude_none=True) == {
+        "lora": {"rank": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"]},
         "epoch": 3,
         "cache": {"pinned": False},
         "training": {"learning_rate": 1e-4, "teacher_top_k": 20},
@@ -24,9 +24,9 @@ def test_init_request_is_snake_case_with_epoch() -> None:
 def test_defaults_and_no_training_key_when_unset() -> None:
     spec = adapters.parse_spec({"spec": {"pool": "demo"}})
     assert spec.deletion_policy == "Retain" and spec.cache.pinned is False
-    assert "training" not in adapters.init_request(spec, 1)
+    assert wire.init_request(spec, 1).training is None
     pinned = adapters.parse_spec({"spec": {"pool": "demo", "cache": {"pinned": True}}})
-    assert adapters.init_request(pinned, 1)["cache"] == {"pinned": True}
+    assert wire.init_request(pinned, 1).cache == adapters.CacheOptions(pinned=True)
 
 
 def test_bad_spec_names_the_field() -> None:

@@ -17,12 +17,13 @@ import kopf
 import pytest
 from prometheus_client import CollectorRegistry
 
+from lorafleet_api import adapters, wire
 from lorafleet_operator import handlers, pooling
 from lorafleet_operator.kube import ApiError, KubeApi
 from lorafleet_operator.metrics import ERROR_PATHS, OperatorMetrics
 from lorafleet_operator.runtime import Runtime
 from lorafleet_operator.settings import OperatorSettings
-from lorafleet_operator.trainers import TrainerClient, TrainerError, TrainerUnavailable
+from lorafleet_operator.trainers import TrainerClient, TrainerError, TrainerUnreachable
 
 NS = "team-a"
 POOL = {"metadata": {"namespace": NS, "name": "p", "generation": 1}, "spec": {"baseModel": "builtin:tiny"}}
@@ -107,13 +108,24 @@ class Trainers:
         if call in self.fail:
             raise self.fail[call]
 
-    async def init(self, base: str, namespace: str, name: str, body: dict[str, Any]) -> int:
+    async def init(self, base: str, namespace: str, name: str, body: wire.InitRequest) -> int:
         self._check("init")
         return 200
 
-    async def state(self, base: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def state(self, base: str, namespace: str, name: str) -> wire.AdapterState | None:
         self._check("state")
-        return {"version": 3, "epoch": 1, "cached": True}
+        return wire.AdapterState(
+            namespace=namespace,
+            name=name,
+            version=3,
+            epoch=1,
+            lora=adapters.Lora(),
+            cached=True,
+            cache_bytes=1000,
+            artifact=f"{namespace}/.{name}.v00000003",
+            served_name=None,
+            served=[],
+        )
 
     async def evict(self, base: str, namespace: str, name: str) -> bool:
         self._check("evict")
@@ -123,9 +135,9 @@ class Trainers:
         self._check("unpublish")
         return {}
 
-    async def cache(self, base: str) -> dict[str, Any]:
+    async def cache(self, base: str) -> wire.CacheState:
         self._check("cache")
-        return {"used_bytes": 0}
+        return wire.CacheState(capacity_bytes=10**9, used_bytes=0, entries=[])
 
 
 @pytest.fixture
@@ -187,7 +199,7 @@ async def test_pool_resync_failure_is_logged_and_counted(
 async def test_a_trainer_cache_report_that_fails_is_logged_and_counted(
     rt: Runtime, trainers: Trainers, caplog: pytest.LogCaptureFixture
 ) -> None:
-    trainers.fail["cache"] = TrainerUnavailable("GET http://10.0.0.1:8080/v1/cache: ConnectError")
+    trainers.fail["cache"] = TrainerUnreachable("GET http://10.0.0.1:8080/v1/cache: ConnectError")
     await pooling.sync_pool(rt, NS, "p")
     assert errors(rt) == {"pool_cache_report": 1}
     (line,) = warnings(caplog)
@@ -209,7 +221,7 @@ async def test_pod_event_adapter_failure_is_logged_and_counted(
 ) -> None:
     # The pod event finds an adapter that was never initialised there; its init cannot reach the trainer.
     kube.adapters = [adapter({**READY, "phase": "Placed", "observedGeneration": None})]
-    trainers.fail["init"] = TrainerUnavailable("PUT http://10.0.0.1:8080/v1/adapters/team-a/alice: timeout")
+    trainers.fail["init"] = TrainerUnreachable("PUT http://10.0.0.1:8080/v1/adapters/team-a/alice: timeout")
     await handlers.pod_changed(rt, NS, "p", "p-0")
     assert errors(rt) == {"pod_event_adapter": 1}
     (line,) = warnings(caplog)
@@ -269,7 +281,7 @@ async def test_a_failed_trainer_poll_is_logged_and_counted(
 async def test_adapter_delete_errors_are_retried_by_kopf_and_counted(
     rt: Runtime, kube: Kube, trainers: Trainers
 ) -> None:
-    trainers.fail["evict"] = TrainerUnavailable("DELETE ...: refused")
+    trainers.fail["evict"] = TrainerUnreachable("DELETE ...: refused")
     with pytest.raises(kopf.TemporaryError, match="refused"):
         await handlers.delete_adapter(rt, adapter({**READY, "phase": "Terminating"}), datetime.timedelta(0))
     kube.fail["get_pod"] = FORBIDDEN

@@ -14,8 +14,10 @@ from tests.operator.harness import (
     NS,
     PODS,
     POOLS,
+    SINCE,
     TOKEN,
     Kubelet,
+    Stored,
     Trainers,
     adapter_manifest,
     create,
@@ -27,7 +29,7 @@ from tests.operator.harness import (
     pool_manifest,
 )
 
-from lorafleet_operator import adapters
+from lorafleet_api import adapters, wire
 from lorafleet_operator.runtime import Runtime
 
 
@@ -111,7 +113,13 @@ async def test_ten_adapters_spread_five_five_and_a_new_pod_gets_only_new_ones(
         ),
         what="per-pod adapter counts",
     )
-    assert pool_status["pods"][2]["cacheBytes"] == 3000
+    assert pool_status["pods"][2].get("cacheBytes", 0) == 0  # an init caches nothing
+    for name in later:  # a step each: the trainer caches them, and the pool shows the bytes
+        trainers.train(ip_of(2), name, version=1, cache_bytes=1000)
+    await eventually(
+        lambda: live(cluster, POOLS)["demo"]["status"]["pods"][2].get("cacheBytes") == 3000,
+        what="the cache bytes of demo-2",
+    )
 
 
 async def test_deleting_a_pod_replaces_its_adapters_with_epoch_two(
@@ -185,10 +193,13 @@ async def test_delete_sends_one_eviction_to_the_holding_pod(
     await create(cluster, ADAPTERS, adapter_manifest("carol", deletionPolicy="Delete"))
     found = await eventually(lambda: all_ready(cluster, ["alice", "carol"]), what="Ready")
     holder = ip_of(int(found["alice"]["pod"].rsplit("-", 1)[1]))
+    trainers.train(holder, "alice", version=1)  # a step: the trainer caches alice
     await delete(cluster, ADAPTERS, "alice")
     await eventually(lambda: "alice" not in live(cluster, ADAPTERS), what="alice gone")
     evictions = trainers.of("DELETE", f"/v1/adapters/{NS}/alice/cache")
     assert [c.ip for c in evictions] == [holder]
+    assert (NS, "alice") in trainers.adapters[holder]  # Retain: evicted from the cache, still stored
+    assert not trainers.adapters[holder][(NS, "alice")].cached
     await eventually(lambda: events(cluster, "Evicted", "alice"), what="Evicted event")
     # deletionPolicy: Delete removes the stored adapter instead (one call, no separate eviction).
     await delete(cluster, ADAPTERS, "carol")
@@ -230,7 +241,8 @@ async def test_delete_with_a_failing_trainer_releases_after_the_timeout(
         lambda: "alice" not in live(cluster, ADAPTERS), timeout=30, what="released after timeout"
     )
     assert loop_time() - started >= operator.settings.eviction_timeout_seconds
-    assert len(trainers.of("DELETE", "/alice/cache")) >= 2  # it retried before giving up
+    # It retried before giving up (unpublishing comes first, then the eviction).
+    assert len([c for c in trainers.of("DELETE") if c.path.startswith(f"/v1/adapters/{NS}/alice/")]) >= 2
     (event,) = await eventually(lambda: events(cluster, "EvictionTimedOut", "alice"), what="timeout event")
     assert event["type"] == "Warning" and "503" in event["message"]
 
@@ -281,7 +293,8 @@ async def test_trainer_refusing_the_config_fails_the_adapter(
     cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
 ) -> None:
     # The store already holds "alice" with another shape (e.g. created by an earlier object).
-    trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": {"rank": 64}, "epoch": 1, "version": 9}}
+    other = adapters.Lora(rank=64)
+    trainers.adapters[ip_of(0)] = {(NS, "alice"): Stored(other, epoch=1, version=9)}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
     status = await eventually(lambda: in_phase(cluster, "alice", "Failed"), what="Failed")
@@ -296,15 +309,15 @@ async def test_recreated_adapter_takes_over_its_retained_weights_with_the_next_e
 ) -> None:
     # An earlier "alice" (deleted with Retain) was trained at epoch 3; the store kept it.
     manifest = adapter_manifest("alice")
-    lora = adapters.init_request(adapters.parse_spec(manifest), 1)["lora"]
-    trainers.adapters[ip_of(0)] = {(NS, "alice"): {"lora": lora, "epoch": 3, "version": 9}}
+    lora = wire.init_request(adapters.parse_spec(manifest), 1).lora
+    trainers.adapters[ip_of(0)] = {(NS, "alice"): Stored(lora, epoch=3, version=9)}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, manifest)
     status = await eventually(lambda: in_phase(cluster, "alice", "Ready"), what="Ready")
     assert status["epoch"] == 4 and status["pod"] == "demo-0"
     # Refused at epoch 1, then placed again with the epoch after the stored one, once.
     assert [c.body["epoch"] for c in trainers.inits("alice")] == [1, 4]
-    assert trainers.adapters[ip_of(0)][(NS, "alice")]["version"] == 9  # the weights were kept
+    assert trainers.adapters[ip_of(0)][(NS, "alice")].version == 9  # the weights were kept
     placed = {c["type"]: c for c in status["conditions"]}["Placed"]
     assert placed["reason"] == "EpochAdvanced" and "epoch 3" in placed["message"]
     await eventually(lambda: events(cluster, "EpochAdvanced", "alice"), what="EpochAdvanced event")
@@ -370,7 +383,7 @@ async def test_a_pod_without_the_stored_weights_shows_the_loss(
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
     first = (await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready"))["alice"]
     assert {c["type"]: c["reason"] for c in first["conditions"]}["WeightsStored"] == "Created"
-    trainers.adapters[ip_of(int(first["pod"].rsplit("-", 1)[1]))][(NS, "alice")]["version"] = 5  # trained
+    trainers.train(ip_of(int(first["pod"].rsplit("-", 1)[1])), "alice", version=5)
     await eventually(lambda: statuses(cluster)["alice"].get("version") == 5, what="version 5 polled")
     kubelet.held.add(first["pod"])  # its replacement does not become Ready: alice moves
     await delete(cluster, PODS, first["pod"])
@@ -383,3 +396,77 @@ async def test_a_pod_without_the_stored_weights_shows_the_loss(
     assert (weights["status"], weights["reason"]) == ("False", "StorageLost")
     (event,) = await eventually(lambda: events(cluster, "StorageLost", "alice"), what="StorageLost event")
     assert event["type"] == "Warning" and "version 5 is lost" in event["message"]
+
+
+async def test_a_trainer_answer_without_a_version_leaves_the_status_as_it_was(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers
+) -> None:
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+    await create(cluster, ADAPTERS, adapter_manifest("alice"))
+    await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready")
+    trainers.train(ip_of(0), "alice", version=5)
+    await eventually(lambda: statuses(cluster)["alice"].get("version") == 5, what="version 5 polled")
+    errors = operator.metrics.reconcile_errors.labels(path="adapter_poll")
+    before = errors._value.get()
+    trainers.dropping.add("version")
+    trainers.train(ip_of(0), "alice", version=6)
+    polls = len(trainers.of("GET", f"/v1/adapters/{NS}/alice"))
+    # Two more polls answered without a version: each is an error the operator counts and skips.
+    await eventually(
+        lambda: (
+            len(trainers.of("GET", f"/v1/adapters/{NS}/alice")) >= polls + 2
+            and errors._value.get() >= before + 2
+        ),
+        what="two polls refused",
+    )
+    status = statuses(cluster)["alice"]
+    assert status["version"] == 5 and status["phase"] == "Ready", status
+    trainers.dropping.clear()  # a trainer that answers in full again is read again
+    await eventually(lambda: statuses(cluster)["alice"].get("version") == 6, what="version 6 polled")
+
+
+def _served(status: dict[str, Any]) -> dict[str, Any]:
+    return {c["type"]: c for c in status.get("conditions") or []}.get("Served", {})
+
+
+async def test_what_the_trainer_publishes_shows_in_the_status_until_the_adapter_is_unpublished(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    selector = {"matchLabels": {"app": "vllm"}}
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1, serving={"selector": selector}))
+    server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-5", "namespace": NS}}
+    server["metadata"]["labels"] = {"app": "vllm"}
+    server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
+    await create(cluster, PODS, server)
+    await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "alice-v1"}))
+
+    def shows(version: int) -> dict[str, Any] | None:
+        status = statuses(cluster)["alice"]
+        ok = (
+            status.get("servedName") == "alice-v1"
+            and status.get("served") == [{"server": "vllm-5", "version": version, "since": SINCE}]
+            and status.get("artifact") == f"{NS}/.alice.v{version:08d}"
+            and _served(status).get("status") == "True"
+        )
+        return status if ok else None
+
+    await eventually(lambda: shows(0), what="alice served at version 0")
+    # The trainer was told the selected server (not the trainer pod) and alice's served name.
+    told = trainers.serving[ip_of(0)]
+    assert [s.name for s in told.servers] == ["vllm-5"]
+    assert [(a.name, a.served_name) for a in told.adapters] == [("alice", "alice-v1")]
+    trainers.train(ip_of(0), "alice", version=2)
+    await eventually(lambda: shows(2), what="alice served at version 2")
+
+    trainers.refusing["vllm-5"] = "rank 64 is above the server's --max-lora-rank 16"
+    failed = await eventually(
+        lambda: (c := _served(statuses(cluster)["alice"])).get("reason") == "PublishFailed" and c,
+        what="PublishFailed",
+    )
+    assert failed["status"] == "False" and "max-lora-rank" in failed["message"]
+    await eventually(lambda: events(cluster, "PublishFailed", "alice"), what="PublishFailed event")
+
+    await delete(cluster, ADAPTERS, "alice")
+    await eventually(lambda: "alice" not in live(cluster, ADAPTERS), what="alice gone")
+    unpublished = trainers.of("DELETE", f"/v1/adapters/{NS}/alice/serving")
+    assert [c.ip for c in unpublished] == [ip_of(0)]

@@ -12,7 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lorafleet_operator import building, pools
+from lorafleet_api import pools
+from lorafleet_operator import building
 from lorafleet_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ from aiohttp import web
 from kubernetes import client
 from tests.operator.harness import pool_manifest
 
-from lorafleet_operator import building, kube, pools
+from lorafleet_api import pools
+from lorafleet_operator import building, kube
 from lorafleet_operator.settings import OperatorSettings
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from tests.operator.harness import adapter_state
+
 from lorafleet_operator import outcomes
 from lorafleet_operator.outcomes import WEIGHTS
 
@@ -71,7 +73,7 @@ def test_a_loss_before_any_version_was_seen_still_shows() -> None:
 
 def test_a_version_that_went_back_shows_the_loss() -> None:
     ready = {"phase": "Ready", "pod": "p-0", "version": 9, "conditions": []}
-    outcome = outcomes.polled(ready, "p-0", {"version": 4, "cached": True})
+    outcome = outcomes.polled(ready, "p-0", adapter_state(4, cached=True))
     assert outcome == outcomes.VersionWentBack("p-0", 4, 9, True)
     found = status(ready, outcome)
     assert (found["version"], found["lostVersion"], found["cached"]) == (4, 9, True)

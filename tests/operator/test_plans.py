@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from lorafleet_operator import outcomes, placing, plans, pools
+from lorafleet_api import pools
+from lorafleet_operator import outcomes, placing, plans
 from lorafleet_operator.placing import Move
 from lorafleet_operator.plans import Observed, Step
 

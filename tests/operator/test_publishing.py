@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from tests.operator.harness import adapter_state
 
+from lorafleet_api import wire
 from lorafleet_operator import outcomes, publishing
-from lorafleet_operator.outcomes import Polled, Served
+from lorafleet_operator.outcomes import Polled, Publication
 
 NOW = datetime.datetime(2026, 11, 29, 12, 0, tzinfo=datetime.UTC)
 
@@ -68,8 +70,8 @@ def test_only_ready_servers_with_an_address_are_published_to() -> None:
         _pod("vllm-no-ip", {"app": "vllm"}, ip=None),
     ]
     assert publishing.servers(pods, 8000) == [
-        {"name": "vllm-a", "url": "http://10.0.0.5:8000"},
-        {"name": "vllm-b", "url": "http://10.0.0.7:8000"},
+        wire.ServerRef(name="vllm-a", url="http://10.0.0.5:8000"),
+        wire.ServerRef(name="vllm-b", url="http://10.0.0.7:8000"),
     ]
 
 
@@ -88,8 +90,8 @@ def test_a_trainer_is_told_the_adapters_placed_on_it_with_their_served_names() -
         adapter("dave", "demo-0", deleting=True),
     ]
     assert publishing.owned(bodies, "demo-0") == [
-        {"namespace": "team-a", "name": "alice", "served_name": "alice"},
-        {"namespace": "team-a", "name": "bob", "served_name": "bob-v2"},
+        wire.OwnedAdapter(namespace="team-a", name="alice", served_name="alice"),
+        wire.OwnedAdapter(namespace="team-a", name="bob", served_name="bob-v2"),
     ]
 
 
@@ -103,8 +105,12 @@ def test_trainer_pods_are_never_taken_for_servers() -> None:
     assert publishing.pools_selecting(rt, "team-a", {"app": "vllm", "lorafleet.io/pool": "demo"}) == []
 
 
-def _served(*servers: dict) -> Served:
-    return Served("alice", 4, tuple(servers))
+def _served(*servers: dict) -> Publication:
+    return Publication(
+        "alice",
+        4,
+        tuple(wire.ServedVersion.model_validate({"error": None, "since": None, **s}) for s in servers),
+    )
 
 
 @pytest.mark.parametrize(
@@ -122,13 +128,8 @@ def test_the_served_condition(servers: tuple, status: bool, reason: str) -> None
 
 
 def test_polled_publishing_fills_the_status_and_its_condition() -> None:
-    state = {
-        "version": 4,
-        "cached": True,
-        "artifact": "team-a/.alice.v00000004",
-        "served_name": "alice",
-        "served": [{"server": "v0", "version": 4, "error": None, "since": "2026-11-29T12:00:00Z"}],
-    }
+    served = wire.ServedVersion(server="v0", version=4, error=None, since="2026-11-29T12:00:00Z")
+    state = adapter_state(4, cached=True, served_name="alice", served=[served])
     outcome = outcomes.polled({"version": 3}, "demo-0", state)
     status = outcomes.adapter_status({"version": 3}, outcome, now=NOW, generation=1)
     assert status["artifact"] == "team-a/.alice.v00000004"
@@ -137,7 +138,7 @@ def test_polled_publishing_fills_the_status_and_its_condition() -> None:
     (served,) = [c for c in status["conditions"] if c["type"] == "Served"]
     assert served["status"] == "True"
     # A trainer that does not publish the adapter leaves the serving fields alone.
-    plain = outcomes.polled({}, "demo-0", {"version": 4, "cached": True})
+    plain = outcomes.polled({}, "demo-0", adapter_state(4, cached=True))
     assert "servedName" not in outcomes.adapter_status({}, plain, now=NOW, generation=1)
 
 

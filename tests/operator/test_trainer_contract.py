@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet_operator import adapters, building, pools
+from lorafleet_api import adapters, pools, wire
+from lorafleet_operator import building
 from lorafleet_operator.settings import OperatorSettings
 
-schemas = pytest.importorskip("lorafleet_trainer.schemas")
 trainer_settings = pytest.importorskip("lorafleet_trainer.settings")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +33,8 @@ def example_docs(kind: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("doc", example_docs("LoraAdapter"), ids=lambda d: d["metadata"]["name"])
 def test_init_body_of_every_example_is_a_valid_trainer_init(doc: dict[str, Any]) -> None:
-    body = adapters.init_request(adapters.parse_spec(doc), 3)
-    parsed = schemas.InitRequest.model_validate(body)
+    body = wire.init_request(adapters.parse_spec(doc), 3).model_dump(mode="json", exclude_none=True)
+    parsed = wire.InitRequest.model_validate(body)
     assert parsed.epoch == 3
     assert parsed.lora.rank == (doc["spec"].get("lora") or {}).get("rank", 8)
 

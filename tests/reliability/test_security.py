@@ -20,7 +20,8 @@ from tests.chart import charting
 from tests.reliability import pss, stored
 from tests.trainer.engine_helpers import samples
 
-from lorafleet_operator import building, pools
+from lorafleet_api import pools
+from lorafleet_operator import building
 from lorafleet_operator.settings import OperatorSettings
 from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.engine import EngineConfig, TrainerEngine

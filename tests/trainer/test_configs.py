@@ -36,7 +36,7 @@ def test_lora_round_trip_and_order_free_shape() -> None:
         ({"target_modules": "q_proj"}, "lora.target_modules"),
         ({"target_modules": ["q_proj", "../x"]}, "lora.target_modules[1]"),
         ({"target_modules": ["q_proj", "q_proj"]}, "lora.target_modules"),
-        ({"targetModules": ["q_proj"]}, "lora"),
+        ({"targetModules": ["q_proj"]}, "lora.targetModules"),  # an unknown field is named itself
     ],
 )
 def test_lora_rejects_naming_field(body: dict[str, object], field: str) -> None:
@@ -64,7 +64,7 @@ def test_training_merge_layers_and_validates() -> None:
         ({"max_grad_norm": "1"}, "training.max_grad_norm"),
         ({"kl_reg_weight": -0.1}, "training.kl_reg_weight"),
         ({"teacher_top_k": 0}, "training.teacher_top_k"),
-        ({"lr": 1e-3}, "training"),
+        ({"lr": 1e-3}, "training.lr"),
         ({"is_floor": 1.5}, "training.is_floor"),
         ({"is_floor": 0.9, "is_clip": 0.5}, "training.is_floor"),
         ({"teacher_template": "polite"}, "training.teacher_template"),
@@ -86,8 +86,8 @@ def test_training_rejects_naming_field(body: dict[str, object], field: str) -> N
 
 
 def test_training_defaults_are_the_crds() -> None:
-    """One field contract: the engine's defaults are the CRD's (adapter_fields.json), on every path."""
-    from lorafleet_trainer.limits import TRAINING
+    """One field contract: the engine's defaults are the CRD's (lorafleet_api.fields), on every path."""
+    from lorafleet_api.fields import TRAINING
 
     spec = TrainingSpec()
     for key, limit in TRAINING.items():

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet_trainer import schemas
+from lorafleet_api import wire
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GOALS = sorted((EXAMPLES / "goals").glob("*.json"))
@@ -27,17 +27,17 @@ def test_a_goal_makes_valid_requests(path: Path) -> None:
     goal: dict[str, Any] = json.loads(path.read_text())
     assert goal["adapter"] == path.stem and 1 <= goal["steps"] <= 50
     suite: dict[str, Any] = json.loads((EXAMPLES / "eval" / f"{goal['suite']}.json").read_text())
-    schemas.Training.model_validate(goal.get("training", {}))
+    wire.Training.model_validate(goal.get("training", {}))
     train = [{"messages": [{"role": "user", "content": q}]} for q in suite["train"]]
     held_out = [{"messages": [{"role": "user", "content": h["question"]}]} for h in suite["held_out"]]
-    schemas.RolloutsRequest.model_validate(
+    wire.RolloutsRequest.model_validate(
         {"prompts": train, "n": 2, "temperature": 1.0, "max_tokens": suite["max_tokens"], "seed": 1,
          "feedback": suite["feedback"]}
     )  # fmt: skip
-    schemas.RolloutsRequest.model_validate(
+    wire.RolloutsRequest.model_validate(
         {"prompts": held_out, "temperature": 0.0, "max_tokens": suite["max_tokens"]}
     )
-    schemas.TeacherRequest.model_validate(
+    wire.TeacherRequest.model_validate(
         {
             "messages": held_out[0]["messages"],
             "feedback": suite["feedback"],

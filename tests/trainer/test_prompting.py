@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from lorafleet_api.fields import TRAINING
 from lorafleet_trainer import prompting
-from lorafleet_trainer.limits import TRAINING
 from lorafleet_trainer.prompting import TeacherInput
 
 GIVEN = TeacherInput(

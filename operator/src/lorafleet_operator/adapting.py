@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from lorafleet_operator import adapters, failures, outcomes, plans, pools, statuses, trainers
+from lorafleet_api import adapters, pools, wire
+from lorafleet_operator import failures, outcomes, plans, statuses, trainers
 from lorafleet_operator.placing import Move, PodView, view_pod
 from lorafleet_operator.plans import Step
 from lorafleet_operator.runtime import Retry, Runtime, Waiting, announce
@@ -134,7 +135,7 @@ async def _initialize(
     epoch = int(status.get("epoch") or 1)
     try:
         code = await rt.trainers.init(
-            status["endpoint"], namespace, name, adapters.init_request(spec, epoch, name)
+            status["endpoint"], namespace, name, wire.init_request(spec, epoch, name)
         )
     except trainers.TrainerError as exc:
         if exc.status == 409 and exc.field == "epoch" and may_advance:
@@ -162,7 +163,7 @@ async def _advance_epoch(rt: Runtime, body: dict[str, Any], status: dict[str, An
         state = await rt.trainers.state(status["endpoint"], namespace, name)
     except trainers.TrainerError:
         return None  # the refusal stands, and the status and a Warning Event say so
-    stored = int((state or {}).get("epoch") or 0)
+    stored = state.epoch if state is not None else 0
     if stored < int(status.get("epoch") or 1):
         return None
     return await _write(rt, body, outcomes.EpochAdvanced(status["pod"], stored))

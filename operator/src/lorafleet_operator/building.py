@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorafleet_api.pools import Pool
 from lorafleet_operator import names, sizing
-from lorafleet_operator.pools import Pool
 from lorafleet_operator.settings import OperatorSettings
 
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lorafleet_operator import adapters, failures, placing, trainers
+from lorafleet_api import adapters
+from lorafleet_operator import failures, placing, trainers
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime, announce
 

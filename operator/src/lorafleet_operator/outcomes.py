@@ -19,6 +19,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from lorafleet_api import wire
 from lorafleet_operator.statuses import Condition, set_conditions, timestamp
 
 # Whether the adapter's trained state survived its placements (see the module docstring).
@@ -109,13 +110,13 @@ class TrainerUnavailable:
 
 
 @dataclasses.dataclass(frozen=True)
-class Served:
+class Publication:
     """What the trainer reports of the adapter's publishing: its served name and, per inference
-    server, the version served and the last error (``served`` empty: no server is selected)."""
+    server, the version served and the last error (``servers`` empty: no server is selected)."""
 
     name: str
     version: int  # the committed version every server should serve
-    servers: tuple[Mapping[str, Any], ...]
+    servers: tuple[wire.ServedVersion, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Polled:
     version: int | None
     cached: bool
     artifact: str | None = None
-    served: Served | None = None
+    served: Publication | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,35 +180,32 @@ def initialized(status: Mapping[str, Any], pod: str, epoch: int, code: int) -> I
     return Initialized(pod, epoch, code)
 
 
-def polled(status: Mapping[str, Any], pod: str, state: Mapping[str, Any]) -> Polled | VersionWentBack:
+def polled(status: Mapping[str, Any], pod: str, state: wire.AdapterState) -> Polled | VersionWentBack:
     """The outcome of polling the trainer's ``state`` of a Ready adapter."""
-    version, last = _int(state.get("version")), _int(status.get("version"))
-    cached = bool(state.get("cached"))
-    if version is not None and last is not None and version < last:
-        return VersionWentBack(pod, version, last, cached)
+    last = _int(status.get("version"))
+    if last is not None and state.version < last:
+        return VersionWentBack(pod, state.version, last, state.cached)
     served = None
-    if state.get("served_name"):
-        servers = tuple(s for s in state.get("served") or [] if isinstance(s, Mapping))
-        served = Served(str(state["served_name"]), version or 0, servers)
-    artifact = state.get("artifact")
-    return Polled(version, cached, artifact if isinstance(artifact, str) else None, served)
+    if state.served_name:
+        served = Publication(state.served_name, state.version, tuple(state.served))
+    return Polled(state.version, state.cached, state.artifact or None, served)
 
 
-def served_condition(served: Served) -> Condition:
+def served_condition(served: Publication) -> Condition:
     """``Served``: True when every selected server serves the committed version."""
     if not served.servers:
         return Condition(
             SERVED, False, "NoServers", "no Ready inference server is selected by the pool's spec.serving"
         )
-    failing = [s for s in served.servers if s.get("error")]
+    failing = [s for s in served.servers if s.error]
     if failing:
-        text = "; ".join(f"{s.get('server')}: {s.get('error')}" for s in failing)
+        text = "; ".join(f"{s.server}: {s.error}" for s in failing)
         return Condition(SERVED, False, "PublishFailed", f"version {served.version} not served on {text}")
-    behind = [s for s in served.servers if _int(s.get("version")) != served.version]
+    behind = [s for s in served.servers if s.version != served.version]
     if behind:
-        text = ", ".join(f"{s.get('server')} serves {s.get('version')}" for s in behind)
+        text = ", ".join(f"{s.server} serves {s.version}" for s in behind)
         return Condition(SERVED, False, "Publishing", f"version {served.version} is being loaded: {text}")
-    names = ", ".join(str(s.get("server")) for s in served.servers)
+    names = ", ".join(s.server for s in served.servers)
     return Condition(SERVED, True, "Served", f"version {served.version} as {served.name!r} on {names}")
 
 
@@ -230,7 +228,7 @@ def _taken_over(outcome: EpochAdvanced) -> str:
     return f"the stored adapter was at epoch {outcome.stored_epoch}; taken over with epoch {outcome.epoch}"
 
 
-def _served_event(served: Served, stored: Mapping[str, Any]) -> Announcement | None:
+def _served_event(served: Publication, stored: Mapping[str, Any]) -> Announcement | None:
     """A Warning when publishing starts failing (or fails differently), or when the servers that
     served the adapter are all gone; a Normal Event when it is served everywhere again."""
     condition = served_condition(served)
@@ -330,10 +328,7 @@ def _effect(
             if outcome.served is None:
                 return polled, []
             polled["servedName"] = outcome.served.name
-            polled["served"] = [
-                {k: s[k] for k in ("server", "version", "error", "since") if s.get(k) is not None}
-                for s in outcome.served.servers
-            ]
+            polled["served"] = [s.model_dump(exclude_none=True) for s in outcome.served.servers]
             return polled, [served_condition(outcome.served)]
         case VersionWentBack():
             fields = {
@@ -362,7 +357,7 @@ def announcement(outcome: Outcome, stored: Mapping[str, Any] | None = None) -> A
     """The Event ``outcome`` deserves, if any; ``stored`` (the status before it) tells a change
     of publishing state from a repeat."""
     match outcome:
-        case Polled(served=Served() as served):
+        case Polled(served=Publication() as served):
             return _served_event(served, stored or {})
         case Placed() if outcome.moved_because is not None:
             message = f"Moved to pod {outcome.pod} with epoch {outcome.epoch}: {outcome.moved_because}"

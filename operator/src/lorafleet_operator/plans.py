@@ -14,10 +14,10 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lorafleet_api.pools import Pool
 from lorafleet_operator import placing
 from lorafleet_operator.outcomes import Pending
 from lorafleet_operator.placing import Move, PodView
-from lorafleet_operator.pools import Pool
 
 
 class Step(enum.Enum):

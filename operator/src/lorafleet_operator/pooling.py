@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet_operator import building, failures, names, placing, pools, publishing, statuses, trainers
+from lorafleet_api import pools
+from lorafleet_operator import building, failures, names, placing, publishing, statuses, trainers
 from lorafleet_operator.runtime import Runtime, announce
 
 
@@ -67,8 +68,8 @@ async def _write_status(
         if view.ready and view.ip:
             try:
                 report = await rt.trainers.cache(trainers.endpoint(view.ip, rt.settings.trainer_port))
-                cache_bytes[view.name] = int(report.get("used_bytes") or 0)
-            except (trainers.TrainerError, ValueError) as exc:
+                cache_bytes[view.name] = report.used_bytes
+            except trainers.TrainerError as exc:
                 # The status keeps the last figure; the next sync asks again.
                 failures.skipped(rt.metrics, "pool_cache_report", f"pod {namespace}/{view.name}", exc)
     live = [v for v in views if not v.terminating]

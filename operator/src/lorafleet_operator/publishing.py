@@ -14,7 +14,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorafleet_operator import adapters, failures, names, placing, pools, trainers
+from lorafleet_api import adapters, pools, wire
+from lorafleet_operator import failures, names, placing, trainers
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Runtime
 
@@ -66,17 +67,17 @@ def matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return True
 
 
-def servers(pods: Sequence[Mapping[str, Any]], port: int) -> list[dict[str, str]]:
+def servers(pods: Sequence[Mapping[str, Any]], port: int) -> list[wire.ServerRef]:
     """The Ready server pods with an IP, as the trainer API names them."""
     result = []
     for pod in pods:
         view = placing.view_pod(pod, "")
         if view.ready and view.ip:
-            result.append({"name": view.name, "url": trainers.endpoint(view.ip, port)})
-    return sorted(result, key=lambda s: s["name"])
+            result.append(wire.ServerRef(name=view.name, url=trainers.endpoint(view.ip, port)))
+    return sorted(result, key=lambda s: s.name)
 
 
-def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[dict[str, str]]:
+def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[wire.OwnedAdapter]:
     """The adapters placed on ``pod`` with their served names (unparseable specs skipped)."""
     result = []
     for body in adapter_bodies:
@@ -88,11 +89,9 @@ def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[dict[st
         except ValueError:
             continue
         result.append(
-            {
-                "namespace": meta["namespace"],
-                "name": meta["name"],
-                "served_name": adapters.served_name(spec, meta["name"]),
-            }
+            wire.OwnedAdapter(
+                namespace=meta["namespace"], name=meta["name"], served_name=spec.served_name(meta["name"])
+            )
         )
     return result
 
@@ -106,7 +105,7 @@ async def sync_serving(
     if serving is None:
         if rt.serving_selectors.pop((namespace, name), None) is None:
             return  # never served: nothing to take back
-        found: list[dict[str, str]] = []
+        found: list[wire.ServerRef] = []
     else:
         try:
             selector = selector_string(serving.selector)
@@ -114,16 +113,22 @@ async def sync_serving(
             logger.warning("trainerpool %s/%s: %s", namespace, name, exc)
             return
         rt.serving_selectors[(namespace, name)] = dict(serving.selector)
-        found = servers(await rt.kube.list_pods(namespace, selector), serving.port)
+        listed = await rt.kube.list_pods(namespace, selector)
+        # Matched again, as the pool's own pods are: a server that ignores the selector must not
+        # make trainers publish to pods the pool does not select.
+        chosen = [p for p in listed if matches(serving.selector, p["metadata"].get("labels") or {})]
+        found = servers(chosen, serving.port)
     if trainer_pods is None:
         trainer_pods = [placing.view_pod(p, name) for p in await rt.kube.list_pool_pods(namespace, name)]
     adapter_bodies = await rt.kube.list_pool_adapters(namespace, name)
     for view in trainer_pods:
         if not view.ready or not view.ip:
             continue
-        body: dict[str, Any] = {"servers": found, "adapters": owned(adapter_bodies, view.name)}
-        if serving is not None and serving.adapter_root:
-            body["adapter_root"] = serving.adapter_root
+        body = wire.ServingRequest(
+            servers=found,
+            adapters=owned(adapter_bodies, view.name),
+            adapter_root=serving.adapter_root or None if serving is not None else None,
+        )
         try:
             await rt.trainers.set_serving(trainers.endpoint(view.ip, rt.settings.trainer_port), body)
         except trainers.TrainerError as exc:

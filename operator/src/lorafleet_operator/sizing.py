@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lorafleet_operator import quantities
-from lorafleet_operator.pools import Pool
+from lorafleet_api import quantities
+from lorafleet_api.pools import Pool
 from lorafleet_operator.settings import OperatorSettings
 
 GI = 2**30

@@ -1,22 +1,29 @@
 """The operator's client of the trainer HTTP API (DESIGN.md, v1): init, state, evict, delete, cache.
 
 One async httpx client shared by all handlers, with the bearer token from the operator's token
-file. Every call is counted in ``lorafleet_operator_trainer_requests_total{route,code}``; a trainer
-that cannot be reached raises ``TrainerUnavailable`` so callers can retry or give up on a timeout.
+file. Requests and answers are the wire models of ``lorafleet_api.wire``, the ones the trainer
+serves: an answer that does not parse as its model (a field missing or of another type) is an
+error, ``TrainerAnswerInvalid``, never a partial status. Every call is counted in
+``lorafleet_operator_trainer_requests_total{route,code}``; a trainer that cannot be reached raises
+``TrainerUnreachable`` so callers can retry or give up on a timeout.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
+from lorafleet_api import wire
 from lorafleet_operator.metrics import OperatorMetrics
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class TrainerError(Exception):
     """The trainer answered with an error; ``status`` is its HTTP code, ``field`` the request
-    field its error names (trainer errors read ``"<field>: <message>"``), or ""."""
+    field its error names (``wire.Error.field``), or ""."""
 
     def __init__(self, status: int, message: str, field: str = "") -> None:
         super().__init__(f"{status}: {message}")
@@ -25,11 +32,15 @@ class TrainerError(Exception):
         self.field = field
 
 
-class TrainerUnavailable(TrainerError):
+class TrainerUnreachable(TrainerError):
     """The trainer could not be reached (connection refused, timeout)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(0, message)
+
+
+class TrainerAnswerInvalid(TrainerError):
+    """The trainer answered 2xx with a body that is not the route's wire model."""
 
 
 def endpoint(pod_ip: str, port: int) -> str:
@@ -54,54 +65,68 @@ class TrainerClient:
             response = await self._client.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             self._metrics.trainer_requests.labels(route=route, code="error").inc()
-            raise TrainerUnavailable(f"{method} {url}: {exc!r}") from exc
+            raise TrainerUnreachable(f"{method} {url}: {exc!r}") from exc
         self._metrics.trainer_requests.labels(route=route, code=str(response.status_code)).inc()
         if response.status_code not in ok:
             try:
-                message = str(response.json().get("error", response.text))
-            except ValueError:
-                message = response.text
-            field, sep, _ = message.partition(": ")
-            named = field if sep and " " not in field else ""
-            raise TrainerError(response.status_code, f"{method} {url}: {message}", named)
+                error = wire.Error.model_validate_json(response.content)
+            except ValidationError:
+                error = wire.Error(error=response.text, field=None)
+            raise TrainerError(response.status_code, f"{method} {url}: {error.error}", error.field or "")
         return response
+
+    @staticmethod
+    def _answer(model: type[Answer], response: httpx.Response) -> Answer:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            request = response.request
+            raise TrainerAnswerInvalid(
+                response.status_code,
+                f"{request.method} {request.url}: the answer is not a {model.__name__}: {exc}",
+            ) from exc
 
     @staticmethod
     def _adapter(base: str, namespace: str, name: str) -> str:
         return f"{base}/v1/adapters/{namespace}/{name}"
 
-    async def init(self, base: str, namespace: str, name: str, body: dict[str, Any]) -> int:
+    @staticmethod
+    def _body(request: BaseModel) -> dict[str, Any]:
+        """A request model as JSON; unset optional fields are left out (the trainer's defaults)."""
+        body: dict[str, Any] = request.model_dump(mode="json", exclude_none=True)
+        return body
+
+    async def init(self, base: str, namespace: str, name: str, body: wire.InitRequest) -> int:
         """``PUT /v1/adapters/{ns}/{name}``: 201 created or 200 same config; raises on 409/422."""
         response = await self._call(
-            "init", "PUT", self._adapter(base, namespace, name), (200, 201), json=body
+            "init", "PUT", self._adapter(base, namespace, name), (200, 201), json=self._body(body)
         )
+        self._answer(wire.AdapterState, response)
         return response.status_code
 
-    async def state(self, base: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def state(self, base: str, namespace: str, name: str) -> wire.AdapterState | None:
         """``GET /v1/adapters/{ns}/{name}``, or None when the trainer does not know the adapter."""
         response = await self._call("state", "GET", self._adapter(base, namespace, name), (200, 404))
         if response.status_code == 404:
             return None
-        result: dict[str, Any] = response.json()
-        return result
+        return self._answer(wire.AdapterState, response)
 
     async def evict(self, base: str, namespace: str, name: str) -> bool:
         """``DELETE /v1/adapters/{ns}/{name}/cache``: whether an entry was evicted (idempotent)."""
         response = await self._call(
             "evict", "DELETE", self._adapter(base, namespace, name) + "/cache", (200,)
         )
-        return bool(response.json().get("evicted"))
+        return self._answer(wire.Evicted, response).evicted
 
     async def delete(self, base: str, namespace: str, name: str) -> bool:
         """``DELETE /v1/adapters/{ns}/{name}``: remove stored weights and the cache entry."""
         response = await self._call("delete", "DELETE", self._adapter(base, namespace, name), (200, 404))
-        return response.status_code == 200 and bool(response.json().get("deleted"))
+        return response.status_code == 200 and self._answer(wire.Deleted, response).deleted
 
-    async def set_serving(self, base: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def set_serving(self, base: str, body: wire.ServingRequest) -> wire.ServingState:
         """``PUT /v1/serving``: the pool's inference servers and the adapters the pod owns."""
-        response = await self._call("serving", "PUT", f"{base}/v1/serving", (200,), json=body)
-        result: dict[str, Any] = response.json()
-        return result
+        response = await self._call("serving", "PUT", f"{base}/v1/serving", (200,), json=self._body(body))
+        return self._answer(wire.ServingState, response)
 
     async def unpublish(self, base: str, namespace: str, name: str) -> dict[str, str]:
         """``DELETE /v1/adapters/{ns}/{name}/serving``: server -> "unloaded", "absent" or the error."""
@@ -110,11 +135,9 @@ class TrainerClient:
         )
         if response.status_code != 200:
             return {}  # a trainer from before publishing: it never loaded the adapter anywhere
-        servers: dict[str, str] = response.json().get("servers", {})
-        return servers
+        return self._answer(wire.Unpublished, response).servers
 
-    async def cache(self, base: str) -> dict[str, Any]:
+    async def cache(self, base: str) -> wire.CacheState:
         """``GET /v1/cache``: capacity, used bytes and entries of the pod's cache."""
         response = await self._call("cache", "GET", f"{base}/v1/cache", (200,))
-        result: dict[str, Any] = response.json()
-        return result
+        return self._answer(wire.CacheState, response)

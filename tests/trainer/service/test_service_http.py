@@ -19,6 +19,8 @@ import pytest
 from tests.trainer.service import live, payloads
 from tests.trainer.service.conftest import TOKEN
 
+from lorafleet_api import wire
+
 READ_BYTES = "lorafleet_trainer_storage_read_bytes_total"
 
 
@@ -241,8 +243,9 @@ def test_bad_input_names_the_field_and_changes_nothing(
     r = trainer.client().request(method, path, content=content, headers=headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
-    error = r.json()["error"]
-    assert error.startswith(f"{field}: "), error
+    answer = wire.Error.model_validate(r.json())
+    assert answer.error.startswith(f"{field}: "), answer.error
+    assert answer.field == field, answer  # the field itself, for clients that act on it
     assert snapshot(trainer) == before
     assert trainer.client().get("/v1/adapters/team-a/bob").json()["version"] == 1
 

@@ -1,7 +1,8 @@
 """The FastAPI application of a trainer pod: routes, error rendering, body limit, lifecycle.
 
 ``create_app`` wires one :class:`~lorafleet_trainer.serving.TrainerService` (engine, queue,
-metrics) into one app. Every error leaves as ``{"error": "<field>: <message>"}`` with the status
+metrics) into one app. Every error leaves as ``lorafleet_api.wire.Error``, ``{"error": "<field>:
+<message>", "field": "<field>"}`` (``field`` null where no one field is at fault), with the status
 of its :class:`TrainerError` subclass, including the framework's own validation and routing
 errors, so clients see a single error shape. The base model loads in the background on startup.
 """
@@ -18,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lorafleet_trainer import routes
+from lorafleet_api import wire
+from lorafleet_trainer import routes, validating
 from lorafleet_trainer.auth import BearerAuth
 from lorafleet_trainer.configs import TrainingSpec
 from lorafleet_trainer.errors import QueueFull, TrainerError
@@ -38,17 +40,14 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = list(loc)
     if len(parts) > 1 and parts[0] in ("body", "path", "query", "header"):
         parts = parts[1:]
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "body"
+    return validating.field_path(parts) or "body"
 
 
-def _error(status: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": text}, status_code=status, headers=headers)
+def _error(
+    status: int, text: str, headers: dict[str, str] | None = None, field: str | None = None
+) -> JSONResponse:
+    body = wire.Error(error=f"{field}: {text}" if field else text, field=field)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
@@ -59,7 +58,7 @@ def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
             headers = {"Retry-After": str(service.queue.retry_after_seconds())}
         if exc.status_code == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return _error(exc.status_code, str(exc), headers)
+        return _error(exc.status_code, exc.message, headers, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,22 +71,22 @@ def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
         msg = first.get("msg", "is invalid")
         if loc[0] == "path" and first.get("type") in ("string_pattern_mismatch", "string_too_long"):
             msg = "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', not at the ends"
-        return _error(422, f"{field_path(loc)}: {msg}{more}")
+        return _error(422, f"{msg}{more}", field=field_path(loc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers) if exc.headers else None
         if exc.status_code == 404:
-            text = f"path: no route for {request.url.path}; adapters are /v1/adapters/<namespace>/<name>"
-        elif exc.status_code == 405:
-            text = f"method: {request.method} is not allowed on {request.url.path}"
-        else:
-            text = f"request: {exc.detail}"
-        return _error(exc.status_code, text, dict(exc.headers) if exc.headers else None)
+            text = f"no route for {request.url.path}; adapters are /v1/adapters/<namespace>/<name>"
+            return _error(404, text, headers, "path")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path}", headers, "method")
+        return _error(exc.status_code, str(exc.detail), headers, "request")
 
     @app.exception_handler(ClientGone)
     async def client_gone(_: Request, exc: ClientGone) -> JSONResponse:
         # Nobody reads this answer; 499 (nginx's "client closed request") marks it in access logs.
-        return _error(499, f"request: {exc}")
+        return _error(499, str(exc), field="request")
 
 
 def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> Engine:

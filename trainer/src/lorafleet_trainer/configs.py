@@ -2,8 +2,10 @@
 
 ``LoraSpec`` decides which trainable slot an adapter shares (``shape_key``); ``TrainingSpec`` holds
 the per-step hyper-parameters, which layer as trainer defaults < the adapter's stored defaults <
-a request's overrides (``merged``). Both parse snake_case JSON and reject bad input naming the field;
-every default and bound comes from the CRD's schema through ``limits`` (one contract, not a copy).
+a request's overrides (``merged``). Both are built from the wire models of ``lorafleet_api``
+(``Lora``, ``Training``), which hold every default and bound of the CRD's schema: a request body is
+validated once, by its model, and JSON from elsewhere (a stored config, the engine's Python API) is
+parsed through the same models, rejecting bad input naming the field.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from lorafleet_trainer import limits
+from lorafleet_api import adapters, fields
+from lorafleet_api.fields import LORA, TRAINING
 from lorafleet_trainer import validating as v
 from lorafleet_trainer.errors import InvalidInput
-from lorafleet_trainer.limits import LORA, TRAINING
+
+# A step's training overrides: the request's wire model, or JSON (the engine's Python API).
+Overrides = adapters.Training | Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,13 @@ class LoraSpec:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @classmethod
+    def of(cls, lora: adapters.Lora) -> LoraSpec:
+        """From a validated wire model; module order is the client's (shape_key sorts)."""
+        return cls(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any], field: str = "lora") -> LoraSpec:
-        d = v.require_mapping(d, field)
-        v.reject_unknown(d, set(LORA), field)
-        default = cls()
-        checked = {
-            key: limits.check(limit, d.get(key, getattr(default, key)), f"{field}.{key}")
-            for key, limit in LORA.items()
-        }
-        # Kept in the client's order (so error indexes match the request); shape_key sorts.
-        return cls(**checked)
+        return cls.of(v.parsed(adapters.Lora, d, field))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,7 +66,7 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """SDPO step settings (DESIGN.md names); every default is the CRD's (``adapter_fields.json``)."""
+    """SDPO step settings (DESIGN.md names); every default is the CRD's (``lorafleet_api.fields``)."""
 
     learning_rate: float = TRAINING["learning_rate"].default
     alpha: float = TRAINING["alpha"].default
@@ -91,22 +93,19 @@ class TrainingSpec:
         for key in floats:
             object.__setattr__(self, key, float(getattr(self, key)))
 
-    def merged(self, overrides: Mapping[str, Any] | None, field: str = "training") -> TrainingSpec:
-        """A copy with ``overrides`` applied; validates every given value, changes nothing on error."""
+    def merged(self, overrides: Overrides, field: str = "training") -> TrainingSpec:
+        """A copy with ``overrides`` applied (a wire model, or JSON parsed through one); changes
+        nothing on error."""
         if overrides is None:
             return self
-        overrides = v.require_mapping(overrides, field)
-        v.reject_unknown(overrides, set(TRAINING), field)
-        checked = {
-            key: limits.check(TRAINING[key], value, f"{field}.{key}") for key, value in overrides.items()
-        }
-        out = replace(self, **checked)
-        # The one rule across fields (the CRD states it in CEL): a custom teacher needs its template.
-        if out.teacher_template == "custom" and "{feedback}" not in out.teacher_custom_template:
-            raise InvalidInput(
-                "must hold a {feedback} placeholder when teacher_template is custom",
-                field=f"{field}.teacher_custom_template",
-            )
+        if not isinstance(overrides, adapters.Training):
+            overrides = v.parsed(adapters.Training, overrides, field)
+        out = replace(self, **overrides.given())
+        # The rules across fields: the CRD's CEL rule (a custom teacher needs its template), and
+        # the floor of the importance weight under its clip.
+        problem = fields.custom_template_problem(out.teacher_template, out.teacher_custom_template)
+        if problem:
+            raise InvalidInput(problem, field=f"{field}.teacher_custom_template")
         if out.is_floor > out.is_clip:
             raise InvalidInput(f"must not exceed is_clip ({out.is_clip})", field=f"{field}.is_floor")
         return out

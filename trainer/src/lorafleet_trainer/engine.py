@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +37,7 @@ import torch
 
 from lorafleet_trainer import decoding, holds, models, previewing, prompting, sampling, stepping
 from lorafleet_trainer.cache import AdapterCache, CacheInfo
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.previewing import Answering
@@ -336,7 +336,7 @@ class TrainerEngine:
         return False
 
     def distill(
-        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Mapping[str, Any] | None = None
+        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Overrides = None
     ) -> StepResult:
         """One SDPO step; returns once the new version is durable. Failures change nothing."""
         slots = self._require_ready()
@@ -359,7 +359,7 @@ class TrainerEngine:
         slots: SlotManager,
         adapter: AdapterId,
         samples: Sequence[DistillSample],
-        training: Mapping[str, Any] | None,
+        training: Overrides,
     ) -> StepResult:
         # Under the step lock: a fast tokenizer must not be borrowed by two threads at once.
         meta = self._meta_for(adapter)
@@ -544,7 +544,7 @@ class TrainerEngine:
         adapter: AdapterId | None,
         prompt: sampling.Prompt,
         feedback: str,
-        training: Mapping[str, Any] | None,
+        training: Overrides,
         max_tokens: int,
         top: int,
     ) -> TeacherPreview:

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over ``max_bytes`` get 413 ``{"error": "body: ..."}``."""
+    """ASGI middleware: bodies over ``max_bytes`` get 413 ``{"error": "body: ...", "field": "body"}``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -55,7 +55,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, detail: str) -> None:
-        body = json.dumps({"error": f"body: is too large ({detail}); the limit is {self.max_bytes} bytes"})
+        text = f"body: is too large ({detail}); the limit is {self.max_bytes} bytes"
+        body = json.dumps({"error": text, "field": "body"})
         await send(
             {
                 "type": "http.response.start",

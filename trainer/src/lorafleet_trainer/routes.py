@@ -2,7 +2,7 @@
 
 Each handler turns the path into an :class:`AdapterId`, calls :mod:`serving` (never the engine)
 and returns the response model the service built; errors are raised as :class:`TrainerError` and
-rendered once, by the app, as ``{"error": "<field>: <message>"}``. Handlers that only read are
+rendered once, by the app, as ``lorafleet_api.wire.Error``. Handlers that only read are
 plain functions, which FastAPI runs in its thread pool, so they answer while a step runs.
 """
 
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lorafleet_trainer import schemas
+from lorafleet_api import adapters, wire
 from lorafleet_trainer.auth import BearerAuth
 from lorafleet_trainer.errors import NotReady
 from lorafleet_trainer.ids import AdapterId
@@ -25,8 +25,8 @@ from lorafleet_trainer.serving import TrainerService
 # Declared for the OpenAPI schema (securitySchemes); the check itself is BearerAuth's.
 _bearer = HTTPBearer(auto_error=False, description="the token in --auth-token-file")
 
-Namespace = Annotated[str, Path(pattern=schemas.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
-Name = Annotated[str, Path(pattern=schemas.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
+Namespace = Annotated[str, Path(pattern=adapters.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
+Name = Annotated[str, Path(pattern=adapters.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
 
 
 def service(request: Request) -> TrainerService:
@@ -53,7 +53,7 @@ def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.Error} for code in (401, 404, 409, 413, 422, 429, 503, 507)
+    code: {"model": wire.Error} for code in (401, 404, 409, 413, 422, 429, 503, 507)
 }
 
 probes = APIRouter(tags=["probes"])
@@ -64,17 +64,19 @@ v1 = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(authorized
 def healthz(svc: Service) -> dict[str, str] | JSONResponse:
     """Liveness: the process serves requests and its base model did not fail to load."""
     if svc.load_error is not None:
-        return JSONResponse({"error": f"base_model: failed to load: {svc.load_error}"}, status_code=500)
+        failed = wire.Error(error=f"base_model: failed to load: {svc.load_error}", field="base_model")
+        return JSONResponse(failed.model_dump(mode="json"), status_code=500)
     return {"status": "ok"}
 
 
-@probes.get("/readyz", response_model=None, responses={503: {"model": schemas.Error}})
+@probes.get("/readyz", response_model=None, responses={503: {"model": wire.Error}})
 def readyz(svc: Service) -> dict[str, str] | JSONResponse:
     """Readiness: the base model is loaded and the pod is not shutting down."""
     try:
         svc.require_ready()
     except NotReady as exc:
-        return JSONResponse({"error": str(exc)}, status_code=503)
+        body = wire.Error(error=str(exc), field=exc.field)
+        return JSONResponse(body.model_dump(mode="json"), status_code=503)
     return {"status": "ready"}
 
 
@@ -86,104 +88,98 @@ def metrics(svc: Service) -> Response:
 
 @v1.put(
     "/adapters/{namespace}/{name}",
-    response_model=schemas.AdapterState,
+    response_model=wire.AdapterState,
     status_code=200,
-    responses={201: {"model": schemas.AdapterState, "description": "created"}},
+    responses={201: {"model": wire.AdapterState, "description": "created"}},
 )
 async def init_adapter(
-    namespace: Namespace, name: Name, body: schemas.InitRequest, svc: Service
+    namespace: Namespace, name: Name, body: wire.InitRequest, svc: Service
 ) -> JSONResponse:
     """Create the stored adapter if absent (201), or confirm the same config (200); 409 otherwise."""
     state, created = await svc.init(AdapterId(namespace, name), body)
     return JSONResponse(state.model_dump(mode="json"), status_code=201 if created else 200)
 
 
-@v1.get("/adapters/{namespace}/{name}", response_model=schemas.AdapterState)
-def get_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.AdapterState:
+@v1.get("/adapters/{namespace}/{name}", response_model=wire.AdapterState)
+def get_adapter(namespace: Namespace, name: Name, svc: Service) -> wire.AdapterState:
     """The adapter's version, epoch, LoRA config and cache residency."""
     return svc.get(AdapterId(namespace, name))
 
 
-@v1.post("/adapters/{namespace}/{name}/distill", response_model=schemas.DistillResponse)
+@v1.post("/adapters/{namespace}/{name}/distill", response_model=wire.DistillResponse)
 async def distill(
-    namespace: Namespace, name: Name, body: schemas.DistillRequest, request: Request, svc: Service
-) -> schemas.DistillResponse:
+    namespace: Namespace, name: Name, body: wire.DistillRequest, request: Request, svc: Service
+) -> wire.DistillResponse:
     """One SDPO step on the adapter, in its turn on the worker (429 past the queue bound)."""
     return await svc.distill(AdapterId(namespace, name), body, _disconnected(request))
 
 
-@v1.post("/adapters/{namespace}/{name}/generate", response_model=schemas.GenerateResponse)
+@v1.post("/adapters/{namespace}/{name}/generate", response_model=wire.GenerateResponse)
 async def generate(
-    namespace: Namespace, name: Name, body: schemas.GenerateRequest, request: Request, svc: Service
-) -> schemas.GenerateResponse:
+    namespace: Namespace, name: Name, body: wire.GenerateRequest, request: Request, svc: Service
+) -> wire.GenerateResponse:
     """Sample an answer with the adapter's current version, in its turn after queued steps."""
     return await svc.generate(AdapterId(namespace, name), body, _disconnected(request))
 
 
-@v1.post("/generate", response_model=schemas.GenerateResponse, tags=["base model"])
-async def generate_base(
-    body: schemas.GenerateRequest, request: Request, svc: Service
-) -> schemas.GenerateResponse:
+@v1.post("/generate", response_model=wire.GenerateResponse, tags=["base model"])
+async def generate_base(body: wire.GenerateRequest, request: Request, svc: Service) -> wire.GenerateResponse:
     """Sample an answer with the bare base model (no adapter)."""
     return await svc.generate(None, body, _disconnected(request))
 
 
-@v1.post("/adapters/{namespace}/{name}/rollouts", response_model=schemas.RolloutsResponse)
+@v1.post("/adapters/{namespace}/{name}/rollouts", response_model=wire.RolloutsResponse)
 async def rollouts(
-    namespace: Namespace, name: Name, body: schemas.RolloutsRequest, request: Request, svc: Service
-) -> schemas.RolloutsResponse:
+    namespace: Namespace, name: Name, body: wire.RolloutsRequest, request: Request, svc: Service
+) -> wire.RolloutsResponse:
     """Fresh answers of the adapter's current version, n per prompt, decoded as one batch; with
     ``feedback`` each comes with a distill sample ready to post."""
     return await svc.rollouts(AdapterId(namespace, name), body, _disconnected(request))
 
 
-@v1.post("/rollouts", response_model=schemas.RolloutsResponse, tags=["base model"])
-async def rollouts_base(
-    body: schemas.RolloutsRequest, request: Request, svc: Service
-) -> schemas.RolloutsResponse:
+@v1.post("/rollouts", response_model=wire.RolloutsResponse, tags=["base model"])
+async def rollouts_base(body: wire.RolloutsRequest, request: Request, svc: Service) -> wire.RolloutsResponse:
     """The same with the bare base model."""
     return await svc.rollouts(None, body, _disconnected(request))
 
 
-@v1.post("/adapters/{namespace}/{name}/score", response_model=schemas.ScoreResponse)
+@v1.post("/adapters/{namespace}/{name}/score", response_model=wire.ScoreResponse)
 async def score(
-    namespace: Namespace, name: Name, body: schemas.ScoreRequest, request: Request, svc: Service
-) -> schemas.ScoreResponse:
+    namespace: Namespace, name: Name, body: wire.ScoreRequest, request: Request, svc: Service
+) -> wire.ScoreResponse:
     """The log-probability of each token of a given answer under the adapter's current version."""
     return await svc.score(AdapterId(namespace, name), body, _disconnected(request))
 
 
-@v1.post("/score", response_model=schemas.ScoreResponse, tags=["base model"])
-async def score_base(body: schemas.ScoreRequest, request: Request, svc: Service) -> schemas.ScoreResponse:
+@v1.post("/score", response_model=wire.ScoreResponse, tags=["base model"])
+async def score_base(body: wire.ScoreRequest, request: Request, svc: Service) -> wire.ScoreResponse:
     """The same with the bare base model."""
     return await svc.score(None, body, _disconnected(request))
 
 
-@v1.post("/adapters/{namespace}/{name}/teacher", response_model=schemas.TeacherResponse)
+@v1.post("/adapters/{namespace}/{name}/teacher", response_model=wire.TeacherResponse)
 async def teacher(
-    namespace: Namespace, name: Name, body: schemas.TeacherRequest, request: Request, svc: Service
-) -> schemas.TeacherResponse:
+    namespace: Namespace, name: Name, body: wire.TeacherRequest, request: Request, svc: Service
+) -> wire.TeacherResponse:
     """Before training: the teacher's greedy answer to the messages with the feedback (the adapter's
     template), its top tokens at the first positions, and the student's beside them."""
     return await svc.teacher(AdapterId(namespace, name), body, _disconnected(request))
 
 
-@v1.post("/teacher", response_model=schemas.TeacherResponse, tags=["base model"])
-async def teacher_base(
-    body: schemas.TeacherRequest, request: Request, svc: Service
-) -> schemas.TeacherResponse:
+@v1.post("/teacher", response_model=wire.TeacherResponse, tags=["base model"])
+async def teacher_base(body: wire.TeacherRequest, request: Request, svc: Service) -> wire.TeacherResponse:
     """The same with the base model as the student and the trainer's default template."""
     return await svc.teacher(None, body, _disconnected(request))
 
 
-@v1.delete("/adapters/{namespace}/{name}/cache", response_model=schemas.Evicted)
-async def evict_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Evicted:
+@v1.delete("/adapters/{namespace}/{name}/cache", response_model=wire.Evicted)
+async def evict_adapter(namespace: Namespace, name: Name, svc: Service) -> wire.Evicted:
     """Drop the adapter from the CPU cache (idempotent); its stored state stays."""
     return await svc.evict(AdapterId(namespace, name))
 
 
-@v1.delete("/adapters/{namespace}/{name}", response_model=schemas.Deleted)
-async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Deleted:
+@v1.delete("/adapters/{namespace}/{name}", response_model=wire.Deleted)
+async def delete_adapter(namespace: Namespace, name: Name, svc: Service) -> wire.Deleted:
     """Delete the stored adapter and its cache entry."""
     return await svc.delete(AdapterId(namespace, name))
 
@@ -211,26 +207,26 @@ def export_adapter(
     )
 
 
-@v1.delete("/adapters/{namespace}/{name}/serving", response_model=schemas.Unpublished)
-def unpublish_adapter(namespace: Namespace, name: Name, svc: Service) -> schemas.Unpublished:
+@v1.delete("/adapters/{namespace}/{name}/serving", response_model=wire.Unpublished)
+def unpublish_adapter(namespace: Namespace, name: Name, svc: Service) -> wire.Unpublished:
     """Unload the adapter from every inference server and stop publishing it; waits a few seconds
     and answers what each server said (failed unloads keep being retried)."""
     return svc.unpublish(AdapterId(namespace, name))
 
 
-@v1.put("/serving", response_model=schemas.ServingState, tags=["serving"])
-def set_serving(body: schemas.ServingRequest, svc: Service) -> schemas.ServingState:
+@v1.put("/serving", response_model=wire.ServingState, tags=["serving"])
+def set_serving(body: wire.ServingRequest, svc: Service) -> wire.ServingState:
     """The pool's inference servers and the adapters this pod owns, as the operator sees them."""
     return svc.set_serving(body)
 
 
-@v1.get("/serving", response_model=schemas.ServingState, tags=["serving"])
-def serving(svc: Service) -> schemas.ServingState:
+@v1.get("/serving", response_model=wire.ServingState, tags=["serving"])
+def serving(svc: Service) -> wire.ServingState:
     """The servers this pod publishes to, the store's root as they see it, and the lag."""
     return svc.serving()
 
 
-@v1.get("/cache", response_model=schemas.CacheState)
-def cache(svc: Service) -> schemas.CacheState:
+@v1.get("/cache", response_model=wire.CacheState)
+def cache(svc: Service) -> wire.CacheState:
     """The CPU cache: capacity, bytes used, and one entry per cached adapter."""
     return svc.cache()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet_api.wire import MAX_SAMPLE_TOKENS
 from lorafleet_trainer import validating as v
 from lorafleet_trainer.errors import InvalidInput
 
@@ -29,7 +30,6 @@ _FIELDS = frozenset(
         "demonstration",
     }
 )
-MAX_SAMPLE_TOKENS = 65536
 
 
 def _token_ids(value: Any, field: str) -> list[int]:

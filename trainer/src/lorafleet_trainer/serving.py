@@ -15,12 +15,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from lorafleet_trainer import publishing, sampling, schemas
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_api import wire
+from lorafleet_trainer import publishing, responses, sampling
+from lorafleet_trainer.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.errors import (
     AdapterNotFound,
     ConfigConflict,
@@ -60,7 +61,7 @@ class Engine(Protocol):
     ) -> InitResult: ...
     def get_adapter(self, adapter: AdapterId) -> AdapterState: ...
     def distill(
-        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Mapping[str, Any] | None
+        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Overrides
     ) -> StepResult: ...
     def generate(
         self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
@@ -79,7 +80,7 @@ class Engine(Protocol):
         adapter: AdapterId | None,
         prompt: sampling.Prompt,
         feedback: str,
-        training: Mapping[str, Any] | None,
+        training: Overrides,
         max_tokens: int,
         top: int,
     ) -> TeacherPreview: ...
@@ -188,28 +189,28 @@ class TrainerService:
 
     # ---- reads (straight to the engine, from the thread pool) -------------------------------
 
-    def get(self, adapter: AdapterId) -> schemas.AdapterState:
+    def get(self, adapter: AdapterId) -> wire.AdapterState:
         return self._state(self.engine.get_adapter(adapter))
 
-    def _state(self, state: AdapterState) -> schemas.AdapterState:
-        answer = schemas.AdapterState.of(state)
+    def _state(self, state: AdapterState) -> wire.AdapterState:
+        answer = responses.adapter_state(state)
         answer.served_name = self.publisher.served_name(state.adapter)
-        answer.served = [schemas.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
+        answer.served = [wire.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
         return answer
 
     def _served_path(self, artifact: str) -> str:
         return f"{self.adapter_root.rstrip('/')}/{artifact}"
 
-    def serving(self) -> schemas.ServingState:
+    def serving(self) -> wire.ServingState:
         versions, seconds = self.publisher.lag()
-        return schemas.ServingState(
+        return wire.ServingState(
             servers=[s.name for s in self.publisher.servers],
             adapter_root=self.adapter_root,
             lag_versions=versions,
             lag_seconds=seconds,
         )
 
-    def set_serving(self, body: schemas.ServingRequest) -> schemas.ServingState:
+    def set_serving(self, body: wire.ServingRequest) -> wire.ServingState:
         """The operator's view of the pool's servers and this pod's adapters (idempotent)."""
         self.require_ready()
         if body.adapter_root is not None:
@@ -224,16 +225,16 @@ class TrainerService:
         self.publisher.set_servers([publishing.Server(s.name, s.url) for s in body.servers])
         return self.serving()
 
-    def unpublish(self, adapter: AdapterId) -> schemas.Unpublished:
+    def unpublish(self, adapter: AdapterId) -> wire.Unpublished:
         """Unload the adapter from every server and stop publishing it (waits a few seconds)."""
-        return schemas.Unpublished(servers=self.publisher.disown(adapter))
+        return wire.Unpublished(servers=self.publisher.disown(adapter))
 
     def export(self, adapter: AdapterId, version: int | None = None) -> bytes:
         """A kept committed version (default: the latest) as a PEFT zip."""
         return self.engine.export_zip(adapter, version)
 
-    def cache(self) -> schemas.CacheState:
-        return schemas.CacheState.of(self.engine.cache_info())
+    def cache(self) -> wire.CacheState:
+        return responses.cache_state(self.engine.cache_info())
 
     # ---- writes (through the queue) ----------------------------------------------------------
 
@@ -242,20 +243,20 @@ class TrainerService:
         job = self.queue.submit(fn, bounded=False)
         return await asyncio.wrap_future(job.future)
 
-    async def evict(self, adapter: AdapterId) -> schemas.Evicted:
-        return schemas.Evicted(evicted=await self.write(lambda: self.engine.evict(adapter)))
+    async def evict(self, adapter: AdapterId) -> wire.Evicted:
+        return wire.Evicted(evicted=await self.write(lambda: self.engine.evict(adapter)))
 
-    async def delete(self, adapter: AdapterId) -> schemas.Deleted:
+    async def delete(self, adapter: AdapterId) -> wire.Deleted:
         await asyncio.to_thread(self.publisher.disown, adapter)
-        return schemas.Deleted(deleted=await self.write(lambda: self.engine.delete(adapter)))
+        return wire.Deleted(deleted=await self.write(lambda: self.engine.delete(adapter)))
 
-    async def init(self, adapter: AdapterId, body: schemas.InitRequest) -> tuple[schemas.AdapterState, bool]:
+    async def init(self, adapter: AdapterId, body: wire.InitRequest) -> tuple[wire.AdapterState, bool]:
         """The adapter's state after init, and whether init created it."""
         self.require_ready()
-        lora = LoraSpec.from_dict(body.lora.model_dump(), field="lora")
+        lora = LoraSpec.of(body.lora)
         training = None
         if body.training is not None:
-            training = self.default_training.merged(body.training.model_dump(exclude_none=True))
+            training = self.default_training.merged(body.training)
         pinned = body.cache.pinned if body.cache is not None else None
 
         def run() -> InitResult:
@@ -271,13 +272,13 @@ class TrainerService:
         return self._state(result.state), result.created
 
     async def distill(
-        self, adapter: AdapterId, body: schemas.DistillRequest, disconnected: Callable[[], Awaitable[None]]
-    ) -> schemas.DistillResponse:
+        self, adapter: AdapterId, body: wire.DistillRequest, disconnected: Callable[[], Awaitable[None]]
+    ) -> wire.DistillResponse:
         accepted = time.perf_counter()
         try:
             self.require_ready()
             samples = parse_samples([s.model_dump(exclude_none=True) for s in body.samples])
-            training = body.training.model_dump(exclude_none=True) if body.training is not None else None
+            training = body.training
             # Checked now so a bad value is refused at once instead of after a wait in the queue.
             self.default_training.merged(training)
 
@@ -297,7 +298,7 @@ class TrainerService:
         phases = {k: float(v) for k, v in dict(result.timing_ms).items()}
         phases["queue"] = job.queue_seconds * 1000.0
         self.metrics.observe_step(cache, job.run_seconds, phases)
-        timing = schemas.StepTiming(
+        timing = wire.StepTiming(
             queue=phases["queue"],
             restore=phases.get("restore", 0.0),
             compute=phases.get("compute", 0.0),
@@ -306,16 +307,16 @@ class TrainerService:
             total=(time.perf_counter() - accepted) * 1000.0,
         )
         metrics = {k: float(v) for k, v in dict(result.metrics).items()}
-        return schemas.DistillResponse(
+        return wire.DistillResponse(
             version=result.version, artifact=result.artifact, cache=cache, metrics=metrics, timing_ms=timing
         )
 
     async def generate(
         self,
         adapter: AdapterId | None,
-        body: schemas.GenerateRequest,
+        body: wire.GenerateRequest,
         disconnected: Callable[[], Awaitable[None]],
-    ) -> schemas.GenerateResponse:
+    ) -> wire.GenerateResponse:
         """Sample with the adapter's current version (the base model when ``adapter`` is None).
 
         It waits its turn behind the writes already queued, so it answers with every step posted
@@ -331,7 +332,7 @@ class TrainerService:
         result: Generation = await self._wait(job, disconnected)
         timing = self._timing(job, result, accepted)
         user, system = prompt.teacher_reads()
-        return schemas.GenerateResponse.of(adapter, result, user, system, timing)
+        return responses.generation(adapter, result, user, system, timing)
 
     def _max_tokens(self, asked: int | None) -> int:
         if asked is None:
@@ -346,15 +347,15 @@ class TrainerService:
     async def rollouts(
         self,
         adapter: AdapterId | None,
-        body: schemas.RolloutsRequest,
+        body: wire.RolloutsRequest,
         disconnected: Callable[[], Awaitable[None]],
-    ) -> schemas.RolloutsResponse:
+    ) -> wire.RolloutsResponse:
         """``n`` fresh answers per prompt from the current version, one batch on the worker."""
         accepted = time.perf_counter()
         self.require_ready()
-        if len(body.prompts) * body.n > schemas.MAX_ROLLOUT_ROWS:
+        if len(body.prompts) * body.n > wire.MAX_ROLLOUT_ROWS:
             raise InvalidInput(
-                f"prompts x n is {len(body.prompts) * body.n}; at most {schemas.MAX_ROLLOUT_ROWS} a request",
+                f"prompts x n is {len(body.prompts) * body.n}; at most {wire.MAX_ROLLOUT_ROWS} a request",
                 field="n",
             )
         prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(body.prompts) for _ in range(body.n)]
@@ -369,12 +370,12 @@ class TrainerService:
         rows = []
         for i, (prompt, gen) in enumerate(zip(prompts, done, strict=True)):
             user, system = prompt.teacher_reads()
-            draft = schemas.GenerateResponse.draft(gen, user, system)
+            draft = responses.sample_draft(gen, user, system)
             sample = (
-                draft if body.feedback is None else schemas.ReadySample(**dict(draft), feedback=body.feedback)
+                draft if body.feedback is None else wire.ReadySample(**dict(draft), feedback=body.feedback)
             )
             rows.append(
-                schemas.Rollout(
+                wire.Rollout(
                     prompt_index=i // body.n,
                     text=gen.text,
                     token_ids=gen.token_ids,
@@ -385,10 +386,10 @@ class TrainerService:
                 )
             )
         first = done[0]
-        return schemas.RolloutsResponse(
+        return wire.RolloutsResponse(
             adapter=str(adapter) if adapter is not None else None,
             version=first.version,
-            cache=schemas.cache_label(first.cache_hit),
+            cache=responses.cache_label(first.cache_hit),
             rollouts=rows,
             timing_ms=self._timing(job, first, accepted),
         )
@@ -396,9 +397,9 @@ class TrainerService:
     async def score(
         self,
         adapter: AdapterId | None,
-        body: schemas.ScoreRequest,
+        body: wire.ScoreRequest,
         disconnected: Callable[[], Awaitable[None]],
-    ) -> schemas.ScoreResponse:
+    ) -> wire.ScoreResponse:
         self.require_ready()
         prompt = _prompt(body)
         if (body.response is None) == (body.response_token_ids is None):
@@ -408,7 +409,7 @@ class TrainerService:
         )
         job = self.queue.submit(lambda: self.engine.score(adapter, prompt, response))
         done: Scored = await self._wait(job, disconnected)
-        return schemas.ScoreResponse(
+        return wire.ScoreResponse(
             adapter=str(adapter) if adapter is not None else None,
             version=done.version,
             prompt_token_ids=done.prompt_token_ids,
@@ -420,12 +421,12 @@ class TrainerService:
     async def teacher(
         self,
         adapter: AdapterId | None,
-        body: schemas.TeacherRequest,
+        body: wire.TeacherRequest,
         disconnected: Callable[[], Awaitable[None]],
-    ) -> schemas.TeacherResponse:
+    ) -> wire.TeacherResponse:
         """The teacher's greedy answer to the conversation with the feedback, beside the student's."""
         self.require_ready()
-        training = body.training.model_dump(exclude_none=True) if body.training is not None else None
+        training = body.training
         self.default_training.merged(training)  # a bad value is refused before the queue
         prompt = sampling.Prompt(messages=tuple(sampling.Message(m.role, m.content) for m in body.messages))
         max_tokens = self._max_tokens(body.max_tokens)
@@ -435,10 +436,10 @@ class TrainerService:
             )
         )
         done: TeacherPreview = await self._wait(job, disconnected)
-        return schemas.TeacherResponse.of(adapter, done)
+        return responses.teacher_preview(adapter, done)
 
-    def _timing(self, job: Job[Any], gen: Generation, accepted: float) -> schemas.GenerateTiming:
-        return schemas.GenerateTiming(
+    def _timing(self, job: Job[Any], gen: Generation, accepted: float) -> wire.GenerateTiming:
+        return wire.GenerateTiming(
             queue=job.queue_seconds * 1000.0,
             restore=gen.timing_ms.get("restore", 0.0),
             compute=gen.timing_ms.get("compute", 0.0),
@@ -462,7 +463,7 @@ class TrainerService:
             gone.cancel()
 
 
-def _prompt(body: schemas.PromptIn, field: str = "") -> sampling.Prompt:
+def _prompt(body: wire.PromptIn, field: str = "") -> sampling.Prompt:
     """A request's prompt: chat messages or token ids, exactly one of them."""
     where = f"{field}." if field else ""
     if (body.messages is None) == (body.prompt_token_ids is None):

@@ -9,10 +9,33 @@ a meaningful rank or learning rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from lorafleet_trainer.errors import InvalidInput
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """('samples', 0, 'feedback') -> 'samples[0].feedback'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def parsed(model: type[M], value: Any, field: str) -> M:
+    """``value`` validated by a wire model; its first error raised as :class:`InvalidInput` naming
+    the field under ``field`` (``lora.target_modules[1]``)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        at = field_path([field, *first["loc"]])
+        raise InvalidInput(first["msg"], field=at) from None
 
 
 def require_mapping(value: Any, field: str) -> Mapping[str, Any]:
@@ -34,37 +57,6 @@ def finite_number(value: Any, field: str) -> float:
     if not math.isfinite(out):
         raise InvalidInput("must be finite", field=field)
     return out
-
-
-def number_in(
-    value: Any,
-    field: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """A finite number within [low, high] (or open at either end)."""
-    out = finite_number(value, field)
-    if low is not None and (out < low or (low_open and out == low)):
-        raise InvalidInput(f"must be {'>' if low_open else '>='} {low}, got {out}", field=field)
-    if high is not None and (out > high or (high_open and out == high)):
-        raise InvalidInput(f"must be {'<' if high_open else '<='} {high}, got {out}", field=field)
-    return out
-
-
-def integer_in(value: Any, field: str, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        # JSON decoders give 8.0 for "8.0"; accept integral floats, refuse 8.5.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidInput("must be an integer", field=field)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise InvalidInput(f"must be {bound}, got {value}", field=field)
-    return int(value)
 
 
 def string(value: Any, field: str, *, allow_empty: bool = True) -> str:

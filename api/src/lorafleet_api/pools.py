@@ -2,16 +2,28 @@
 
 The CRD schema already enforced types and bounds on the way in; parsing again here gives the
 builders typed attributes and applies the same defaults when an object was stored before a field
-existed (so the operator never trusts that the API server filled every default).
+existed (so the operator never trusts that the API server filled every default). Every default,
+bound and choice is the CRD's (``fields``), not a copy of it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorafleet_operator import quantities
+from lorafleet_api import fields, quantities
+
+
+def _field(path: str, **extra: Any) -> Any:
+    """``spec.<path>`` of the TrainerPool CRD as a pydantic field: its default and bounds."""
+    limit = fields.spec_field("TrainerPool", path)
+    alias = {"alias": limit.name} if fields.snake(limit.name) != limit.name else {}
+    return fields.field(limit, **alias, **extra)
+
+
+def _choice(path: str) -> Any:
+    return fields.one_of(fields.spec_field("TrainerPool", path))
 
 
 class _Spec(BaseModel):
@@ -24,7 +36,7 @@ class Resources(_Spec):
 
 
 class Cache(_Spec):
-    capacity: str = "8Gi"
+    capacity: str = _field("cache.capacity")
 
 
 class ClaimRef(_Spec):
@@ -52,23 +64,23 @@ class Serving(_Spec):
     """The pool's inference servers: which pods, their port, where they mount the adapter claim."""
 
     selector: dict[str, Any]
-    port: int = Field(default=8000, ge=1, le=65535)
-    adapter_root: str | None = Field(default=None, alias="adapterRoot")
+    port: int = _field("serving.port")
+    adapter_root: str | None = _field("serving.adapterRoot")
 
 
 class PoolSpec(_Spec):
     """What a TrainerPool asks for."""
 
-    base_model: str = Field(alias="baseModel", min_length=1)
-    replicas: int = Field(default=1, ge=0)
-    image: str | None = None
-    gpu: bool = True
+    base_model: str = _field("baseModel")
+    replicas: int = _field("replicas")
+    image: str | None = _field("image")
+    gpu: bool = _field("gpu")
     resources: Resources = Field(default_factory=Resources)
     cache: Cache = Field(default_factory=Cache)
-    gpu_residency: Literal["offload", "keep"] = Field(default="offload", alias="gpuResidency")
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: the trainer's default
+    gpu_residency: Annotated[str, _choice("gpuResidency")] = _field("gpuResidency")
+    dtype: Annotated[str, _choice("dtype")] | None = _field("dtype")  # None: the trainer's default
     storage: Storage = Field(default_factory=Storage)
-    max_adapters_per_pod: int = Field(default=64, alias="maxAdaptersPerPod", ge=1)
+    max_adapters_per_pod: int = _field("maxAdaptersPerPod")
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: dict[str, Any] | None = None

@@ -1,28 +1,23 @@
-"""Request and response bodies of the trainer HTTP API, as pydantic models (snake_case JSON).
+"""The body of every trainer route, request and response, as pydantic models (snake_case JSON).
 
-They give ``/openapi.json`` its types and bounds and refuse malformed JSON early, naming the field.
-The engine's own parsers (``LoraSpec``, ``TrainingSpec``, ``DistillSample``) stay the authority on
-meaning: a request that passes here is validated again there, against the loaded model too (token
-ids against its vocabulary). Strict types: a JSON string is never silently turned into a number.
-Each response model is built once, by the service, from the engine's typed result (``of``), and
-FastAPI serialises it as is.
+The trainer serves these (they give ``/openapi.json`` its types and bounds and refuse malformed JSON
+early, naming the field), and the operator, the gateway and the operator tests' fake trainer read
+and answer with the same classes, so a renamed or missing field fails on both sides at once.
+Requests are strict (a JSON string is never silently turned into a number) and refuse unknown
+fields; responses ignore fields they do not know, so a newer trainer can add some, and refuse
+missing ones. The trainer's engine stays the authority on meaning (token ids against the loaded
+model's vocabulary); this module is the authority on shape.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from lorafleet_trainer import limits, results
-from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.limits import LORA, TRAINING
-from lorafleet_trainer.samples import MAX_SAMPLE_TOKENS
+from lorafleet_api.adapters import DNS1123_LABEL, AdapterSpec, CacheOptions, Lora, ServedName, Training
 
-if TYPE_CHECKING:  # the cache module imports torch; this one must not
-    from lorafleet_trainer.cache import CacheInfo
-
-DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_SAMPLE_TOKENS = 65536  # prompt and response of one sample, together
 MAX_SAMPLES = 1024
 MAX_ROLLOUT_ROWS = 64  # prompts x n of one rollouts request: one padded batch on the device
 ARTIFACT = (
@@ -35,55 +30,9 @@ _RESPONSE = ConfigDict(extra="ignore")
 
 TokenId = Annotated[int, Field(ge=0)]
 LogProb = Annotated[float, Field(le=0.0)]
-# The LoRA and training fields take their bounds, patterns and defaults from the CRD (``limits``).
-ModuleName = Annotated[str, limits.item_field(LORA["target_modules"])]
-TemplateName = Annotated[str, limits.one_of(TRAINING["teacher_template"])]
-TeacherKind = Annotated[str, limits.one_of(TRAINING["teacher"])]
 
 
-class Lora(BaseModel):
-    """The LoRA shape of an adapter; fixed once the adapter exists."""
-
-    model_config = _REQUEST
-
-    rank: int = limits.field(LORA["rank"])
-    alpha: float = limits.field(LORA["alpha"])
-    dropout: float = limits.field(LORA["dropout"])
-    target_modules: Annotated[list[ModuleName], AfterValidator(limits.unique)] = limits.field(
-        LORA["target_modules"]
-    )
-
-
-class Training(BaseModel):
-    """SDPO step settings; every field is optional and falls back to the adapter's defaults."""
-
-    model_config = _REQUEST
-
-    learning_rate: float | None = limits.field(TRAINING["learning_rate"], None)
-    alpha: float | None = limits.field(TRAINING["alpha"], None)
-    is_clip: float | None = limits.field(TRAINING["is_clip"], None)
-    max_grad_norm: float | None = limits.field(TRAINING["max_grad_norm"], None)
-    kl_reg_weight: float | None = limits.field(TRAINING["kl_reg_weight"], None)
-    is_floor: float | None = limits.field(TRAINING["is_floor"], None)
-    teacher_top_k: int | None = limits.field(TRAINING["teacher_top_k"], None)
-    teacher: TeacherKind | None = limits.field(TRAINING["teacher"], None)
-    teacher_ema_rate: float | None = limits.field(TRAINING["teacher_ema_rate"], None)
-    teacher_template: TemplateName | None = limits.field(TRAINING["teacher_template"], None)
-    teacher_custom_template: str | None = limits.field(TRAINING["teacher_custom_template"], None)
-
-
-class CacheOptions(BaseModel):
-    """How the CPU cache treats this adapter (the LoraAdapter's ``spec.cache``)."""
-
-    model_config = _REQUEST
-
-    pinned: bool = Field(False, description="never evicted to make room (LRU)")
-
-
-ServedName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
-
-
-class AdapterServing(BaseModel):
+class PublishAs(BaseModel):
     model_config = _REQUEST
 
     name: ServedName = Field(description="the adapter's model name on the inference servers")
@@ -101,7 +50,7 @@ class InitRequest(BaseModel):
     )
     training: Training | None = Field(None, description="the adapter's default training settings")
     cache: CacheOptions | None = None
-    serving: AdapterServing | None = Field(
+    serving: PublishAs | None = Field(
         None, description="publish the adapter's versions to the pool's inference servers under this name"
     )
 
@@ -151,30 +100,11 @@ class AdapterState(BaseModel):
     cached: bool
     cache_bytes: int
     artifact: str = Field(description=ARTIFACT)
-    served_name: str | None = Field(None, description="its name on the inference servers, if published")
+    # Required though nullable: a reader must never take a field left out for "not published".
+    served_name: str | None = Field(description="its name on the inference servers; null: not published")
     served: list[ServedVersion] = Field(
-        default_factory=list, description="per inference server: the version it serves and its last error"
+        description="per inference server: the version it serves and its last error"
     )
-
-    @classmethod
-    def of(cls, state: results.AdapterState) -> AdapterState:
-        lora = state.lora
-        return cls(
-            namespace=state.adapter.namespace,
-            name=state.adapter.name,
-            version=state.version,
-            epoch=state.epoch,
-            lora=Lora(
-                rank=lora.rank,
-                alpha=lora.alpha,
-                dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-            ),
-            cached=state.cached,
-            cache_bytes=state.cache_bytes,
-            artifact=state.artifact,
-            served_name=None,
-        )
 
 
 class StepTiming(BaseModel):
@@ -241,14 +171,20 @@ class ServingState(BaseModel):
 
 
 class Unpublished(BaseModel):
+    model_config = _RESPONSE
+
     servers: dict[str, str] = Field(description='server -> "unloaded", "absent" or the error')
 
 
 class Evicted(BaseModel):
+    model_config = _RESPONSE
+
     evicted: bool
 
 
 class Deleted(BaseModel):
+    model_config = _RESPONSE
+
     deleted: bool
 
 
@@ -267,17 +203,6 @@ class CacheState(BaseModel):
     capacity_bytes: int
     used_bytes: int
     entries: list[CacheEntry]
-
-    @classmethod
-    def of(cls, info: CacheInfo) -> CacheState:
-        return cls(
-            capacity_bytes=info.capacity_bytes,
-            used_bytes=info.used_bytes,
-            entries=[
-                CacheEntry(adapter=e["adapter"], bytes=e["bytes"], pinned=e["pinned"], version=e["version"])
-                for e in info.entries
-            ],
-        )
 
 
 class Message(BaseModel):
@@ -342,11 +267,6 @@ class GenerateTiming(BaseModel):
     total: float = Field(description="ms from acceptance to result (queue included)")
 
 
-def cache_label(hit: bool | None) -> Literal["hit", "miss"] | None:
-    """Where the answering version came from: the CPU cache, storage, or (None) the bare base."""
-    return None if hit is None else "hit" if hit else "miss"
-
-
 class GenerateResponse(BaseModel):
     model_config = _RESPONSE
 
@@ -364,41 +284,6 @@ class GenerateResponse(BaseModel):
     seed: int
     timing_ms: GenerateTiming
     sample: SampleDraft
-
-    @classmethod
-    def of(
-        cls,
-        adapter: AdapterId | None,
-        gen: results.Generation,
-        user_prompt: str | None,
-        system_prompt: str,
-        timing: GenerateTiming,
-    ) -> GenerateResponse:
-        return cls(
-            adapter=str(adapter) if adapter is not None else None,
-            version=gen.version,
-            cache=cache_label(gen.cache_hit),
-            text=gen.text,
-            token_ids=gen.token_ids,
-            logprobs=gen.logprobs,
-            prompt_token_ids=gen.prompt_token_ids,
-            finish_reason=gen.finish_reason,
-            seed=gen.seed,
-            timing_ms=timing,
-            sample=cls.draft(gen, user_prompt, system_prompt),
-        )
-
-    @staticmethod
-    def draft(gen: results.Generation, user_prompt: str | None, system_prompt: str) -> SampleDraft:
-        return SampleDraft(
-            prompt=gen.prompt_text,
-            response=gen.text,
-            prompt_token_ids=gen.prompt_token_ids,
-            response_token_ids=gen.token_ids,
-            response_logprobs=gen.logprobs,
-            user_prompt=user_prompt,
-            system_prompt=system_prompt,
-        )
 
 
 class RolloutsRequest(BaseModel):
@@ -501,29 +386,21 @@ class TeacherResponse(BaseModel):
     student_text: str = Field(description="the student's greedy answer, without the feedback")
     positions: list[PositionOut] = Field(description="the first tokens of the teacher's answer")
 
-    @classmethod
-    def of(cls, adapter: AdapterId | None, preview: results.TeacherPreview) -> TeacherResponse:
-        def top(t: results.TopToken) -> TopTokenOut:
-            return TopTokenOut(id=t.id, text=t.text, prob=t.prob)
-
-        return cls(
-            adapter=str(adapter) if adapter is not None else None,
-            version=preview.version,
-            template=preview.template,
-            teacher_prompt=preview.teacher_prompt,
-            teacher_text=preview.teacher_text,
-            student_text=preview.student_text,
-            positions=[
-                PositionOut(
-                    token=top(p.token),
-                    student_prob=p.student_prob,
-                    teacher=[top(t) for t in p.teacher],
-                    student=[top(t) for t in p.student],
-                )
-                for p in preview.positions
-            ],
-        )
-
 
 class Error(BaseModel):
+    """Every error answer: what was wrong and, where one field was, which (``lora.rank``,
+    ``samples[2].feedback``, ``epoch``), so a client can act on it without parsing the text."""
+
+    model_config = _RESPONSE
+
     error: str = Field(description="what was wrong, naming the field")
+    field: str | None = Field(None, description="the request field at fault, if one is")
+
+
+def init_request(spec: AdapterSpec, epoch: int, name: str | None = None) -> InitRequest:
+    """The init body for a LoraAdapter's spec: its LoRA shape, the training fields it sets (the
+    trainer's defaults, the CRD's, fill the rest), its cache pinning and (given the adapter's
+    ``name``) the name its versions are published under."""
+    training = spec.training if spec.training.given() else None
+    serving = PublishAs(name=spec.served_name(name)) if name is not None else None
+    return InitRequest(lora=spec.lora, epoch=epoch, training=training, cache=spec.cache, serving=serving)
