@@ -2,24 +2,39 @@
 
 The stand-in keeps what is loaded by name and path, as vLLM does, and can be told to refuse loads,
 to stop answering, to forget everything (a restart), or to hold a load until the test releases it.
-The end-to-end test with a real vLLM is tests/serving/test_serving_loop.py.
+The last tests drive the trainer service (with a stand-in engine) to check that what
+``PUT /v1/serving`` and init say reaches the publisher. The end-to-end test with a real vLLM is
+tests/serving/test_serving_loop.py.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, cast
 
 import pytest
 
+from lorafleet_api import wire
 from lorafleet_local.polling import eventually
+from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.errors import AdapterNotFound
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.publishing import Publisher, PublishObserver, Server
+from lorafleet_trainer.results import AdapterState, EngineStats, InitResult
+from lorafleet_trainer.serving import Engine, TrainerService
 
 ALICE = AdapterId("team-a", "alice")
+BOB = AdapterId("team-a", "bob")
+STORE = "/store"  # the trainer's own store root
+
+
+def artifact(adapter: AdapterId, version: int) -> str:
+    """A version's directory relative to the store, as storage names it."""
+    return f"{adapter.namespace}/.{adapter.name}.v{version:08d}"
 
 
 class StandIn:
@@ -117,13 +132,13 @@ def seen() -> Seen:
 
 @pytest.fixture
 def publisher(seen: Seen) -> Iterator[Publisher]:
-    pub = Publisher(seen.observer(), resync_seconds=0.1)
+    pub = Publisher(seen.observer(), store_root=STORE, resync_seconds=0.1)
     yield pub
     pub.close()
 
 
-def _served(publisher: Publisher, version: int) -> bool:
-    states = publisher.state(ALICE)
+def _served(publisher: Publisher, version: int, adapter: AdapterId = ALICE) -> bool:
+    states = publisher.state(adapter)
     assert states and all(s["version"] == version and s["error"] is None for s in states), states
     return True
 
@@ -132,9 +147,9 @@ def test_each_commit_is_loaded_and_the_next_one_in_place(
     publisher: Publisher, server: StandIn, seen: Seen
 ) -> None:
     publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.own(ALICE, "alice", 0, "/store/team-a/.alice.v00000000")
+    publisher.own(ALICE, "alice", 0, artifact(ALICE, 0))
     eventually("version 0 served", lambda: _served(publisher, 0), timeout=10, interval=0.02)
-    publisher.committed(ALICE, 1, "/store/team-a/.alice.v00000001")
+    publisher.committed(ALICE, 1, artifact(ALICE, 1))
     eventually("version 1 served", lambda: _served(publisher, 1), timeout=10, interval=0.02)
     assert server.loaded == {"alice": "/store/team-a/.alice.v00000001"}
     first, second = server.loads()
@@ -147,7 +162,7 @@ def test_commits_of_an_adapter_this_pod_does_not_own_are_not_published(
     publisher: Publisher, server: StandIn
 ) -> None:
     publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.committed(ALICE, 1, "/store/x")
+    publisher.committed(ALICE, 1, artifact(ALICE, 1))
     assert publisher.state(ALICE) == []
     assert publisher.served_name(ALICE) is None
 
@@ -156,7 +171,7 @@ def _park_a_load(publisher: Publisher, server: StandIn) -> threading.Event:
     """alice version 1 owned and its load held by the server until the returned gate is set."""
     gate = server.gate = threading.Event()
     publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.own(ALICE, "alice", 1, "/v1")
+    publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
     assert server.loading.wait(10)
     return gate
 
@@ -167,20 +182,21 @@ def test_versions_committed_during_a_load_coalesce_into_the_newest(
     gate = _park_a_load(publisher, server)
     assert publisher.held_versions(ALICE) == {1}  # storage keeps version 1 while it loads
     for version in (2, 3, 4):
-        publisher.committed(ALICE, version, f"/v{version}")
+        publisher.committed(ALICE, version, artifact(ALICE, version))
     gate.set()
     eventually("version 4 served", lambda: _served(publisher, 4), timeout=10, interval=0.02)
-    assert [b["lora_path"] for b in server.loads()] == ["/v1", "/v4"]
+    assert [b["lora_path"] for b in server.loads()] == [f"{STORE}/{artifact(ALICE, v)}" for v in (1, 4)]
     assert publisher.held_versions(ALICE) == set()
 
 
 def test_a_restarted_server_gets_the_adapter_again(publisher: Publisher, server: StandIn) -> None:
     publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.own(ALICE, "alice", 2, "/v2")
+    publisher.own(ALICE, "alice", 2, artifact(ALICE, 2))
     eventually("served", lambda: _served(publisher, 2), timeout=10, interval=0.02)
     with server.lock:
         server.loaded.clear()  # what a restarted server lists
-    eventually("loaded again", lambda: server.loaded == {"alice": "/v2"}, timeout=10, interval=0.02)
+    again = {"alice": f"{STORE}/{artifact(ALICE, 2)}"}
+    eventually("loaded again", lambda: server.loaded == again, timeout=10, interval=0.02)
     assert len(server.loads()) == 2
 
 
@@ -189,7 +205,7 @@ def test_a_refused_load_is_reported_and_retried_until_it_succeeds(
 ) -> None:
     server.refuse = "LoRA rank 32 is greater than max_lora_rank 16"
     publisher.set_servers([Server("vllm-0", server.url)])
-    publisher.own(ALICE, "alice", 1, "/v1")
+    publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
 
     def refused() -> bool:
         (state,) = publisher.state(ALICE)
@@ -208,7 +224,7 @@ def test_an_unreachable_server_is_reported_and_served_once_back(publisher: Publi
     url = gone.url
     gone.stop()
     publisher.set_servers([Server("vllm-0", url)])
-    publisher.own(ALICE, "alice", 1, "/v1")
+    publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
 
     def unreachable() -> bool:
         (state,) = publisher.state(ALICE)
@@ -225,7 +241,7 @@ def test_disowning_unloads_from_every_server_and_says_so(publisher: Publisher, s
     other = StandIn()
     try:
         publisher.set_servers([Server("vllm-0", server.url), Server("vllm-1", other.url)])
-        publisher.own(ALICE, "alice", 1, "/v1")
+        publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
         eventually(
             "served on both", lambda: _served(publisher, 1) and len(publisher.state(ALICE)) == 2, timeout=10
         )
@@ -250,3 +266,191 @@ def test_dropping_a_server_does_not_wait_for_its_load_in_flight(
     assert not server.answered.is_set() and publisher.servers == []
     assert publisher.state(ALICE) == []
     gate.set()
+
+
+# ---- the adapter root: where the servers mount the store ---------------------------------------
+
+
+def _loaded_from(server: StandIn, root: str, *adapters: AdapterId, version: int) -> bool:
+    with server.lock:
+        loaded = dict(server.loaded)
+    assert loaded == {a.name: f"{root}/{artifact(a, version)}" for a in adapters}, loaded
+    return True
+
+
+def test_a_new_adapter_root_loads_every_owned_adapter_again_without_a_commit(
+    server: StandIn, seen: Seen
+) -> None:
+    # Passes only when woken: the root change itself must start the next one.
+    publisher = Publisher(seen.observer(), store_root=STORE, resync_seconds=60)
+    try:
+        publisher.set_adapter_root("/mnt/a")
+        publisher.set_servers([Server("vllm-0", server.url)])
+        for adapter in (ALICE, BOB):
+            publisher.own(adapter, adapter.name, 1, artifact(adapter, 1))
+        eventually(
+            "both served from /mnt/a",
+            lambda: _served(publisher, 1, ALICE) and _served(publisher, 1, BOB),
+            timeout=10,
+            interval=0.02,
+        )
+        _loaded_from(server, "/mnt/a", ALICE, BOB, version=1)
+        loads_before, published_before = len(server.loads()), len(seen.published)
+
+        gate = server.gate = threading.Event()
+        server.loading.clear()
+        publisher.set_adapter_root("/mnt/b")
+        assert publisher.adapter_root == "/mnt/b"
+        assert server.loading.wait(10)
+        # While it loads again the server still answers with version 1: nothing is behind.
+        assert publisher.lag() == (0, 0.0)
+        assert _served(publisher, 1, ALICE) and _served(publisher, 1, BOB)
+        gate.set()
+
+        eventually(
+            "both loaded again from /mnt/b",
+            lambda: _loaded_from(server, "/mnt/b", ALICE, BOB, version=1),
+            timeout=10,
+            interval=0.02,
+        )
+        again = server.loads()[loads_before:]
+        assert sorted(b["lora_path"] for b in again) == [f"/mnt/b/{artifact(a, 1)}" for a in (ALICE, BOB)]
+        assert all(b["load_inplace"] is True for b in again)
+        assert publisher.wanted()[ALICE].version == 1  # no commit made it happen
+        assert len(seen.published) == published_before  # the same versions: not published anew
+        assert publisher.lag() == (0, 0.0) and not seen.failed
+    finally:
+        publisher.close()
+
+
+def test_without_an_adapter_root_the_servers_load_from_the_store_root_again(
+    publisher: Publisher, server: StandIn
+) -> None:
+    publisher.set_adapter_root("/mnt/b")
+    publisher.set_servers([Server("vllm-0", server.url)])
+    publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
+    eventually(
+        "served from /mnt/b",
+        lambda: _loaded_from(server, "/mnt/b", ALICE, version=1),
+        timeout=10,
+        interval=0.02,
+    )
+    publisher.set_adapter_root(None)
+    assert publisher.adapter_root == STORE
+    eventually(
+        "loaded again from the store root",
+        lambda: _loaded_from(server, STORE, ALICE, version=1),
+        timeout=10,
+        interval=0.02,
+    )
+    paths = [b["lora_path"] for b in server.loads()]
+    assert paths == [f"/mnt/b/{artifact(ALICE, 1)}", f"{STORE}/{artifact(ALICE, 1)}"]
+
+
+def test_an_adapter_owned_before_the_servers_are_known_loads_from_the_root_named_with_them(
+    publisher: Publisher, server: StandIn
+) -> None:
+    publisher.own(ALICE, "alice", 0, artifact(ALICE, 0))  # init lands before any PUT /v1/serving
+    publisher.set_adapter_root("/mnt/b")
+    publisher.set_servers([Server("vllm-0", server.url)])
+    eventually("served", lambda: _served(publisher, 0), timeout=10, interval=0.02)
+    assert [b["lora_path"] for b in server.loads()] == [f"/mnt/b/{artifact(ALICE, 0)}"]
+
+
+# ---- the trainer service hands the publisher what init and PUT /v1/serving say ------------------
+
+
+class StoreEngine:
+    """Stands in for the engine in what init and PUT /v1/serving call; init leaves version 0."""
+
+    ready = True
+    store_root = PurePosixPath(STORE)
+
+    def __init__(self) -> None:
+        self.states: dict[AdapterId, AdapterState] = {}
+
+    def load(self) -> None:
+        pass
+
+    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def init_adapter(
+        self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None
+    ) -> InitResult:
+        state = AdapterState(
+            adapter=adapter,
+            version=0,
+            epoch=epoch,
+            lora=lora,
+            training=training or TrainingSpec(),
+            cached=False,
+            cache_bytes=0,
+            artifact=artifact(adapter, 0),
+        )
+        self.states[adapter] = state
+        return InitResult(created=True, state=state)
+
+    def get_adapter(self, adapter: AdapterId) -> AdapterState:
+        if adapter not in self.states:
+            raise AdapterNotFound(f"{adapter} does not exist")
+        return self.states[adapter]
+
+
+@pytest.fixture
+def service() -> Iterator[TrainerService]:
+    engine = cast(Engine, StoreEngine())  # it has only what init and PUT /v1/serving call
+    svc = TrainerService(engine, max_queue=4, default_training=TrainingSpec())
+    svc.queue.start()
+    yield svc
+    svc.stop(timeout=10)
+
+
+def _serving_put(server: StandIn, **root: str) -> wire.ServingRequest:
+    return wire.ServingRequest.model_validate(
+        {
+            "servers": [{"name": "vllm-0", "url": server.url}],
+            "adapters": [{"namespace": "team-a", "name": "alice", "served_name": "alice"}],
+            **root,
+        }
+    )
+
+
+async def _init_alice(service: TrainerService) -> None:
+    init = wire.InitRequest.model_validate({"lora": {"rank": 8}, "serving": {"name": "alice"}})
+    await service.init(ALICE, init)
+
+
+async def test_an_init_before_the_first_serving_put_loads_from_the_root_that_put_names(
+    service: TrainerService, server: StandIn
+) -> None:
+    await _init_alice(service)  # no servers known yet: nothing is loaded
+    assert service.serving().adapter_root == STORE
+    assert service.set_serving(_serving_put(server, adapter_root="/mnt/b")).adapter_root == "/mnt/b"
+    eventually("served from /mnt/b", lambda: _served(service.publisher, 0), timeout=10, interval=0.02)
+    assert [b["lora_path"] for b in server.loads()] == [f"/mnt/b/{artifact(ALICE, 0)}"]
+
+
+async def test_a_serving_put_without_an_adapter_root_goes_back_to_the_store_root(
+    service: TrainerService, server: StandIn
+) -> None:
+    await _init_alice(service)
+    service.set_serving(_serving_put(server, adapter_root="/mnt/b"))
+    eventually(
+        "served from /mnt/b",
+        lambda: _loaded_from(server, "/mnt/b", ALICE, version=0),
+        timeout=10,
+        interval=0.02,
+    )
+    assert service.set_serving(_serving_put(server)).adapter_root == STORE
+    assert service.serving().adapter_root == STORE
+    eventually(
+        "loaded again from the store root",
+        lambda: _loaded_from(server, STORE, ALICE, version=0),
+        timeout=10,
+        interval=0.02,
+    )
+    assert service.serving().lag_versions == 0

@@ -5,12 +5,17 @@ The operator tells a trainer pod which servers its pool has and which adapters t
 keeps every server serving the newest committed version of every owned adapter, beside the step
 path: a step only records its new version and wakes the server workers, it never waits for them.
 
+The publisher owns the served path: it keeps each version's artifact relative to the store and
+the adapter root the servers mount the store at (``PUT /v1/serving``'s ``adapter_root``, else the
+trainer's own store root), and joins the two only when a worker compares or loads.
+
 One :class:`ServerWorker` thread per server reconciles by looking, not by remembering: each pass
 reads the server's loaded adapters (``GET /v1/models``, where vLLM lists each adapter with the path
 it was loaded from) and loads whatever is missing or at another path (``/v1/load_lora_adapter``,
 in place when the name is already loaded). A restarted server lists nothing, so it gets every
-adapter again at its next pass; versions that commit while a load runs coalesce into the next
-pass, which loads only the newest. Failures are retried with exponential backoff, per server when
+adapter again at its next pass; a new adapter root makes every path another one, so each adapter
+is loaded again from there; versions that commit while a load runs coalesce into the next pass,
+which loads only the newest. Failures are retried with exponential backoff, per server when
 it cannot be reached and per adapter when it refuses one; each is counted by reason and kept as
 the adapter's last error on that server, which the adapter's state reports to the operator.
 """
@@ -67,7 +72,7 @@ class Wanted:
 
     served_name: str
     version: int
-    path: str  # the version's artifact as the servers see it
+    artifact: str  # the version's directory relative to the store (storage.artifact)
     committed_at: float  # time.monotonic() of the commit (publish latency counts from it)
 
 
@@ -151,13 +156,20 @@ class PublishObserver:
     failed: Callable[[str], None] = lambda reason: None
 
 
+def served_path(root: str, artifact: str) -> str:
+    """Where a server that mounts the store at ``root`` finds ``artifact``."""
+    return f"{root.rstrip('/')}/{artifact}"
+
+
 class Publisher:
-    """The adapters this pod owns, the servers of its pool, and one worker per server."""
+    """The adapters this pod owns, where the servers find them, the servers of its pool, and one
+    worker per server."""
 
     def __init__(
         self,
         observer: PublishObserver | None = None,
         *,
+        store_root: str,
         client: Callable[[str], ServerClient] = ServerClient,
         resync_seconds: float = RESYNC_SECONDS,
         hold: Callable[[], None] | None = None,
@@ -167,6 +179,8 @@ class Publisher:
         self._client = client
         self.resync_seconds = resync_seconds
         self._lock = threading.Lock()
+        self._store_root = store_root  # the servers' root unless the operator names another
+        self._adapter_root = store_root
         self._wanted: dict[AdapterId, Wanted] = {}
         self._names: dict[AdapterId, str] = {}  # served names of owned adapters, even before a version
         self._workers: dict[Server, ServerWorker] = {}
@@ -175,24 +189,40 @@ class Publisher:
 
     # ---- what the rest of the trainer tells it ------------------------------------------------
 
-    def own(self, adapter: AdapterId, served_name: str, version: int, path: str) -> None:
-        """This pod owns ``adapter`` (init, or the operator's list): serve ``version`` at ``path``."""
+    def own(self, adapter: AdapterId, served_name: str, version: int, artifact: str) -> None:
+        """This pod owns ``adapter`` (init, or the operator's list): serve ``version``, whose
+        directory in the store is ``artifact``."""
         with self._lock:
             self._names[adapter] = served_name
             current = self._wanted.get(adapter)
-            if current is not None and current.version >= version and current.served_name == served_name:
-                return
-            self._wanted[adapter] = Wanted(served_name, version, path, time.monotonic())
+            if (
+                current is not None
+                and current.served_name == served_name
+                and (
+                    current.version > version or (current.version == version and current.artifact == artifact)
+                )
+            ):
+                return  # wanted already, or a newer commit is
+            self._wanted[adapter] = Wanted(served_name, version, artifact, time.monotonic())
         self._wake()
 
-    def committed(self, adapter: AdapterId, version: int, path: str) -> None:
+    def committed(self, adapter: AdapterId, version: int, artifact: str) -> None:
         """A step committed ``version`` of an owned adapter; returns at once (workers load it)."""
         with self._lock:
             name = self._names.get(adapter)
             if name is None:
                 return  # not owned here: no serving configured for it
-            self._wanted[adapter] = Wanted(name, version, path, time.monotonic())
+            self._wanted[adapter] = Wanted(name, version, artifact, time.monotonic())
         self._wake()
+
+    def set_adapter_root(self, root: str | None) -> None:
+        """Where the servers mount the store from now on (None: where this trainer keeps it).
+        A new root reaches every server at its next pass: each owned adapter is loaded again."""
+        with self._lock:
+            root = self._store_root if root is None else root
+            changed, self._adapter_root = root != self._adapter_root, root
+        if changed:
+            self._wake()
 
     def disown(self, adapter: AdapterId, wait: float = UNLOAD_WAIT_SECONDS) -> dict[str, str]:
         """Stop serving ``adapter``: unload it from every server. Waits up to ``wait`` s and
@@ -236,6 +266,11 @@ class Publisher:
     # ---- what it reports ---------------------------------------------------------------------
 
     @property
+    def adapter_root(self) -> str:
+        with self._lock:
+            return self._adapter_root
+
+    @property
     def servers(self) -> list[Server]:
         with self._lock:
             return sorted(self._workers, key=lambda s: s.name)
@@ -255,7 +290,8 @@ class Publisher:
 
     def lag(self) -> tuple[int, float]:
         """(most versions any server is behind on any adapter, seconds the oldest unserved
-        commit has waited); (0, 0.0) when everything is served."""
+        commit has waited); (0, 0.0) when everything is served. A server loading a version again
+        from a new adapter root is not behind: it answers with that version meanwhile."""
         with self._lock:
             wanted = dict(self._wanted)
             workers = list(self._workers.values())
@@ -283,6 +319,11 @@ class Publisher:
     def current(self, adapter: AdapterId) -> Wanted | None:
         with self._lock:
             return self._wanted.get(adapter)
+
+    def path(self, want: Wanted) -> str:
+        """``want``'s artifact under the current adapter root: what a server should have loaded."""
+        with self._lock:
+            return served_path(self._adapter_root, want.artifact)
 
     @contextlib.contextmanager
     def loading(self, adapter: AdapterId, version: int) -> Iterator[None]:
@@ -388,7 +429,7 @@ class ServerWorker:
 
     def _publish(self, adapter: AdapterId, want: Wanted, loaded: Mapping[str, str]) -> None:
         have = loaded.get(want.served_name)
-        if have == want.path:
+        if have == self.publisher.path(want):
             self._record_served(adapter, want)
             return
         with self._lock:
@@ -401,8 +442,10 @@ class ServerWorker:
         want = self.publisher.current(adapter) or want
         with self.publisher.loading(adapter, want.version):
             self.publisher.hold_before_load()
+            # Joined at load time: a root that changed since the listing is the one loaded.
+            path = self.publisher.path(want)
             try:
-                self.client.load(want.served_name, want.path, inplace=have is not None)
+                self.client.load(want.served_name, path, inplace=have is not None)
             except PublishError as exc:
                 if self.publisher.current(adapter) is None:
                     return  # disowned meanwhile

@@ -1,8 +1,8 @@
 """The trainer service: the engine behind one step queue, its readiness, and its step metrics.
 
-Routes stay thin: they call this layer only, and it answers with the response models of
-``schemas``, built once from the engine's typed results. Writes and sampling go through the
-single-worker queue, so each adapter's requests keep their arrival order (a generate sees every
+Routes stay thin: they call this layer only, and it answers with the wire models of
+``lorafleet_api.wire``, built once from the engine's typed results (``responses``). Writes and
+sampling go through the single-worker queue, so each adapter's requests keep their arrival order (a generate sees every
 step posted before it); reads go straight to the engine from the thread pool so they never wait
 behind a long step. A distill or generate whose client disconnects while it still waits is
 cancelled: it either completes or never starts.
@@ -129,11 +129,13 @@ class TrainerService:
         self.max_generate_tokens = max_generate_tokens
         self.queue = StepQueue(max_queue)
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
-        self.publisher = publishing.Publisher(self.metrics.publish_observer(), hold=publish_hold)
+        # The servers find the store where this trainer keeps it unless the operator names another
+        # mount (PUT /v1/serving); the publisher keeps that root and joins it to each artifact.
+        self.publisher = publishing.Publisher(
+            self.metrics.publish_observer(), store_root=str(engine.store_root), hold=publish_hold
+        )
         self.metrics.watch_publishing(self.publisher)
         engine.hold_versions(self.publisher.held_versions)
-        # Where the pool's inference servers find the store; the operator may name another mount.
-        self.adapter_root = str(engine.store_root)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)
@@ -198,30 +200,28 @@ class TrainerService:
         answer.served = [wire.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
         return answer
 
-    def _served_path(self, artifact: str) -> str:
-        return f"{self.adapter_root.rstrip('/')}/{artifact}"
-
     def serving(self) -> wire.ServingState:
         versions, seconds = self.publisher.lag()
         return wire.ServingState(
             servers=[s.name for s in self.publisher.servers],
-            adapter_root=self.adapter_root,
+            adapter_root=self.publisher.adapter_root,
             lag_versions=versions,
             lag_seconds=seconds,
         )
 
     def set_serving(self, body: wire.ServingRequest) -> wire.ServingState:
-        """The operator's view of the pool's servers and this pod's adapters (idempotent)."""
+        """The operator's view of the pool's servers and this pod's adapters (idempotent); without
+        ``adapter_root`` the servers find the store where this trainer keeps it."""
         self.require_ready()
-        if body.adapter_root is not None:
-            self.adapter_root = body.adapter_root
+        # Before the servers: a worker that starts now loads from this root at its first pass.
+        self.publisher.set_adapter_root(body.adapter_root)
         for owned in body.adapters:
             adapter = AdapterId(owned.namespace, owned.name)
             try:
                 state = self.engine.get_adapter(adapter)
             except AdapterNotFound:
                 continue  # not initialised anywhere yet: its init names it
-            self.publisher.own(adapter, owned.served_name, state.version, self._served_path(state.artifact))
+            self.publisher.own(adapter, owned.served_name, state.version, state.artifact)
         self.publisher.set_servers([publishing.Server(s.name, s.url) for s in body.servers])
         return self.serving()
 
@@ -267,8 +267,7 @@ class TrainerService:
 
         result = await self.write(run)
         if body.serving is not None:
-            path = self._served_path(result.state.artifact)
-            self.publisher.own(adapter, body.serving.name, result.state.version, path)
+            self.publisher.own(adapter, body.serving.name, result.state.version, result.state.artifact)
         return self._state(result.state), result.created
 
     async def distill(
@@ -285,7 +284,7 @@ class TrainerService:
             def step() -> StepResult:
                 done = self.engine.distill(adapter, samples, training)
                 # On the worker, right after the commit: the servers start loading it now.
-                self.publisher.committed(adapter, done.version, self._served_path(done.artifact))
+                self.publisher.committed(adapter, done.version, done.artifact)
                 return done
 
             job = self.queue.submit(step)
