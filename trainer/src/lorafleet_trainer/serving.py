@@ -2,10 +2,10 @@
 
 Routes stay thin: they call this layer only, and it answers with the wire models of
 ``lorafleet_api.wire``, built once from the engine's typed results (``responses``). Writes and
-sampling go through the single-worker queue, so each adapter's requests keep their arrival order (a generate sees every
-step posted before it); reads go straight to the engine from the thread pool so they never wait
-behind a long step. A distill or generate whose client disconnects while it still waits is
-cancelled: it either completes or never starts.
+sampling go through the single-worker queue, so each adapter's requests keep their arrival order
+(a generate sees every step posted before it); reads go straight to the engine from the thread
+pool so they never wait behind a long step. A distill or generate whose client disconnects while
+it still waits is cancelled: it either completes or never starts.
 """
 
 from __future__ import annotations
