@@ -273,13 +273,13 @@ class Kubelet:
 
     def __init__(self, cluster: kmock.KubernetesEmulator) -> None:
         self.cluster = cluster
-        self.held: set[str] = set()  # pod names that stay not Ready
+        self.unready: set[str] = set()  # pod names that stay not Ready
         self.seen: dict[str, str] = {}  # pod name -> uid it was given
 
     async def run(self) -> None:
         while True:
             for (resource, namespace, name), obj in list(self.cluster.objects.items()):
-                if str(resource) != str(kmock.resource(PODS)) or obj.deleted or name in self.held:
+                if str(resource) != str(kmock.resource(PODS)) or obj.deleted or name in self.unready:
                     continue
                 meta = obj.get("metadata", {})
                 if meta.get("uid") and (obj.get("status") or {}).get("podIP"):

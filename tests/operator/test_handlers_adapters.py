@@ -135,7 +135,7 @@ async def test_deleting_a_pod_replaces_its_adapters_with_epoch_two(
     stayed = sorted(n for n in names if found[n]["pod"] == "demo-1")
     assert len(moved) == 2 and len(stayed) == 2
 
-    kubelet.held.add("demo-0")  # the replacement pod does not become Ready in this test
+    kubelet.unready.add("demo-0")  # the replacement pod does not become Ready in this test
     await delete(cluster, PODS, "demo-0")
     found = await eventually(
         lambda: (
@@ -159,7 +159,7 @@ async def test_deleting_a_pod_replaces_its_adapters_with_epoch_two(
 async def test_no_ready_pod_leaves_adapter_pending_until_one_is_ready(
     cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
 ) -> None:
-    kubelet.held.add("demo-0")
+    kubelet.unready.add("demo-0")
     await create(cluster, POOLS, pool_manifest("demo", replicas=1))
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
     status = await eventually(lambda: in_phase(cluster, "alice", "Pending"), what="Pending")
@@ -167,7 +167,7 @@ async def test_no_ready_pod_leaves_adapter_pending_until_one_is_ready(
     assert (placed["status"], placed["reason"]) == ("False", "NoReadyPod")
     assert "no Ready pod" in placed["message"]
     assert trainers.inits("alice") == []
-    kubelet.held.discard("demo-0")
+    kubelet.unready.discard("demo-0")
     status = await eventually(lambda: all_ready(cluster, ["alice"]), what="placed once a pod is Ready")
     assert status["alice"]["pod"] == "demo-0" and status["alice"]["epoch"] == 1
 
@@ -217,7 +217,7 @@ async def test_delete_with_the_pod_gone_releases_at_once(
     await create(cluster, ADAPTERS, adapter_manifest("alice"))
     await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready")
     # Stop the operator's view of the pod: it is deleted and its replacement never becomes Ready.
-    kubelet.held.add("demo-0")
+    kubelet.unready.add("demo-0")
     await patch(cluster, POOLS, "demo", {"spec": {"replicas": 0}})
     await eventually(lambda: "demo-0" not in live(cluster, PODS), what="pod gone")
     await delete(cluster, ADAPTERS, "alice")
@@ -385,7 +385,7 @@ async def test_a_pod_without_the_stored_weights_shows_the_loss(
     assert {c["type"]: c["reason"] for c in first["conditions"]}["WeightsStored"] == "Created"
     trainers.train(ip_of(int(first["pod"].rsplit("-", 1)[1])), "alice", version=5)
     await eventually(lambda: statuses(cluster)["alice"].get("version") == 5, what="version 5 polled")
-    kubelet.held.add(first["pod"])  # its replacement does not become Ready: alice moves
+    kubelet.unready.add(first["pod"])  # its replacement does not become Ready: alice moves
     await delete(cluster, PODS, first["pod"])
     moved = await eventually(
         lambda: (s := statuses(cluster)["alice"]) and s.get("epoch") == 2 and s["phase"] == "Ready" and s,

@@ -61,7 +61,7 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
     first_has, second_has = asyncio.Event(), asyncio.Event()
     duration = 1.0
     options: dict[str, Any] = {"namespace": "ops", "name": "lorafleet-operator", "duration": duration}
-    first = asyncio.create_task(leading.hold(first_api, identity="first", acquired=first_has, **options))
+    first = asyncio.create_task(leading.lead(first_api, identity="first", acquired=first_has, **options))
     await asyncio.wait_for(first_has.wait(), 5)
     lease = await first_api.get_lease("ops", "lorafleet-operator")
     assert lease is not None
@@ -76,7 +76,7 @@ async def test_two_replicas_one_leader_then_failover(cluster: kmock.KubernetesEm
         return looks[-1]
 
     second = asyncio.create_task(
-        leading.hold(second_api, identity="second", acquired=second_has, clock=second_clock, **options)
+        leading.lead(second_api, identity="second", acquired=second_has, clock=second_clock, **options)
     )
     # Wait until an attempt by the second has looked, and finished looking (the next one began),
     # at a moment the first's claim would have expired without its renewals.

@@ -180,13 +180,13 @@ def test_versions_committed_during_a_load_coalesce_into_the_newest(
     publisher: Publisher, server: StandIn
 ) -> None:
     gate = _park_a_load(publisher, server)
-    assert publisher.held_versions(ALICE) == {1}  # storage keeps version 1 while it loads
+    assert publisher.loading_versions(ALICE) == {1}  # storage keeps version 1 while it loads
     for version in (2, 3, 4):
         publisher.committed(ALICE, version, artifact(ALICE, version))
     gate.set()
     eventually("version 4 served", lambda: _served(publisher, 4), timeout=10, interval=0.02)
     assert [b["lora_path"] for b in server.loads()] == [f"{STORE}/{artifact(ALICE, v)}" for v in (1, 4)]
-    assert publisher.held_versions(ALICE) == set()
+    assert publisher.loading_versions(ALICE) == set()
 
 
 def test_a_restarted_server_gets_the_adapter_again(publisher: Publisher, server: StandIn) -> None:
@@ -372,7 +372,7 @@ class StoreEngine:
     def load(self) -> None:
         pass
 
-    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None:
+    def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None:
         pass
 
     def stats(self) -> EngineStats:

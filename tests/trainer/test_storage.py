@@ -177,7 +177,7 @@ def test_the_last_k_versions_stay_whole_and_loadable_by_path(tmp_path: Path) -> 
 def test_a_version_being_loaded_by_a_server_outlives_keep_versions_until_released(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path, keep_versions=1)
     held: set[int] = set()
-    store.held = lambda adapter: held if adapter == A else set()
+    store.pinned = lambda adapter: held if adapter == A else set()
     store.write(_meta(0), _tensors(0.0, 0), CONFIG)
     held.add(0)  # a server is loading version 0
     store.write(_meta(1), _tensors(1.0, 1))

@@ -45,7 +45,7 @@ async def run(config: settings.OperatorSettings, token: str | None) -> bool:
                 identity = lease_identity(os.environ.get("POD_NAME"))
                 acquired = asyncio.Event()
                 holder = asyncio.create_task(
-                    leading.hold(
+                    leading.lead(
                         api,
                         namespace=config.lease_namespace,
                         name=config.lease_name,

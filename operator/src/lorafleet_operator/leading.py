@@ -59,7 +59,7 @@ def claim(
     return body
 
 
-async def hold(
+async def lead(
     kube: KubeApi,
     *,
     namespace: str,

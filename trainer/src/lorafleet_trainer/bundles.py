@@ -119,7 +119,7 @@ class StateBundle:
     def label(self, adapter: AdapterId | None, version: int = -1, epoch: int = -1) -> None:
         self.adapter, self.version, self.epoch = adapter, version, epoch
 
-    def holds(self, adapter: AdapterId, version: int, epoch: int) -> bool:
+    def has(self, adapter: AdapterId, version: int, epoch: int) -> bool:
         return self.adapter == adapter and self.version == version and self.epoch == epoch
 
     # ---- views ----------------------------------------------------------------------------

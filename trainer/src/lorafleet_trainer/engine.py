@@ -211,7 +211,7 @@ class TrainerEngine:
 
     def _state(self, meta: AdapterMeta) -> AdapterState:
         entry = self.cache.peek(meta.adapter)
-        cached = entry is not None and entry.holds(meta.adapter, meta.version, meta.epoch)
+        cached = entry is not None and entry.has(meta.adapter, meta.version, meta.epoch)
         return AdapterState(
             adapter=meta.adapter,
             version=meta.version,
@@ -307,9 +307,9 @@ class TrainerEngine:
     def store_root(self) -> Path:
         return self.store.root
 
-    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None:
-        """Storage keeps the versions ``held`` names beyond ``keep_versions`` while it names them."""
-        self.store.held = held
+    def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None:
+        """Storage keeps the versions ``pinned`` names beyond ``keep_versions`` while it names them."""
+        self.store.pinned = pinned
 
     # ---- training --------------------------------------------------------------------------
     def _restore(self, adapter: AdapterId, meta: AdapterMeta, slot: LoraSlot) -> bool:
@@ -321,7 +321,7 @@ class TrainerEngine:
         becomes the cache entry.
         """
         entry = self.cache.get(adapter)
-        if entry is not None and entry.holds(adapter, meta.version, meta.epoch):
+        if entry is not None and entry.has(adapter, meta.version, meta.epoch):
             slot.restore(entry)
             return True
         if entry is not None:

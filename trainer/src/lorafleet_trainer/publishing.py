@@ -184,7 +184,7 @@ class Publisher:
         self._wanted: dict[AdapterId, Wanted] = {}
         self._names: dict[AdapterId, str] = {}  # served names of owned adapters, even before a version
         self._workers: dict[Server, ServerWorker] = {}
-        self._holds: dict[AdapterId, dict[int, int]] = {}
+        self._loading: dict[AdapterId, dict[int, int]] = {}
         self._closed = False
 
     # ---- what the rest of the trainer tells it ------------------------------------------------
@@ -305,10 +305,10 @@ class Publisher:
                     seconds = max(seconds, now - want.committed_at)
         return versions, seconds
 
-    def held_versions(self, adapter: AdapterId) -> set[int]:
+    def loading_versions(self, adapter: AdapterId) -> set[int]:
         """Versions a worker is loading right now: storage keeps their artifacts until it ends."""
         with self._lock:
-            return set(self._holds.get(adapter, {}))
+            return set(self._loading.get(adapter, {}))
 
     # ---- for the workers ---------------------------------------------------------------------
 
@@ -328,7 +328,7 @@ class Publisher:
     @contextlib.contextmanager
     def loading(self, adapter: AdapterId, version: int) -> Iterator[None]:
         with self._lock:
-            counts = self._holds.setdefault(adapter, {})
+            counts = self._loading.setdefault(adapter, {})
             counts[version] = counts.get(version, 0) + 1
         try:
             yield
@@ -338,7 +338,7 @@ class Publisher:
                 if not counts[version]:
                     del counts[version]
                 if not counts:
-                    self._holds.pop(adapter, None)
+                    self._loading.pop(adapter, None)
 
     def _wake(self) -> None:
         with self._lock:

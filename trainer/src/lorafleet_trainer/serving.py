@@ -92,7 +92,7 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
     @property
     def store_root(self) -> PathLike: ...
-    def hold_versions(self, held: Callable[[AdapterId], Collection[int]]) -> None: ...
+    def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None: ...
 
 
 class ClientGone(Exception):
@@ -135,7 +135,7 @@ class TrainerService:
             self.metrics.publish_observer(), store_root=str(engine.store_root), hold=publish_hold
         )
         self.metrics.watch_publishing(self.publisher)
-        engine.hold_versions(self.publisher.held_versions)
+        engine.pin_versions(self.publisher.loading_versions)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)

@@ -122,7 +122,7 @@ class LoraSlot:
     def restore(self, source: StateBundle, *, reuse: bool = True) -> bool:
         """Make the slot hold ``source``'s state; False when it already held exactly that version
         (and ``reuse`` allows trusting that)."""
-        held = source.adapter is not None and self.state.holds(source.adapter, source.version, source.epoch)
+        held = source.adapter is not None and self.state.has(source.adapter, source.version, source.epoch)
         if reuse and held:
             return False
         self.restores += 1

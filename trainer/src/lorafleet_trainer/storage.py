@@ -14,7 +14,7 @@ A new version is written aside in full, every file and the directory fsynced; th
 link and then the latest link are swapped by ``rename``, the parent fsynced after each. A crash at
 any point leaves the previous latest version whole; what it left half-done is swept later. Only
 once the new version is durable are versions older than the newest ``keep_versions`` removed, and
-never one that ``held`` names (a version an inference server is being moved onto right now).
+never one that ``pinned`` names (a version an inference server is being moved onto right now).
 A metadata-only change (a new epoch) writes a new directory for the same version, hard-linking its
 tensor files, and re-points that version's link, so an artifact path stays valid across it.
 DNS-1123 names never start with '.' or hold one, so the hidden entries cannot collide with an adapter.
@@ -135,7 +135,7 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_versions = keep_versions
         # The publisher's in-flight loads: their versions outlive keep_versions until they end.
-        self.held: Callable[[AdapterId], Collection[int]] = lambda adapter: ()
+        self.pinned: Callable[[AdapterId], Collection[int]] = lambda adapter: ()
         self._counter_lock = threading.Lock()
         self.read_bytes = 0
         self.written_bytes = 0
@@ -325,7 +325,7 @@ class AdapterStore:
             else:
                 links[int(m["version"])] = entry
         kept = sorted((v for v in links if v <= current_version), reverse=True)[: self.keep_versions]
-        kept += [v for v in self.held(adapter) if v in links and v not in kept]
+        kept += [v for v in self.pinned(adapter) if v in links and v not in kept]
         removed = 0
         for version, link in links.items():
             if version not in kept:
