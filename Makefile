@@ -77,7 +77,9 @@ lint: python-deps
 # tests/images runs them with podman, and the e2e scenario runs again on a real node (test-node).
 # The stages run one after another under scripts/stage_times.sh, which prints each one's wall time
 # as it ends and the table of all of them at the end (or when one fails): what a change cost, and
-# where CI's budget goes. pytest itself lists its slowest tests (--durations in pyproject.toml).
+# where CI's budget goes. pytest itself lists its slowest tests (--durations in pyproject.toml). In
+# the pytest stage the learning tests (CPU-bound, one thread, seeded) run in a pytest of their own
+# beside the main run, which spends much of its time waiting on servers (scripts/pytest_beside.sh).
 STAGE = @bash scripts/stage_times.sh $(STAMPS)/stage-times.tsv
 SUBMAKE = $(MAKE) --no-print-directory
 test:
@@ -86,7 +88,7 @@ test:
 	$(STAGE) run vllm $(SUBMAKE) vllm
 	$(STAGE) run images $(SUBMAKE) images
 	$(STAGE) run lint $(SUBMAKE) lint
-	$(STAGE) run pytest $(PY) -m pytest
+	$(STAGE) run pytest bash scripts/pytest_beside.sh $(PY)
 	$(STAGE) run "node run" env $(NODE_TESTS)
 	$(STAGE) summary
 

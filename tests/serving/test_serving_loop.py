@@ -2,7 +2,7 @@
 
 On the local control plane (or a real cluster), with the chart's operator: the example pool on the
 real instruct model, the example vLLM Deployment (vLLM's CPU build serving the same model) and
-adapters applied with kubectl. After each answered step of alice's French goal, vLLM lists alice at
+adapters applied with kubectl. After each answered step of alice's goal, vLLM lists alice at
 that version's artifact and its greedy answer through the name `alice` equals the trainer's own
 greedy answer for that version; the latency from the step's answer to vLLM serving it is kept as a
 figure (its bound, p95 within 5 s, is `make bench-publishing`'s: this test checks what is served,
@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 NS = "lorafleet-serving"
 VLLM_READY = "2400s"  # vLLM's first start on two busy cores took up to 17 minutes here
 RESYNC = 3  # the operator's status poll, seconds: statuses follow within a few seconds
+STEPS = 4  # steps of alice's goal, each served and compared
 WIDE_RANK = 32  # above the example server's --max-lora-rank 16
 
 
@@ -154,15 +155,18 @@ def one_sample(fleet: Fleet, url: str) -> dict[str, Any]:
 
 
 def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fleet, Server]) -> None:
+    """Steps of alice's goal (fresh rollouts, the goal's feedback): after each answered step vLLM
+    serves that version, and answers as the trainer does. Whether the versions learn the goal on
+    held-out questions is the learning test's (tests/trainer/service/test_learning.py, same goal
+    suite, same defaults); here what vLLM serves is checked against what the trainer trained."""
     fleet, server = loop
     url = fleet.adapter_url("alice")
     goal = goals.Goal.of("alice")
     suite = goal.suite
     question = suite.messages(suite.held_out[0].question)
     run = goals.GoalRun(goal)
-    run.checkpoints.append(goals.judge(fleet.call, url, goal, 0))
-    latencies, step_ms = [], []
-    for _ in range(goal.steps):
+    latencies, step_ms, answers = [], [], []
+    for _ in range(STEPS):
         answer = goals.step(fleet.call, url, run)
         latencies.append(_wait_served(server, "alice", answer["artifact"], timeout=60))
         step_ms.append(answer["timing_ms"]["total"])
@@ -174,7 +178,7 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
         assert served == own["text"], (
             f"version {answer['version']}: vLLM {served!r} != trainer {own['text']!r}"
         )
-    run.checkpoints.append(goals.judge(fleet.call, url, goal, goal.steps))
+        answers.append(served)
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
     fleet.figures.update(
@@ -183,12 +187,7 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
         publish_max_s=round(latencies[-1], 3),
         step_with_publishing_ms=round(statistics.mean(step_ms), 1),
     )
-    print(
-        f"\nalice before: {goals.describe(run.before)}\nalice after: {goals.describe(run.after)}"
-        f"\nalice's last answer from vLLM: {served!r}\npublish latencies: {latencies}"
-    )
-    # The served versions learnt: more held-out answers follow alice's goal than before.
-    assert run.after.follow > run.before.follow, (run.before.answers, run.after.answers)
+    print(f"\nalice's answers from vLLM, version by version: {answers}\npublish latencies: {latencies}")
 
     def served_everywhere() -> dict[str, Any]:
         condition = _served_condition(fleet, "alice")

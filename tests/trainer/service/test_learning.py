@@ -19,7 +19,7 @@ from tests.trainer.service import live
 
 from lorafleet_local import evaluating, goals, verifiers
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.learning]
 
 # Goal suite -> steps: where `make eval` with the defaults met the bar (brevity at step 10, no lists
 # at 15; README, "Learning"). The adapters are named as `make eval` names them, so they start from
