@@ -8,7 +8,7 @@ import datetime
 import pytest
 from tests.operator.harness import adapter_state
 
-from lorafleet_api import wire
+from lorafleet_api import selectors, wire
 from lorafleet_operator import outcomes, publishing
 from lorafleet_operator.outcomes import Polled, Publication
 
@@ -35,7 +35,7 @@ def test_a_selector_becomes_the_list_calls_string_form() -> None:
             {"key": "gpu", "operator": "Exists"},
         ],
     }
-    assert publishing.selector_string(selector) == "app=vllm,tier=serve,zone in (a,b),!canary,gpu"
+    assert selectors.selector_string(selector) == "app=vllm,tier=serve,zone in (a,b),!canary,gpu"
 
 
 @pytest.mark.parametrize(
@@ -47,8 +47,8 @@ def test_a_selector_becomes_the_list_calls_string_form() -> None:
     ],
 )
 def test_a_selector_that_cannot_select_is_refused_naming_why(selector: dict, named: str) -> None:
-    with pytest.raises(publishing.SelectorError, match=named):
-        publishing.selector_string(selector)
+    with pytest.raises(selectors.SelectorError, match=named):
+        selectors.selector_string(selector)
 
 
 def test_matching_follows_labels_and_expressions() -> None:
@@ -56,10 +56,10 @@ def test_matching_follows_labels_and_expressions() -> None:
         "matchLabels": {"app": "vllm"},
         "matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["c"]}],
     }
-    assert publishing.matches(selector, {"app": "vllm"})
-    assert publishing.matches(selector, {"app": "vllm", "zone": "a"})
-    assert not publishing.matches(selector, {"app": "vllm", "zone": "c"})
-    assert not publishing.matches(selector, {"app": "other"})
+    assert selectors.matches(selector, {"app": "vllm"})
+    assert selectors.matches(selector, {"app": "vllm", "zone": "a"})
+    assert not selectors.matches(selector, {"app": "vllm", "zone": "c"})
+    assert not selectors.matches(selector, {"app": "other"})
 
 
 def test_only_ready_servers_with_an_address_are_published_to() -> None:

@@ -15,56 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorafleet_api import adapters, pools, wire
+from lorafleet_api.selectors import SelectorError, matches, selector_string
 from lorafleet_operator import failures, names, placing, trainers
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-_OPERATORS = {"In": "in", "NotIn": "notin"}
-
-
-class SelectorError(ValueError):
-    """``spec.serving.selector`` cannot be turned into a label selector; the message says why."""
-
-
-def selector_string(selector: Mapping[str, Any]) -> str:
-    """A LabelSelector (matchLabels, matchExpressions) in the list call's string form."""
-    parts = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        if not key:
-            raise SelectorError("spec.serving.selector.matchExpressions: an expression has no key")
-        if op in _OPERATORS and values:
-            parts.append(f"{key} {_OPERATORS[op]} ({','.join(values)})")
-        elif op == "Exists":
-            parts.append(key)
-        elif op == "DoesNotExist":
-            parts.append(f"!{key}")
-        else:
-            raise SelectorError(
-                f"spec.serving.selector.matchExpressions[{key}]: operator {op!r} is not valid"
-            )
-    if not parts:
-        raise SelectorError("spec.serving.selector selects nothing: give matchLabels or matchExpressions")
-    return ",".join(parts)
-
-
-def matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    """Whether a pod with ``labels`` is selected (the same rules as the API server's)."""
-    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
-        return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        ok = {
-            "In": key in labels and labels[key] in values,
-            "NotIn": key not in labels or labels[key] not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-        }.get(op, False)
-        if not ok:
-            return False
-    return True
 
 
 def servers(pods: Sequence[Mapping[str, Any]], port: int) -> list[wire.ServerRef]:
