@@ -1,0 +1,132 @@
+"""CLaaS-shaped feedback through the gateway trains the adapter on its real trainer.
+
+A real ``lorafleet-trainer serve`` (builtin:tiny, auth on) and the gateway's app on a real HTTP
+server. CLaaS's documented bodies, verbatim, single and batch, become distill steps (the answers
+were never served through this gateway, so each is scored first, and the answer says so); bad
+input, unknown adapters and tokens of another namespace are refused by name and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from tests.gateway import live_gateway
+from tests.gateway.test_claas import BATCH, SINGLE
+from tests.trainer.service import live
+
+from lorafleet_gateway.directory import Adapter
+
+pytest.importorskip("lorafleet_trainer")
+
+TRAINER_TOKEN = "trainer-secret-1"
+TOKENS = {"tok-a": ["team-a"], "tok-b": ["team-b"]}
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[live.LiveTrainer]:
+    running = live.start_trainer(
+        tmp_path_factory.mktemp("trainer"), token=TRAINER_TOKEN, args=["--threads", "1"]
+    )
+    try:
+        for name in ("alice", "bob"):
+            put = running.client().put(f"/v1/adapters/team-a/{name}", json={"lora": {"rank": 4}, "epoch": 1})
+            assert put.status_code == 201, put.text
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(trainer: live.LiveTrainer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    files = tmp_path_factory.mktemp("gateway")
+    (files / "tokens.json").write_text(json.dumps(TOKENS))
+    (files / "trainer-token").write_text(TRAINER_TOKEN + "\n")
+    known = [
+        Adapter("team-a", "alice", "alice", trainer.base_url),
+        Adapter("team-a", "bob", "bob-v1", trainer.base_url),
+    ]
+    with live_gateway.serving(
+        known, tokens_file=files / "tokens.json", trainer_token_file=files / "trainer-token"
+    ) as (url, _):
+        yield url
+
+
+def version(trainer: live.LiveTrainer, name: str) -> int:
+    return int(trainer.client().get(f"/v1/adapters/team-a/{name}").json()["version"])
+
+
+def post(url: str, body: object, token: str | None = "tok-a") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{url}/v1/feedback", json=body, headers=headers, timeout=300)
+
+
+def test_claas_bodies_verbatim_become_steps(gateway: str, trainer: live.LiveTrainer) -> None:
+    before = version(trainer, "alice")
+    single = post(gateway, SINGLE)
+    assert single.status_code == 200, single.text
+    answer = single.json()
+    assert answer["status"] == "ok" and answer["lora_id"] == "team-a/alice"
+    assert answer["version"] == before + 1 == version(trainer, "alice")
+    assert answer["batch_size"] == 1 and answer["results"][0]["samples"] == [f"scored:{before}"]
+    assert set(answer["distill_result"]["metadata"]) >= {"distill_loss", "grad_norm"}
+    batch = post(gateway, BATCH)
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["version"] == before + 2 == version(trainer, "alice")  # one step, two samples
+    assert batch.json()["batch_size"] == 2
+
+
+def test_the_served_name_names_the_adapter_too(gateway: str, trainer: live.LiveTrainer) -> None:
+    before = version(trainer, "bob")
+    answer = post(gateway, {**SINGLE, "lora_id": "bob-v1", "training": {"learning_rate": 1e-4}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lora_id"] == "team-a/bob" and version(trainer, "bob") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "token", "status", "field"),
+    [
+        pytest.param(SINGLE, None, 401, "Authorization", id="no-token"),
+        pytest.param(SINGLE, "tok-x", 401, "Authorization", id="unknown-token"),
+        pytest.param(SINGLE, "tok-b", 403, "model", id="other-namespace"),
+        pytest.param({**SINGLE, "lora_id": "team-a/nobody"}, "tok-a", 404, "model", id="unknown-adapter"),
+        pytest.param({**SINGLE, "feedback": ""}, "tok-a", 422, "feedback", id="empty-feedback"),
+        pytest.param(
+            {**SINGLE, "training": {"alpha": 7}}, "tok-a", 422, "training.alpha", id="alpha-out-of-bounds"
+        ),
+        pytest.param(
+            {"requests": [SINGLE, {**SINGLE, "lora_id": "team-a/nobody"}]},
+            "tok-a",
+            404,
+            "model",
+            id="batch-one-bad",
+        ),
+        pytest.param("not an object", "tok-a", 422, None, id="not-an-object"),
+    ],
+)
+def test_bad_requests_are_refused_by_name_and_change_nothing(
+    gateway: str, trainer: live.LiveTrainer, body: object, token: str | None, status: int, field: str | None
+) -> None:
+    before = (version(trainer, "alice"), version(trainer, "bob"))
+    answer = post(gateway, body, token)
+    assert answer.status_code == status, answer.text
+    error = answer.json()
+    if field is not None:
+        assert error["field"] == field and error["error"].startswith(f"{field}: "), error
+    assert (version(trainer, "alice"), version(trainer, "bob")) == before
+
+
+def test_a_body_that_is_not_json_is_refused(gateway: str) -> None:
+    answer = httpx.post(
+        f"{gateway}/v1/feedback", content=b"{", headers={"Authorization": "Bearer tok-a"}, timeout=30
+    )
+    assert answer.status_code == 400 and answer.json()["field"] == "body"
+
+
+def test_models_lists_what_the_token_may_use(gateway: str) -> None:
+    mine = httpx.get(f"{gateway}/v1/models", headers={"Authorization": "Bearer tok-a"}, timeout=30).json()
+    assert sorted(c["id"] for c in mine["data"]) == ["alice", "bob-v1"]
+    theirs = httpx.get(f"{gateway}/v1/models", headers={"Authorization": "Bearer tok-b"}, timeout=30).json()
+    assert theirs["data"] == []
