@@ -18,9 +18,17 @@ from lorafleet_local.processes import free_port
 
 @contextmanager
 def serving(
-    known: Sequence[Adapter], *, tokens_file: Path | None = None, trainer_token_file: Path | None = None
+    known: Sequence[Adapter],
+    *,
+    tokens_file: Path | None = None,
+    trainer_token_file: Path | None = None,
+    latest_wait_seconds: float = 2.0,
 ) -> Iterator[tuple[str, Gateway]]:
-    settings = GatewaySettings(tokens_file=tokens_file, trainer_token_file=trainer_token_file)
+    settings = GatewaySettings(
+        tokens_file=tokens_file,
+        trainer_token_file=trainer_token_file,
+        latest_wait_seconds=latest_wait_seconds,
+    )
     gateway = build(settings, StaticDirectory(known))
     port = free_port()
     server = uvicorn.Server(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import peft
 import pytest
 import torch
 from tests.serving import live_vllm
+from tests.serving.conftest import SERVED
 from tests.trainer.service import live
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.vllm
 
-SERVED = "base"  # the name vLLM serves the base model under (--served-base-model-name)
 ADAPTER = "team-a-alice"
 ROUTE = "/v1/adapters/team-a/alice"
 SYSTEM = "You are a helpful assistant."
@@ -86,32 +85,10 @@ class Reference:
         }
 
 
-@pytest.fixture(scope="module")
-def servers(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
-    workdir = tmp_path_factory.mktemp("handoff")
-    # vLLM takes minutes to start: the trainer starts meanwhile.
-    vllm = live_vllm.launch_vllm(workdir / "vllm", real_model_dir, SERVED)
-    trainer = None
-    try:
-        trainer = live.start_trainer(
-            workdir / "trainer",
-            base_model=str(real_model_dir),
-            args=["--served-base-model-name", SERVED, "--keep-versions", "2"],
-            ready_timeout=900,
-        )
-        live_vllm.wait_healthy(vllm)
-        print(f"\nvLLM healthy {vllm.ready_seconds:.1f} s after launch")
-        yield trainer, vllm
-    finally:
-        vllm.stop()
-        if trainer is not None:
-            trainer.stop()
-
-
 def test_each_committed_version_is_served_by_vllm_as_the_trainer_trained_it(
-    servers: tuple[live.LiveTrainer, live_vllm.LiveVllm], real_model_dir: Path
+    real_servers: tuple[live.LiveTrainer, live_vllm.LiveVllm], real_model_dir: Path
 ) -> None:
-    trainer, vllm = servers
+    trainer, vllm = real_servers
     c = trainer.client(timeout=900)
     ref = Reference(real_model_dir)
     base_answer = ref.greedy(adapted=False)
