@@ -62,6 +62,7 @@ def run(name: str, *args: str, entrypoint: str | None = None, read_only: bool = 
     ("name", "entrypoint", "cmd"),
     [
         ("operator", ["lorafleet-operator"], None),
+        ("gateway", ["lorafleet-gateway"], None),
         ("trainer-cpu", ["lorafleet-trainer"], ["serve"]),
         ("trainer-cuda", ["lorafleet-trainer"], ["serve"]),
     ],
@@ -78,10 +79,13 @@ def test_entrypoint_and_user(name: str, entrypoint: list[str], cmd: list[str] | 
     assert run(name, "-c", who, entrypoint="python") == "10001 10001 lorafleet\n"
 
 
-def test_operator_image_has_no_ml_stack() -> None:
-    modules = ("kopf", "httpx", "torch", "transformers")
+@pytest.mark.parametrize(
+    ("name", "has"), [("operator", ["kopf", "httpx"]), ("gateway", ["fastapi", "httpx"])]
+)
+def test_the_control_images_have_no_ml_stack(name: str, has: list[str]) -> None:
+    modules = ("kopf", "fastapi", "httpx", "torch", "transformers")
     code = f"import importlib.util as u; print([m for m in {modules!r} if u.find_spec(m)])"
-    assert run("operator", "-c", code, entrypoint="python") == "['kopf', 'httpx']\n"
+    assert run(name, "-c", code, entrypoint="python") == f"{has!r}\n"
 
 
 @pytest.mark.parametrize("name", TRAINERS)

@@ -1,8 +1,9 @@
 """LoraFleet's container images, built on this machine from the project's own Dockerfiles.
 
-`make images` (``python -m lorafleet_local.images build``) builds the operator image and both trainer
-images with podman and tags them as the chart names them (``ghcr.io/lorafleet/<name>:<appVersion>``),
-so a cluster whose runtime holds them runs the chart's defaults unchanged.
+`make images` (``python -m lorafleet_local.images build``) builds the operator and gateway images
+and both trainer images with podman and tags them as the chart names them
+(``ghcr.io/lorafleet/<name>:<appVersion>``), so a cluster whose runtime holds them runs the chart's
+defaults unchanged.
 
 No public image registry is reachable from these machines, so each Dockerfile's ``BASE_IMAGE`` is a
 Python base made here: Debian bookworm from debootstrap (its Python is 3.11) with a virtualenv on
@@ -53,6 +54,7 @@ IMAGES = {
     image.name: image
     for image in (
         Image("operator", checkout.ROOT / "operator" / "Dockerfile", "ghcr.io/lorafleet/operator"),
+        Image("gateway", checkout.ROOT / "gateway" / "Dockerfile", "ghcr.io/lorafleet/gateway"),
         Image(
             "trainer-cpu", checkout.ROOT / "trainer" / "Dockerfile.cpu", "ghcr.io/lorafleet/trainer", "-cpu"
         ),
