@@ -23,6 +23,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = GatewaySettings(**given)
     except ValidationError as exc:
         parser.exit(2, f"lorafleet-gateway: {exc}\n")
-    app = create_app(build(settings, KubeDirectory()))
+    app = create_app(build(settings, KubeDirectory(settings.namespace_list())))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0

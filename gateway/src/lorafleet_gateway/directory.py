@@ -111,9 +111,11 @@ def assemble(
 
 class KubeDirectory:
     """The directory read from the Kubernetes API with the official client (in-cluster config, or
-    KUBECONFIG), cached for ``ttl`` seconds."""
+    KUBECONFIG), cached for ``ttl`` seconds; ``namespaces`` (empty: every namespace) are the ones
+    the gateway's RBAC lets it read."""
 
-    def __init__(self, ttl: float = 1.0) -> None:
+    def __init__(self, namespaces: Sequence[str] = (), ttl: float = 1.0) -> None:
+        self._namespaces = list(namespaces)
         from kubernetes import client, config
 
         try:
@@ -139,9 +141,17 @@ class KubeDirectory:
             self._read_at = -1e9
 
     def _list(self, plural: str) -> list[dict[str, Any]]:
-        body: dict[str, Any] = self._custom.list_cluster_custom_object(GROUP, VERSION, plural)  # type: ignore[assignment]
-        items: list[dict[str, Any]] = body["items"]
-        return items
+        if not self._namespaces:
+            body: dict[str, Any] = self._custom.list_cluster_custom_object(GROUP, VERSION, plural)  # type: ignore[assignment]
+            items: list[dict[str, Any]] = body["items"]
+            return items
+        out: list[dict[str, Any]] = []
+        for namespace in self._namespaces:
+            listed: dict[str, Any] = self._custom.list_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, namespace, plural
+            )
+            out += listed["items"]
+        return out
 
     def _read(self) -> list[Adapter]:
         listed: list[dict[str, Any]] = self._list("loraadapters")

@@ -27,3 +27,9 @@ class GatewaySettings(BaseSettings):
         2.0, ge=0, description="how long a chat waits for a server to serve the adapter's latest version"
     )
     upstream_timeout_seconds: float = Field(300.0, gt=0)
+    namespaces: str = Field(
+        "", description="comma-separated namespaces whose adapters the gateway serves; empty: all"
+    )
+
+    def namespace_list(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]
