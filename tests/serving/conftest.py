@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_trainer import models
+from lorafleet_trainer.models import models
 
 
 @pytest.fixture(scope="session")
