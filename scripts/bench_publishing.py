@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not live_vllm.python().exists():
         print(f"no vLLM virtualenv at {live_vllm.VENV}: run `make vllm`", file=sys.stderr)
         return 2
-    from lorafleet_trainer import models  # the trainer's model cache: the same directory vLLM serves
+    from lorafleet_trainer.models import models  # the trainer's model cache: the same directory vLLM serves
 
     model = Path(models.resolve("builtin:smollm2"))
     every_core = os.sched_getaffinity(0)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from lorafleet_trainer import bench, threads
-from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 
 @contextlib.contextmanager

@@ -40,9 +40,9 @@ def _run(cmd: list[str]) -> tuple[bool, str]:
 def _engine(mode: str) -> Any:
     from tests.trainer.engine_helpers import FAST_TRAINING
 
-    from lorafleet_trainer.configs import LoraSpec
-    from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+    from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
     from lorafleet_trainer.ids import AdapterId
+    from lorafleet_trainer.learning.configs import LoraSpec
 
     engine = TrainerEngine(
         EngineConfig(

@@ -30,7 +30,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     missing = checkout.missing_binaries(checkout.bin_dir(), names)
     if missing:
         pytest.fail(f"missing {', '.join(missing)} in {checkout.bin_dir()}: run `make kube-clients tools`")
-    # Step holds let the fault tests park a trainer's step at a known phase (lorafleet_trainer.holds).
+    # Step holds let the fault tests park a trainer's step at a known phase (lorafleet_trainer.engine.holds).
     # LORAFLEET_REAL_NODE=1 (`make test-node`): a kubelet runs the pods from the images, not the runner.
     real_node = os.environ.get(REAL_NODE_ENV) == "1"
     handle = Kube.start(tmp_path_factory.mktemp("e2e"), step_holds=True, real_node=real_node)

@@ -22,7 +22,7 @@ from tests.operator.field_probes import ROOT, SECTIONS, crd_admits, fields, prob
 
 from lorafleet_api import adapters, wire
 
-configs = pytest.importorskip("lorafleet_trainer.configs")
+configs = pytest.importorskip("lorafleet_trainer.learning.configs")
 errors = pytest.importorskip("lorafleet_trainer.errors")
 
 CROSS_FIELD = {"training.teacher_custom_template"}

@@ -1,7 +1,7 @@
 """A kill -9 campaign against one live trainer: a seeded stream of steps, each kill at a known moment.
 
 Each round sends a few whole steps, then one more that is killed at a moment the campaign chose:
-parked by the trainer's step holds before one of its phases (``lorafleet_trainer.holds``), or just
+parked by the trainer's step holds before one of its phases (``lorafleet_trainer.engine.holds``), or just
 after its answer arrived. The moment decides the outcome: before ``persist`` nothing is written,
 from ``snapshot`` on the new version is durable but unanswered, after the answer it is both. The
 trainer is restarted on the same storage and the adapter's stored version must be exactly that.
@@ -24,7 +24,7 @@ from tests.trainer.engine_helpers import sample_dict
 from tests.trainer.service import live, payloads
 
 from lorafleet_local.polling import eventually
-from lorafleet_trainer.holds import PHASES, PhaseHolds
+from lorafleet_trainer.engine.holds import PHASES, PhaseHolds
 
 TOKEN = "chaos-token-7c2e"
 NAMESPACE, NAME = "chaos", "killed"

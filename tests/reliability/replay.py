@@ -12,12 +12,12 @@ from pathlib import Path
 from tests.reliability import killing
 from tests.trainer.service import payloads
 
-from lorafleet_trainer.bundles import StateBundle
-from lorafleet_trainer.configs import LoraSpec
-from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+from lorafleet_trainer.engine.bundles import StateBundle
+from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
+from lorafleet_trainer.engine.storage import AdapterStore
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.samples import DistillSample
-from lorafleet_trainer.storage import AdapterStore
+from lorafleet_trainer.learning.configs import LoraSpec
+from lorafleet_trainer.learning.samples import DistillSample
 
 # Different thread counts may reorder float sums between the server and this process.
 TOLERANCE = 1e-5

@@ -26,7 +26,7 @@ from tests.reliability.fleetstate import CLAIM, Faulty, adapter_manifest, count,
 from lorafleet_local.fleet import feedback_for
 from lorafleet_local.kube import CommandError, Kube
 from lorafleet_local.polling import eventually
-from lorafleet_trainer.holds import PhaseHolds
+from lorafleet_trainer.engine.holds import PhaseHolds
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +170,7 @@ def test_chaos_killed_operator_during_deletion(faulty: Faulty) -> None:
 
 # ---- pod loss mid-step ---------------------------------------------------------------------------
 
-# Where each moment parks the step (lorafleet_trainer.holds) and how the step must end when the pod
+# Where each moment parks the step (lorafleet_trainer.engine.holds) and how the step must end when the pod
 # is lost there: before the compute nothing is written ("absent"); parked right after the new
 # version is durable on the claim, before the answer, the step is kept but the client never hears.
 _MOMENTS = {"compute": ("compute", "absent"), "written": ("snapshot", "durable")}

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from tests.reliability import killing, replay, stored
 
-from lorafleet_trainer import models
+from lorafleet_trainer.models import models
 
 # PEFT's loader reads a deprecated transformers property; the warning is theirs, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

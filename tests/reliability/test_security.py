@@ -23,9 +23,9 @@ from tests.trainer.engine_helpers import samples
 from lorafleet_api import pools
 from lorafleet_operator import building
 from lorafleet_operator.settings import OperatorSettings
-from lorafleet_trainer.configs import LoraSpec
-from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = OperatorSettings(trainer_image="example/trainer:1", trainer_port=8080)

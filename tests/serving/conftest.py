@@ -15,7 +15,7 @@ import pytest
 from tests.serving import live_vllm
 from tests.trainer.service import live
 
-from lorafleet_trainer import models
+from lorafleet_trainer.models import models
 
 SERVED = "base"  # the name vLLM serves the base model under (--served-base-model-name)
 

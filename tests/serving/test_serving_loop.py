@@ -28,7 +28,7 @@ from lorafleet_local import goals
 from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
 from lorafleet_local.kube import Kube
 from lorafleet_local.polling import eventually
-from lorafleet_trainer.holds import PUBLISH, PhaseHolds
+from lorafleet_trainer.engine.holds import PUBLISH, PhaseHolds
 
 # e2e as well: it shares the session's cluster and runs with the other end-to-end tests, last.
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]

@@ -19,7 +19,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_engine(model_cache_dir: Path, tmp_path: Path) -> Callable[..., Any]:
     """Build and load an engine on the CPU with its own storage root under ``tmp_path``."""
-    from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+    from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 
     def build(capacity: int = 1 << 30, root: str = "store", **kw: Any) -> TrainerEngine:
         config = EngineConfig(

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer.configs import TrainingSpec
+from lorafleet_trainer.engine.storage import AdapterStore
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.samples import DistillSample
-from lorafleet_trainer.storage import AdapterStore
+from lorafleet_trainer.learning.configs import TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample
 
 
 def sample_dict(seed: int, prompt_len: int = 6, response_len: int = 5) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from lorafleet_trainer.app import field_path
-from lorafleet_trainer.limiting import BodyLimit
+from lorafleet_trainer.http.limiting import BodyLimit
 
 
 @pytest.mark.parametrize(

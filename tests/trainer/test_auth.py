@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_trainer.auth import BearerAuth, Unauthorized, read_token
+from lorafleet_trainer.http.auth import BearerAuth, Unauthorized, read_token
 
 
 def test_no_token_configured_lets_everything_through() -> None:

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from lorafleet_trainer.bundles import Layout, StateBundle
-from lorafleet_trainer.cache import AdapterCache
+from lorafleet_trainer.engine.bundles import Layout, StateBundle
+from lorafleet_trainer.engine.cache import AdapterCache
 from lorafleet_trainer.ids import AdapterId
 
 

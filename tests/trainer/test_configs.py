@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import InvalidInput
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 
 
 def test_lora_round_trip_and_order_free_shape() -> None:

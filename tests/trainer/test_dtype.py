@@ -17,12 +17,12 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import samples
 
-from lorafleet_trainer import engine as engine_module
-from lorafleet_trainer.bundles import STATE_DTYPE
-from lorafleet_trainer.configs import LoraSpec
-from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+from lorafleet_trainer.engine import engine as engine_module
+from lorafleet_trainer.engine.bundles import STATE_DTYPE
+from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 from lorafleet_trainer.errors import InvalidInput
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 A = AdapterId("dtype", "alice")
@@ -70,11 +70,11 @@ def test_bf16_on_a_cpu_without_native_bf16_matmul_is_warned_about(
 ) -> None:
     # On an AVX2 CPU a bf16 step of builtin:smollm2 took 43 s against 5.8 s in float32.
     monkeypatch.setattr(engine_module, "cpu_has_bf16_matmul", lambda: native)
-    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine"):
+    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine.engine"):
         assert engine_module._resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     warned = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
     assert bool(warned) is not native
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine"):
+    with caplog.at_level(logging.WARNING, logger="lorafleet_trainer.engine.engine"):
         assert engine_module._resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert not caplog.records

@@ -13,9 +13,8 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import max_diff, sample_dict, samples, stored_state
 
-from lorafleet_trainer import models, sampling, stepping
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
-from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+from lorafleet_trainer.engine import stepping
+from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 from lorafleet_trainer.errors import (
     AdapterNotFound,
     ConfigConflict,
@@ -25,7 +24,10 @@ from lorafleet_trainer.errors import (
     StorageFull,
 )
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.samples import DistillSample
+from lorafleet_trainer.learning import sampling
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample
+from lorafleet_trainer.models import models
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 A, B = AdapterId("team-a", "alice"), AdapterId("team-a", "bob")
@@ -247,7 +249,7 @@ def test_crash_before_the_rename_keeps_the_old_version(
         m.setattr(engine.store, "_commit", crash)
         with pytest.raises(KeyboardInterrupt):
             engine.distill(adapter, samples(1))
-    from lorafleet_trainer.storage import AdapterStore
+    from lorafleet_trainer.engine.storage import AdapterStore
 
     after_restart = AdapterStore(engine.store.root)
     assert after_restart.read_meta(adapter).version == 1

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from tests.trainer.engine_helpers import max_diff, samples, stored_state
 
-from lorafleet_trainer import sampling, storage
-from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.engine import storage
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning import sampling
+from lorafleet_trainer.learning.configs import LoraSpec
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 A, B, C = AdapterId("team-a", "alice"), AdapterId("team-a", "bob"), AdapterId("team-b", "carol")

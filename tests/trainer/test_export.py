@@ -15,9 +15,11 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import samples
 
-from lorafleet_trainer import models, sampling, storage
-from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.engine import storage
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning import sampling
+from lorafleet_trainer.learning.configs import LoraSpec
+from lorafleet_trainer.models import models
 from lorafleet_trainer.results import Generation
 
 A = AdapterId("team-a", "alice")
@@ -100,7 +102,7 @@ def test_unknown_builtin_is_rejected(tmp_path: Path) -> None:
 def test_each_kept_version_loads_by_path_with_its_own_weights(
     make_engine: Callable[..., Any], model_cache_dir: Path
 ) -> None:
-    from lorafleet_trainer.storage import VersionNotFound
+    from lorafleet_trainer.engine.storage import VersionNotFound
 
     engine = make_engine(keep_versions=2, served_base_model_name="smollm2")
     engine.init_adapter(A, LORA, 1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tests.trainer.engine_helpers import max_diff, samples, stored_state
 
-from lorafleet_trainer.configs import LoraSpec
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,9 +16,9 @@ from tests.trainer.engine_helpers import samples
 
 from lorafleet_local.polling import eventually
 from lorafleet_trainer import settings
-from lorafleet_trainer.configs import LoraSpec
-from lorafleet_trainer.holds import PHASES, PhaseHolds
+from lorafleet_trainer.engine.holds import PHASES, PhaseHolds
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 A = AdapterId("holds", "a")
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

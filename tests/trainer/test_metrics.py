@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet_trainer.metrics import PREFIX, TrainerMetrics
+from lorafleet_trainer.service.metrics import PREFIX, TrainerMetrics
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lorafleet_api.fields import TRAINING
-from lorafleet_trainer import prompting
-from lorafleet_trainer.prompting import TeacherInput
+from lorafleet_trainer.learning import prompting
+from lorafleet_trainer.learning.prompting import TeacherInput
 
 GIVEN = TeacherInput(
     question="What is the largest ocean?",

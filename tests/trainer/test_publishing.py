@@ -20,12 +20,12 @@ import pytest
 
 from lorafleet_api import wire
 from lorafleet_local.polling import eventually
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.errors import AdapterNotFound
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.publishing import Publisher, PublishObserver, Server
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.results import AdapterState, EngineStats, InitResult
-from lorafleet_trainer.serving import Engine, TrainerService
+from lorafleet_trainer.service.publishing import Publisher, PublishObserver, Server
+from lorafleet_trainer.service.serving import Engine, TrainerService
 
 ALICE = AdapterId("team-a", "alice")
 BOB = AdapterId("team-a", "bob")

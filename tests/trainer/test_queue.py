@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from lorafleet_trainer.errors import NotReady, QueueFull
-from lorafleet_trainer.queueing import StepQueue
+from lorafleet_trainer.service.queueing import StepQueue
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lorafleet_trainer.errors import InvalidInput
-from lorafleet_trainer.samples import DistillSample, parse_samples
+from lorafleet_trainer.learning.samples import DistillSample, parse_samples
 
 
 def _body(**over: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lorafleet_trainer import sdpo
+from lorafleet_trainer.learning import sdpo
 
 T = [0.5, 0.3, 0.2]  # teacher
 S = [0.25, 0.25, 0.5]  # student

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_trainer import converting, settings
+from lorafleet_trainer import settings
+from lorafleet_trainer.models import converting
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "trainer" / "Dockerfile", ROOT / "trainer" / "Dockerfile.cpu"]

@@ -20,11 +20,11 @@ import torch
 from tests.trainer.device_calls import counting
 from tests.trainer.engine_helpers import samples
 
-from lorafleet_trainer import stepping
-from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.engine import stepping
 from lorafleet_trainer.errors import NonFiniteLoss
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.queueing import StepQueue
+from lorafleet_trainer.learning.configs import LoraSpec
+from lorafleet_trainer.service.queueing import StepQueue
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 A, B = AdapterId("traffic", "alice"), AdapterId("traffic", "bob")

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from lorafleet_trainer import storage
-from lorafleet_trainer.bundles import StateBundle
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.engine import storage
+from lorafleet_trainer.engine.bundles import StateBundle
+from lorafleet_trainer.engine.storage import AdapterMeta, AdapterStore, VersionNotFound
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.settings import TrainerSettings
-from lorafleet_trainer.storage import AdapterMeta, AdapterStore, VersionNotFound
 
 A = AdapterId("team-a", "alice")
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

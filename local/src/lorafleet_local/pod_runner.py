@@ -235,14 +235,14 @@ class PodWorker:
         if plan.program == pod_specs.OPERATOR:
             plan.env["KUBECONFIG"] = str(self._service_account_kubeconfig())
         if plan.program == pod_specs.TRAINER and self.runner.step_holds:
-            # Fault tests park this pod's steps at a named phase (lorafleet_trainer.holds); the
+            # Fault tests park this pod's steps at a named phase (lorafleet_trainer.engine.holds); the
             # pod listens on its own loopback address, the only place the trainer accepts holds.
             plan.env["LORAFLEET_TRAINER_TEST_HOLD_DIR"] = str(self.hold_dir)
         return plan
 
     @property
     def hold_dir(self) -> Path:
-        """Where this pod's trainer looks for step holds (see lorafleet_trainer.holds)."""
+        """Where this pod's trainer looks for step holds (see lorafleet_trainer.engine.holds)."""
         return self.dir / "holds"
 
     def _service_account_kubeconfig(self) -> Path:

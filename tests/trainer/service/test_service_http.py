@@ -100,7 +100,7 @@ def test_export_loads_with_peft(trainer: live.LiveTrainer, model_cache: Path, tm
     import peft
     import torch
 
-    from lorafleet_trainer import models
+    from lorafleet_trainer.models import models
 
     c = trainer.client()
     assert c.put("/v1/adapters/team-a/exported", json=payloads.init_body()).status_code == 201

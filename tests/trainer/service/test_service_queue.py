@@ -2,7 +2,7 @@
 once and in arrival order, a client that leaves while queued drops its step, and SIGTERM finishes
 the running step, refuses the waiting ones and exits.
 
-Each test parks its first step at a test hold (``lorafleet_trainer.holds``) and releases it itself:
+Each test parks its first step at a test hold (``lorafleet_trainer.engine.holds``) and releases it itself:
 what is queued behind the running step, and what is answered before it ends, is settled by the
 test, never by how long a step takes, so the tests pass on a machine of any speed.
 """
@@ -22,7 +22,7 @@ import pytest
 from tests.trainer.service import live, payloads
 
 from lorafleet_local import polling
-from lorafleet_trainer.holds import PhaseHolds
+from lorafleet_trainer.engine.holds import PhaseHolds
 
 DEPTH = ("lorafleet_trainer_queue_depth", ())
 RUNNING = ("lorafleet_trainer_step_running", ())

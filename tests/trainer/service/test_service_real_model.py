@@ -31,7 +31,7 @@ import torch
 from tests.trainer.service import live
 from transformers import AutoTokenizer
 
-from lorafleet_trainer import models
+from lorafleet_trainer.models import models
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """The FastAPI application of a trainer pod: routes, error rendering, body limit, lifecycle.
 
-``create_app`` wires one :class:`~lorafleet_trainer.serving.TrainerService` (engine, queue,
+``create_app`` wires one :class:`~lorafleet_trainer.service.serving.TrainerService` (engine, queue,
 metrics) into one app. Every error leaves as ``lorafleet_api.wire.Error``, ``{"error": "<field>:
 <message>", "field": "<field>"}`` (``field`` null where no one field is at fault), with the status
 of its :class:`TrainerError` subclass, including the framework's own validation and routing
@@ -20,13 +20,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from lorafleet_api import wire
-from lorafleet_trainer import routes, validating
-from lorafleet_trainer.auth import BearerAuth
-from lorafleet_trainer.configs import TrainingSpec
+from lorafleet_trainer import validating
+from lorafleet_trainer.engine.holds import PUBLISH, PhaseHolds
 from lorafleet_trainer.errors import QueueFull, TrainerError
-from lorafleet_trainer.holds import PUBLISH, PhaseHolds
-from lorafleet_trainer.limiting import BodyLimit
-from lorafleet_trainer.serving import ClientGone, Engine, TrainerService
+from lorafleet_trainer.http import routes
+from lorafleet_trainer.http.auth import BearerAuth
+from lorafleet_trainer.http.limiting import BodyLimit
+from lorafleet_trainer.learning.configs import TrainingSpec
+from lorafleet_trainer.service.serving import ClientGone, Engine, TrainerService
 from lorafleet_trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _install_error_handlers(app: FastAPI, service: TrainerService) -> None:
 
 def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> Engine:
     """The real engine for these settings (imports torch, so only when a server starts)."""
-    from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+    from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 
     config = EngineConfig(
         base_model=settings.base_model,

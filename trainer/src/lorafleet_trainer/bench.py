@@ -72,7 +72,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _samples(plan: Plan, seed: int) -> list[Any]:
     import random
 
-    from lorafleet_trainer.samples import DistillSample
+    from lorafleet_trainer.learning.samples import DistillSample
 
     rng = random.Random(seed)
     return [
@@ -91,7 +91,7 @@ def _samples(plan: Plan, seed: int) -> list[Any]:
 
 
 def _engine(plan: Plan, root: Path, capacity: int, device: str, model_cache: Path | None) -> Any:
-    from lorafleet_trainer.engine import EngineConfig, TrainerEngine
+    from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 
     return TrainerEngine(
         EngineConfig(
@@ -107,8 +107,8 @@ def _engine(plan: Plan, root: Path, capacity: int, device: str, model_cache: Pat
 
 def run_mode(mode: str, plan: Plan, device: str, model_cache: Path | None, bandwidth: bool) -> dict[str, Any]:
     """Run one mode in this process; returns its row (plus bandwidth figures when asked)."""
-    from lorafleet_trainer.configs import LoraSpec
     from lorafleet_trainer.ids import AdapterId
+    from lorafleet_trainer.learning.configs import LoraSpec
 
     lora = LoraSpec(
         rank=plan.rank, alpha=2.0 * plan.rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
@@ -166,7 +166,7 @@ def measure_bandwidth(engine: Any, adapter: Any, rows: list[dict[str, float]]) -
     each timed alone, against a plain page-locked copy of the same bytes; plus the step's phases."""
     import torch
 
-    from lorafleet_trainer.bundles import StateBundle
+    from lorafleet_trainer.engine.bundles import StateBundle
 
     entry = engine.cache.peek(adapter)
     nbytes = entry.nbytes
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--modes: choose from {','.join(MODES)}")
     args.rounds = max(1, args.rounds or (1 if args.quick else 2))
     # Generate the builtin model once, before timing anything.
-    from lorafleet_trainer import models
+    from lorafleet_trainer.models import models
 
     models.resolve(plan.model, args.model_cache)
     threads = args.threads or "torch default"

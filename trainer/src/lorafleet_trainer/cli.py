@@ -18,9 +18,9 @@ import uvicorn
 
 from lorafleet_trainer import settings as settings_mod
 from lorafleet_trainer import threads
-from lorafleet_trainer.auth import read_token
 from lorafleet_trainer.errors import TrainerError
-from lorafleet_trainer.serving import TrainerService
+from lorafleet_trainer.http.auth import read_token
+from lorafleet_trainer.service.serving import TrainerService
 
 
 class _Server(uvicorn.Server):
@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_dir(model: str, cache_dir: Path | None) -> int:
-    from lorafleet_trainer import models  # the model stack, only for this command
     from lorafleet_trainer.errors import InvalidInput
+    from lorafleet_trainer.models import models  # the model stack, only for this command
 
     try:
         print(models.resolve(model, cache_dir))

@@ -1,8 +1,8 @@
 """What engine calls return: adapter state, init, step and sampling results, and counters.
 
 Plain typed dataclasses in the engine's own terms (an :class:`AdapterId`, a :class:`LoraSpec`). The
-service turns each into its one HTTP response model (``schemas``) field by field; nothing here
-knows the wire format.
+service turns each into its one HTTP response model (``lorafleet_api.wire``, in
+``service.responses``) field by field; nothing here knows the wire format.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ class TrainerSettings(BaseSettings):
     )
     test_hold_dir: Path | None = Field(
         None,
-        description="test only: a step parks before phase P while DIR/P exists (see holds.py); "
+        description="test only: a step parks before phase P while DIR/P exists (see engine/holds.py); "
         "refused unless --host is a loopback address",
     )
 

@@ -20,8 +20,6 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from lorafleet_api import wire
-from lorafleet_trainer import publishing, responses, sampling
-from lorafleet_trainer.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.errors import (
     AdapterNotFound,
     ConfigConflict,
@@ -30,8 +28,9 @@ from lorafleet_trainer.errors import (
     QueueFull,
 )
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.metrics import TrainerMetrics
-from lorafleet_trainer.queueing import Job, StepQueue
+from lorafleet_trainer.learning import sampling
+from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample, parse_samples
 from lorafleet_trainer.results import (
     AdapterState,
     EngineStats,
@@ -41,10 +40,12 @@ from lorafleet_trainer.results import (
     StepResult,
     TeacherPreview,
 )
-from lorafleet_trainer.samples import DistillSample, parse_samples
+from lorafleet_trainer.service import publishing, responses
+from lorafleet_trainer.service.metrics import TrainerMetrics
+from lorafleet_trainer.service.queueing import Job, StepQueue
 
 if TYPE_CHECKING:  # it imports torch, which the service itself never loads
-    from lorafleet_trainer.cache import CacheInfo
+    from lorafleet_trainer.engine.cache import CacheInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

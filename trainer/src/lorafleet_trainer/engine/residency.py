@@ -24,8 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lorafleet_trainer.bundles import StateBundle
-from lorafleet_trainer.slots import LoraSlot
+from lorafleet_trainer.engine.bundles import StateBundle
+from lorafleet_trainer.engine.slots import LoraSlot
 
 log = logging.getLogger(__name__)
 

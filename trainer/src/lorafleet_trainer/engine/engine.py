@@ -5,7 +5,7 @@ adapter's weights and AdamW state into its shape's slot (from the CPU cache on a
 on a miss), computes the SDPO loss and updates, writes the new version through to storage, and only
 then hands the snapshot to the cache, so a failure at any point leaves both at the old version.
 A hit and a miss restore through the same code: the cache and storage both give a
-:class:`~lorafleet_trainer.bundles.StateBundle`, and the slot copies it in one copy.
+:class:`~lorafleet_trainer.engine.bundles.StateBundle`, and the slot copies it in one copy.
 
 Locks, in the only order they are ever taken (each later one is held only briefly, and never
 while waiting for an earlier one): ``_load_lock`` (the one model load) -> ``_lock`` (steps and
@@ -35,13 +35,24 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer import decoding, holds, models, previewing, prompting, sampling, stepping
-from lorafleet_trainer.cache import AdapterCache, CacheInfo
-from lorafleet_trainer.configs import LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.engine import decoding, holds, previewing, stepping
+from lorafleet_trainer.engine.cache import AdapterCache, CacheInfo
+from lorafleet_trainer.engine.previewing import Answering
+from lorafleet_trainer.engine.residency import MODES, Residency
+from lorafleet_trainer.engine.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
+from lorafleet_trainer.engine.storage import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DEFAULT_KEEP_VERSIONS,
+    AdapterMeta,
+    AdapterStore,
+)
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.previewing import Answering
-from lorafleet_trainer.residency import MODES, Residency
+from lorafleet_trainer.learning import prompting, sampling
+from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample
+from lorafleet_trainer.models import models
 from lorafleet_trainer.results import (
     AdapterState,
     EngineStats,
@@ -50,15 +61,6 @@ from lorafleet_trainer.results import (
     Scored,
     StepResult,
     TeacherPreview,
-)
-from lorafleet_trainer.samples import DistillSample
-from lorafleet_trainer.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
-from lorafleet_trainer.storage import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    DEFAULT_KEEP_VERSIONS,
-    AdapterMeta,
-    AdapterStore,
 )
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -17,10 +17,10 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lorafleet_api import adapters, wire
-from lorafleet_trainer.auth import BearerAuth
 from lorafleet_trainer.errors import NotReady
+from lorafleet_trainer.http.auth import BearerAuth
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.serving import TrainerService
+from lorafleet_trainer.service.serving import TrainerService
 
 # Declared for the OpenAPI schema (securitySchemes); the check itself is BearerAuth's.
 _bearer = HTTPBearer(auto_error=False, description="the token in --auth-token-file")

@@ -14,7 +14,7 @@ from lorafleet_trainer import results
 from lorafleet_trainer.ids import AdapterId
 
 if TYPE_CHECKING:  # the cache module imports torch; this one must not
-    from lorafleet_trainer.cache import CacheInfo
+    from lorafleet_trainer.engine.cache import CacheInfo
 
 
 def cache_label(hit: bool | None) -> Literal["hit", "miss"] | None:

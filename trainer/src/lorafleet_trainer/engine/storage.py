@@ -39,10 +39,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lorafleet_trainer.bundles import StateBundle
-from lorafleet_trainer.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.engine.bundles import StateBundle
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

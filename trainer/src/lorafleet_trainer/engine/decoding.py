@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from lorafleet_trainer.sampling import Sampled, SamplingParams
+from lorafleet_trainer.learning.sampling import Sampled, SamplingParams
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

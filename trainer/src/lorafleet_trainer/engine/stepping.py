@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer import prompting, sdpo
-from lorafleet_trainer.configs import TrainingSpec
+from lorafleet_trainer.engine.slots import LoraSlot
 from lorafleet_trainer.errors import InvalidInput, NonFiniteLoss
-from lorafleet_trainer.samples import DistillSample
-from lorafleet_trainer.slots import LoraSlot
+from lorafleet_trainer.learning import prompting, sdpo
+from lorafleet_trainer.learning.configs import TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lorafleet_trainer import converting, modeldirs
 from lorafleet_trainer.errors import InvalidInput
+from lorafleet_trainer.models import converting, modeldirs
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2"  # the real instruct model; the others are synthetic

