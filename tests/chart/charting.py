@@ -95,6 +95,15 @@ def kinds(docs: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc.get("kind") == kind]
 
 
+def component(docs: Sequence[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    """The documents of ``kind`` labelled ``app.kubernetes.io/component: name`` (operator, gateway...)."""
+    return [
+        d
+        for d in kinds(docs, kind)
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == name
+    ]
+
+
 # What Grafana puts in place of its variables before a query reaches Prometheus ("All" filters).
 DASHBOARD_SUBSTITUTIONS = {"$__rate_interval": "1m", "$pool": ".*", "$pod": ".*"}
 

@@ -61,7 +61,7 @@ IGNORED = {
 def manifests(values_file: Path) -> list[dict[str, Any]]:
     """The chart's render for one values file, plus the operator's Pods and Services for its pools."""
     docs = charting.render([values_file], api_versions=[charting.MONITORING_API])
-    (deployment,) = charting.kinds(docs, "Deployment")
+    (deployment,) = charting.component(docs, "Deployment", "operator")
     (operator,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {
         e["name"].removeprefix(ENV_PREFIX).lower(): e["value"]

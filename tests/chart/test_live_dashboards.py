@@ -23,6 +23,7 @@ from tests.chart import charting
 from tests.chart.operator_side import OperatorSide
 from tests.trainer.service.live import LiveTrainer, start_trainer
 
+from lorafleet_api import wire
 from lorafleet_local.polling import eventually
 from lorafleet_local.prometheus import Prometheus, static_jobs
 
@@ -77,7 +78,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             timeout=60,
         )
         base = trainer.base_url
-        assert operator.run(operator.client.init(base, NAMESPACE, ADAPTER, {"lora": LORA, "epoch": 1})) == 201
+        assert (
+            operator.run(
+                operator.client.init(
+                    base, NAMESPACE, ADAPTER, wire.InitRequest.model_validate({"lora": LORA, "epoch": 1})
+                )
+            )
+            == 201
+        )
         client = trainer.client()
         caches = []
         for step in range(4):

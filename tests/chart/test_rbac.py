@@ -168,7 +168,7 @@ def test_namespace_scope_binds_roles_only_in_watched_namespaces() -> None:
         "customresourcedefinitions",
         "namespaces",
     }
-    (deployment,) = charting.kinds(docs, "Deployment")
+    (deployment,) = charting.component(docs, "Deployment", "operator")
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LORAFLEET_OPERATOR_NAMESPACES"] == "lorafleet,team-a,team-b"
 
@@ -176,7 +176,7 @@ def test_namespace_scope_binds_roles_only_in_watched_namespaces() -> None:
 def test_cluster_scope_watches_every_namespace() -> None:
     docs = charting.render(sets=["rbac.scope=cluster"])
     assert not [r for r in charting.kinds(docs, "Role") if r["metadata"]["name"] == "lf-lorafleet-operator"]
-    (deployment,) = charting.kinds(docs, "Deployment")
+    (deployment,) = charting.component(docs, "Deployment", "operator")
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LORAFLEET_OPERATOR_NAMESPACES"] == ""
 

@@ -18,6 +18,9 @@ import pytest
 import yaml
 from tests.chart import charting
 
+from lorafleet_gateway.settings import ENV_PREFIX as GATEWAY_ENV
+from lorafleet_gateway.settings import GatewaySettings
+
 VALUE_SETS: dict[str, tuple[list[Path], list[str]]] = {
     "defaults": ([], []),
     "defaults-with-pool-and-monitoring": ([], ["trainerPool.enabled=true", "prometheus.force=true"]),
@@ -94,7 +97,7 @@ def test_every_object_is_labelled_and_namespaced_by_the_release() -> None:
 
 
 def test_operator_pod_is_restricted_and_probed() -> None:
-    (deployment,) = charting.kinds(charting.render(), "Deployment")
+    (deployment,) = charting.component(charting.render(), "Deployment", "operator")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -173,7 +176,7 @@ def test_the_release_pool_keeps_adapters_on_a_claim_unless_told_ephemeral() -> N
 def test_existing_secret_replaces_the_generated_one() -> None:
     docs = charting.render(sets=["trainerAuth.existingSecret=mine", "trainerAuth.secretKey=bearer"])
     assert not charting.kinds(docs, "Secret")
-    (deployment,) = charting.kinds(docs, "Deployment")
+    (deployment,) = charting.component(docs, "Deployment", "operator")
     pod = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == "mine"
@@ -195,4 +198,25 @@ def test_network_policy_admits_only_the_operator_clients_and_prometheus() -> Non
         assert sources[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
         assert sources[0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "lorafleet"}
         assert {"namespaceSelector": {"matchLabels": {"lorafleet.io/client": "true"}}} in sources
-        assert len(sources) == 4
+        assert sources[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+        assert sources[1]["namespaceSelector"] == sources[0]["namespaceSelector"]
+        assert len(sources) == 5
+
+
+@pytest.mark.parametrize("values_file", charting.ci_value_files(), ids=lambda p: p.name)
+def test_the_gateways_flags_and_env_are_its_settings(values_file: Path) -> None:
+    """What the chart gives the gateway container parses as the gateway's settings (a number Helm
+    renders as 6.7e+07 would stop every replica at start)."""
+    (deployment,) = charting.component(charting.render([values_file]), "Deployment", "gateway")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {
+        e["name"].removeprefix(GATEWAY_ENV).lower(): e["value"]
+        for e in container["env"]
+        if e["name"].startswith(GATEWAY_ENV)
+    }
+    args = container["args"]
+    flags = {a.removeprefix("--").replace("-", "_"): v for a, v in zip(args[::2], args[1::2], strict=True)}
+    settings = GatewaySettings(**{**env, **flags})
+    assert settings.port == container["ports"][0]["containerPort"]
+    defaults = yaml.safe_load((charting.CHART / "values.yaml").read_text())["gateway"]
+    assert settings.record_max_bytes == defaults["recordMaxBytes"]

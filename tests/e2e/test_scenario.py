@@ -150,6 +150,33 @@ def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scena
         )
 
 
+def test_feedback_through_the_gateway_steps_the_adapter_where_it_lives(scenario: Fleet) -> None:
+    """The chart's gateway finds alice through the API (its read-only RBAC), scores the text-only
+    feedback on alice's trainer and steps it there; /v1/models lists the release's adapters."""
+    kube = scenario.kube
+    pods = kube.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=gateway")["items"]
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]  # the chart's two replicas
+    gateway = kube.reach(NS, pods[0]["metadata"]["name"], 8090)
+    models = json.loads(urllib.request.urlopen(f"{gateway}/v1/models", timeout=60).read())
+    assert {c["adapter"] for c in models["data"]} >= {f"{NS}/{name}" for name in ADAPTERS}
+    code, before = scenario.call("GET", scenario.adapter_url("alice"))
+    assert code == 200, before
+    body = {
+        "lora_id": f"{NS}/alice",
+        "prompt": "What is the capital of France?",
+        "response": "Paris.",
+        "feedback": "Answer in one word.",
+    }
+    request = urllib.request.Request(
+        f"{gateway}/v1/feedback", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    assert answer["version"] == before["version"] + 1, answer
+    assert answer["results"][0]["samples"] == [f"scored:{before['version']}"]
+    code, after = scenario.call("GET", scenario.adapter_url("alice"))
+    assert code == 200 and after["version"] == answer["version"], after
+
+
 def test_deleting_an_adapter_evicts_its_cache_entry(scenario: Fleet) -> None:
     pod = scenario.adapter("bob")["status"]["pod"]
     others = {f"{NS}/{n}" for n in ADAPTERS if n != "bob" and scenario.adapter(n)["status"]["pod"] == pod}

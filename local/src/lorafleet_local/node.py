@@ -64,13 +64,17 @@ def cache_dir() -> Path:
 
 
 def images_to_run() -> list[str]:
-    """The images a node for LoraFleet holds: the operator's and the CPU trainer's."""
-    return [images.IMAGES["operator"].tag, images.IMAGES["trainer-cpu"].tag]
+    """The images a node for LoraFleet holds: the operator's, the gateway's and the CPU trainer's."""
+    return [images.IMAGES["operator"].tag, images.IMAGES["gateway"].tag, images.IMAGES["trainer-cpu"].tag]
 
 
 def helm_values() -> list[str]:
     """`helm install` values for a cluster on this node: its images, never pulled."""
-    return ["operator.image.pullPolicy=Never", f"operator.trainerImage={images.IMAGES['trainer-cpu'].tag}"]
+    return [
+        "operator.image.pullPolicy=Never",
+        "gateway.image.pullPolicy=Never",
+        f"operator.trainerImage={images.IMAGES['trainer-cpu'].tag}",
+    ]
 
 
 def start_for(plane: control_plane.ControlPlane, workdir: Path) -> Node:

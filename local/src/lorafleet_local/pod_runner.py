@@ -232,7 +232,7 @@ class PodWorker:
                 for key, rel in paths.items():
                     (volume.local / rel).parent.mkdir(parents=True, exist_ok=True)
                     (volume.local / rel).write_text(data[key])
-        if plan.program == pod_specs.OPERATOR:
+        if plan.program in (pod_specs.OPERATOR, pod_specs.GATEWAY):
             plan.env["KUBECONFIG"] = str(self._service_account_kubeconfig())
         if plan.program == pod_specs.TRAINER and self.runner.step_holds:
             # Fault tests park this pod's steps at a named phase (lorafleet_trainer.engine.holds); the

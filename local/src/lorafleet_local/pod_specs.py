@@ -18,6 +18,7 @@ from typing import Any
 POOL_LABEL = "lorafleet.io/pool"
 TRAINER = "lorafleet-trainer"
 OPERATOR = "lorafleet-operator"
+GATEWAY = "lorafleet-gateway"
 VLLM = "vllm"  # a pod of a vLLM image: vLLM's OpenAI server, from its own virtualenv
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # Models a vLLM pod may name by hub id, which this machine cannot download: the runner serves the
@@ -72,8 +73,9 @@ def program_of(pod: Pod) -> str | None:
         return TRAINER
     for container in pod["spec"].get("containers", []):
         words = [*(container.get("command") or []), *(container.get("args") or [])]
-        if any(os.path.basename(w) == OPERATOR for w in words[:2]):
-            return OPERATOR
+        for program in (OPERATOR, GATEWAY):
+            if any(os.path.basename(w) == program for w in words[:2]):
+                return program
         if _is_vllm(container):
             return VLLM
     return None
@@ -299,7 +301,8 @@ def plan(
     program = program_of(pod)
     if program is None:
         raise PodSpecError(
-            "the pod runs no LoraFleet program (no lorafleet.io/pool label, no lorafleet-operator)"
+            "the pod runs no LoraFleet program (no lorafleet.io/pool label, no lorafleet-operator or "
+            "lorafleet-gateway)"
         )
     container = _main_container(pod, program)
     volumes = _volumes(pod, container, pod_dir, claims_dir)
