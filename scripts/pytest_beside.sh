@@ -6,10 +6,15 @@
 # (seeded, deterministic on one thread), so running them beside the rest changes nothing but time.
 # The learning run's output is printed after the main run's; the stage fails if either fails.
 #
+# Both runs (and every trainer and pod they start) wait for a core with OMP_WAIT_POLICY=PASSIVE:
+# OpenMP's default spin-wait made a two-thread trainer beside the one-thread learning run 20x slower
+# (tests/local/test_goals.py: 198.8 s against 10.1 s with a busy one-thread torch process beside it).
+#
 #   pytest_beside.sh PYTHON
 set -uo pipefail
 
 py=$1
+export OMP_WAIT_POLICY=PASSIVE
 log=$(mktemp -t lorafleet-learning.XXXXXX.log)
 temp=$(mktemp -d -t lorafleet-learning.XXXXXX)  # its own temporary directories, apart from the main run's
 start=$(date +%s)

@@ -124,7 +124,7 @@ def test_network_policy_admits_only_operator_and_labelled_namespaces() -> None:
     components = sorted(
         p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in peers if "podSelector" in p
     )
-    assert components == ["helm-test", "operator"]
+    assert components == ["gateway", "helm-test", "operator"]
     assert all(p["namespaceSelector"]["matchLabels"] == release_ns for p in peers if "podSelector" in p)
     namespace_only = [p["namespaceSelector"]["matchLabels"] for p in peers if "podSelector" not in p]
     client = {"lorafleet.io/client": "true"}  # the chart's default clientNamespaceLabels

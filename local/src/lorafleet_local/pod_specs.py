@@ -26,7 +26,18 @@ VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 OFFLINE_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "builtin:smollm2"}
 ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
 # Host variables a container would not see but a local Python process needs to find its caches.
-PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME")
+# OMP_WAIT_POLICY: processes that share this machine's cores set it PASSIVE (`make test` does), so
+# a pod's OpenMP threads sleep instead of spinning while they wait for a core another process holds.
+PASSTHROUGH_ENV = (
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "TORCH_HOME",
+    "OMP_WAIT_POLICY",
+)
 
 Pod = Mapping[str, Any]
 # (kind, namespace, name) -> the object's decoded `data` (Secret values already base64-decoded).
