@@ -16,7 +16,7 @@ from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """What the engine knows of one stored adapter (the wire answer is ``lorafleet_api.wire.AdapterState``)."""
+    """What the engine knows of one stored adapter (its wire answer: ``wire.AdapterState``)."""
 
     adapter: AdapterId
     version: int
