@@ -23,7 +23,7 @@ from lorafleet_local.polling import eventually
 from lorafleet_trainer.errors import AdapterNotFound
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
-from lorafleet_trainer.results import AdapterState, EngineStats, InitResult
+from lorafleet_trainer.results import AdapterRecord, EngineStats, InitResult
 from lorafleet_trainer.service.publishing import Publisher, PublishObserver, Server
 from lorafleet_trainer.service.serving import Engine, TrainerService
 
@@ -367,7 +367,7 @@ class StoreEngine:
     store_root = PurePosixPath(STORE)
 
     def __init__(self) -> None:
-        self.states: dict[AdapterId, AdapterState] = {}
+        self.states: dict[AdapterId, AdapterRecord] = {}
 
     def load(self) -> None:
         pass
@@ -381,7 +381,7 @@ class StoreEngine:
     def init_adapter(
         self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None
     ) -> InitResult:
-        state = AdapterState(
+        state = AdapterRecord(
             adapter=adapter,
             version=0,
             epoch=epoch,
@@ -394,7 +394,7 @@ class StoreEngine:
         self.states[adapter] = state
         return InitResult(created=True, state=state)
 
-    def get_adapter(self, adapter: AdapterId) -> AdapterState:
+    def get_adapter(self, adapter: AdapterId) -> AdapterRecord:
         if adapter not in self.states:
             raise AdapterNotFound(f"{adapter} does not exist")
         return self.states[adapter]

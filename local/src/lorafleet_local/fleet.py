@@ -186,7 +186,7 @@ class Fleet:
             raise AssertionError(f"status.endpoint {status['endpoint']} is not pod {status['pod']} at {base}")
         path = endpoint.path.rstrip("/")
         route = f"/v1/adapters/{self.namespace}/{name}"
-        return base + (path if path.endswith(route) else path + route)
+        return str(base + (path if path.endswith(route) else path + route))
 
     def cached(self, pod: str) -> set[str]:
         """Names of the adapter cache entries on a trainer pod (GET /v1/cache)."""

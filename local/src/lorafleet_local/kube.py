@@ -175,7 +175,7 @@ class Kube:
             worker = self.runner.worker(namespace, pod)
             if worker is None:
                 raise LookupError(f"the pod runner runs no pod {namespace}/{pod}")
-            return worker.log_path.read_text(errors="replace")
+            return str(worker.log_path.read_text(errors="replace"))
         return self.kubectl("logs", "-n", namespace, pod, "--all-containers").stdout
 
 

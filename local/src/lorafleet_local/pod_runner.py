@@ -243,7 +243,7 @@ class PodWorker:
     @property
     def hold_dir(self) -> Path:
         """Where this pod's trainer looks for step holds (see lorafleet_trainer.engine.holds)."""
-        return self.dir / "holds"
+        return Path(self.dir) / "holds"
 
     def _service_account_kubeconfig(self) -> Path:
         account = self.pod["spec"].get("serviceAccountName") or "default"
@@ -314,7 +314,7 @@ class PodWorker:
     def _probe(self, path: str, port: int) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.ip}:{port}{path}", timeout=2) as resp:
-                return 200 <= resp.status < 400
+                return bool(200 <= resp.status < 400)
         except OSError:
             return False
 

@@ -97,12 +97,14 @@ def _main_container(pod: Pod, program: str) -> Mapping[str, Any]:
     if not containers:
         raise PodSpecError("spec.containers is empty")
     for container in containers:
+        container = dict(container)
         words = [*(container.get("command") or []), *(container.get("args") or [])]
         if any(os.path.basename(w) == program for w in words[:2]):
             return container
         if program == VLLM and _is_vllm(container):
             return container
-    return containers[0]
+    first: Mapping[str, Any] = containers[0]
+    return first
 
 
 def _volumes(pod: Pod, container: Mapping[str, Any], pod_dir: Path, claims_dir: Path) -> list[Volume]:

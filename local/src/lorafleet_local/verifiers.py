@@ -87,7 +87,7 @@ def _marker_words(answer: str, verifier: Mapping[str, Any]) -> bool:
 
 
 def _contains_any(answer: str, verifier: Mapping[str, Any]) -> bool:
-    return sum(_occurrences(answer, w) for w in verifier["words"]) >= verifier["min_count"]
+    return bool(sum(_occurrences(answer, w) for w in verifier["words"]) >= verifier["min_count"])
 
 
 def _starts_with(answer: str, verifier: Mapping[str, Any]) -> bool:
@@ -96,7 +96,7 @@ def _starts_with(answer: str, verifier: Mapping[str, Any]) -> bool:
 
 
 def _max_words(answer: str, verifier: Mapping[str, Any]) -> bool:
-    return len(words(answer)) <= verifier["max"]
+    return bool(len(words(answer)) <= verifier["max"])
 
 
 def _no_list(answer: str, verifier: Mapping[str, Any]) -> bool:

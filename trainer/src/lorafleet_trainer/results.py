@@ -15,7 +15,9 @@ from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 
 
 @dataclass(frozen=True)
-class AdapterState:
+class AdapterRecord:
+    """What the engine knows of one stored adapter (its wire answer: ``wire.AdapterState``)."""
+
     adapter: AdapterId
     version: int
     epoch: int
@@ -30,7 +32,7 @@ class AdapterState:
 @dataclass(frozen=True)
 class InitResult:
     created: bool
-    state: AdapterState
+    state: AdapterRecord
 
 
 @dataclass(frozen=True)

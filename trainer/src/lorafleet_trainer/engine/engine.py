@@ -54,7 +54,7 @@ from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
 from lorafleet_trainer.models import models
 from lorafleet_trainer.results import (
-    AdapterState,
+    AdapterRecord,
     EngineStats,
     Generation,
     InitResult,
@@ -211,10 +211,10 @@ class TrainerEngine:
         with self._info_lock:
             self._meta[meta.adapter] = meta
 
-    def _state(self, meta: AdapterMeta) -> AdapterState:
+    def _state(self, meta: AdapterMeta) -> AdapterRecord:
         entry = self.cache.peek(meta.adapter)
         cached = entry is not None and entry.has(meta.adapter, meta.version, meta.epoch)
-        return AdapterState(
+        return AdapterRecord(
             adapter=meta.adapter,
             version=meta.version,
             epoch=meta.epoch,
@@ -274,7 +274,7 @@ class TrainerEngine:
                 self.cache.invalidate_before(adapter, epoch)
             return InitResult(False, self._state(new))
 
-    def get_adapter(self, adapter: AdapterId) -> AdapterState:
+    def get_adapter(self, adapter: AdapterId) -> AdapterRecord:
         return self._state(self._meta_for(adapter))
 
     def evict(self, adapter: AdapterId) -> bool:

@@ -36,7 +36,7 @@ def _answer_logits(
     """Logits predicting each of ``answer_ids`` after ``prompt_ids``: ``[len(answer_ids), V]``."""
     ids = torch.tensor([prompt_ids + answer_ids], dtype=torch.long, device=device)
     n = len(answer_ids)
-    logits = model(input_ids=ids, logits_to_keep=n + 1, use_cache=False).logits[0, :-1]
+    logits: torch.Tensor = model(input_ids=ids, logits_to_keep=n + 1, use_cache=False).logits[0, :-1]
     return logits.float()
 
 

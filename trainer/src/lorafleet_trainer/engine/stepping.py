@@ -109,7 +109,10 @@ class Batch:
 def _response_logits(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Logits predicting the last ``n`` tokens of ``ids`` (only those rows go through the head)."""
     # use_cache=False: a training forward never decodes further, so a KV cache is pure waste.
-    return model(input_ids=ids.unsqueeze(0), logits_to_keep=n + 1, use_cache=False).logits[0, :-1]
+    logits: torch.Tensor = model(input_ids=ids.unsqueeze(0), logits_to_keep=n + 1, use_cache=False).logits[
+        0, :-1
+    ]
+    return logits
 
 
 def teacher_weights(model: Any, slot: LoraSlot, spec: TrainingSpec) -> AbstractContextManager[Any]:

@@ -22,7 +22,7 @@ def cache_label(hit: bool | None) -> Literal["hit", "miss"] | None:
     return None if hit is None else "hit" if hit else "miss"
 
 
-def adapter_state(state: results.AdapterState) -> wire.AdapterState:
+def adapter_state(state: results.AdapterRecord) -> wire.AdapterState:
     """An adapter's state, before the publisher adds what the servers serve."""
     lora = state.lora
     return wire.AdapterState(

@@ -32,7 +32,7 @@ from lorafleet_trainer.learning import sampling
 from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample, parse_samples
 from lorafleet_trainer.results import (
-    AdapterState,
+    AdapterRecord,
     EngineStats,
     Generation,
     InitResult,
@@ -60,7 +60,7 @@ class Engine(Protocol):
     def init_adapter(
         self, adapter: AdapterId, lora: LoraSpec, epoch: int, training: TrainingSpec | None
     ) -> InitResult: ...
-    def get_adapter(self, adapter: AdapterId) -> AdapterState: ...
+    def get_adapter(self, adapter: AdapterId) -> AdapterRecord: ...
     def distill(
         self, adapter: AdapterId, samples: Sequence[DistillSample], training: Overrides
     ) -> StepResult: ...
@@ -92,7 +92,7 @@ class Engine(Protocol):
     def cache_info(self) -> CacheInfo: ...
     def stats(self) -> EngineStats: ...
     @property
-    def store_root(self) -> PathLike: ...
+    def store_root(self) -> PathLike[str]: ...
     def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None: ...
 
 
@@ -195,7 +195,7 @@ class TrainerService:
     def get(self, adapter: AdapterId) -> wire.AdapterState:
         return self._state(self.engine.get_adapter(adapter))
 
-    def _state(self, state: AdapterState) -> wire.AdapterState:
+    def _state(self, state: AdapterRecord) -> wire.AdapterState:
         answer = responses.adapter_state(state)
         answer.served_name = self.publisher.served_name(state.adapter)
         answer.served = [wire.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
