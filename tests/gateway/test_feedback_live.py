@@ -9,7 +9,9 @@ input, unknown adapters and tokens of another namespace are refused by name and 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -130,3 +132,94 @@ def test_models_lists_what_the_token_may_use(gateway: str) -> None:
     assert sorted(c["id"] for c in mine["data"]) == ["alice", "bob-v1"]
     theirs = httpx.get(f"{gateway}/v1/models", headers={"Authorization": "Bearer tok-b"}, timeout=30).json()
     assert theirs["data"] == []
+
+
+def test_a_keyed_retry_through_another_replica_is_answered_not_applied(
+    gateway: str, trainer: live.LiveTrainer
+) -> None:
+    """Two gateway replicas share nothing but the trainer, where the key is committed."""
+    body = {**SINGLE, "feedback": "Answer like a sailor."}
+    key = {"Authorization": "Bearer tok-a", "Idempotency-Key": "client-retry-1"}
+    before = version(trainer, "alice")
+    first = httpx.post(f"{gateway}/v1/feedback", json=body, headers=key, timeout=300)
+    assert first.status_code == 200, first.text
+    assert (first.json()["version"], first.json()["results"][0]["replayed"]) == (before + 1, False)
+    known = [Adapter("team-a", "alice", "alice", trainer.base_url)]
+    files = trainer.storage.parent / "replica"
+    files.mkdir(exist_ok=True)
+    (files / "tokens.json").write_text(json.dumps(TOKENS))
+    (files / "trainer-token").write_text(TRAINER_TOKEN)
+    with live_gateway.serving(
+        known, tokens_file=files / "tokens.json", trainer_token_file=files / "trainer-token"
+    ) as (replica, _):
+        # Not in this replica's record: it scores the response with the current version, so its
+        # samples differ from the first step's, and the key still matches (the request's digest).
+        again = httpx.post(f"{replica}/v1/feedback", json=body, headers=key, timeout=300)
+        assert again.status_code == 200, again.text
+        assert again.json()["version"] == before + 1 and again.json()["results"][0]["replayed"]
+        assert again.json()["distill_result"] == first.json()["distill_result"]
+        other = httpx.post(
+            f"{replica}/v1/feedback", json={**body, "feedback": "Shorter."}, headers=key, timeout=300
+        )
+        assert other.status_code == 409 and other.json()["field"] == "idempotency_key", other.text
+    assert version(trainer, "alice") == before + 1
+
+
+class DropsFirstStepAnswer(ThreadingHTTPServer):
+    """A proxy to the trainer that lets the first distill step through and drops its answer: the
+    step is applied and committed, and the gateway sees its connection close without a reply."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.dropped = upstream, 0
+        super().__init__(("127.0.0.1", 0), _Proxy)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    server: DropsFirstStepAnswer
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+        r = httpx.request(
+            self.command, self.server.upstream + self.path, content=body, headers=headers, timeout=300
+        )
+        if self.path.endswith("/distill") and self.server.dropped == 0:
+            self.server.dropped += 1
+            self.close_connection = True
+            return  # the answer is lost after the trainer committed the step
+        self.send_response(r.status_code)
+        self.send_header("content-type", r.headers.get("content-type", "application/json"))
+        self.send_header("content-length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_PUT = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_step_whose_answer_was_lost_is_retried_once_and_applied_once(trainer: live.LiveTrainer) -> None:
+    proxy = DropsFirstStepAnswer(trainer.base_url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    files = trainer.storage.parent / "lossy"
+    files.mkdir(exist_ok=True)
+    (files / "trainer-token").write_text(TRAINER_TOKEN)
+    try:
+        known = [Adapter("team-a", "alice", "alice", proxy.url)]
+        with live_gateway.serving(known, trainer_token_file=files / "trainer-token") as (url, _):
+            before = version(trainer, "alice")
+            answer = httpx.post(f"{url}/v1/feedback", json={**SINGLE, "feedback": "No lists."}, timeout=300)
+            assert answer.status_code == 200, answer.text
+        assert proxy.dropped == 1
+        # The gateway's own key made its retry safe: one step, and the answer is that step's.
+        assert answer.json()["version"] == before + 1 == version(trainer, "alice")
+        assert answer.json()["results"][0]["replayed"] is True
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

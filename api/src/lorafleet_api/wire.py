@@ -20,6 +20,8 @@ from lorafleet_api.adapters import DNS1123_LABEL, AdapterSpec, CacheOptions, Lor
 MAX_SAMPLE_TOKENS = 65536  # prompt and response of one sample, together
 MAX_SAMPLES = 1024
 MAX_ROLLOUT_ROWS = 64  # prompts x n of one rollouts request: one padded batch on the device
+KEYED_STEPS_KEPT = 64  # per adapter: the keyed steps whose answers a retry gets back
+IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,200}$"  # printable ASCII, no spaces (as an HTTP header carries it)
 ARTIFACT = (
     "the version's PEFT adapter directory, relative to the adapter store's root; it is never "
     "rewritten and stays while the version is among the kept ones"
@@ -78,6 +80,20 @@ class DistillRequest(BaseModel):
 
     samples: list[Sample] = Field(min_length=1, max_length=MAX_SAMPLES)
     training: Training | None = None
+    idempotency_key: str | None = Field(
+        None,
+        pattern=IDEMPOTENCY_KEY,
+        description="a retry with the same key and body gets the first answer back (replayed: true) "
+        "instead of a second step, across trainer restarts: the key is committed with the version. "
+        f"Each adapter remembers its last {KEYED_STEPS_KEPT} keys; the same key with another body is "
+        "refused (409)",
+    )
+    request_digest: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="with idempotency_key: the SHA-256 of the request this step was built from (a "
+        "gateway's feedback), compared on a retry instead of the digest of this body",
+    )
 
 
 class ServedVersion(BaseModel):
@@ -129,6 +145,9 @@ class DistillResponse(BaseModel):
         "tokens_processed, batch_size"
     )
     timing_ms: StepTiming
+    replayed: bool = Field(
+        description="true: the answer of an earlier step with this idempotency key; nothing was applied now"
+    )
 
 
 class ServerRef(BaseModel):

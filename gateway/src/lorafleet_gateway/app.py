@@ -215,15 +215,21 @@ class Gateway:
         except ValueError:
             raise Failure(400, "is not JSON", "body") from None
         try:
-            items = claas.items(body)
+            feedback = claas.Feedback.parse(body, request.headers.get("idempotency-key"))
         except ValidationError as exc:
             raise _invalid(exc) from None
+        except claas.KeyConflict as exc:
+            raise Failure(422, str(exc), "idempotency_key") from None
+        items = feedback.items
+        # The client's key, or one of the gateway's own: a retry of a step whose answer was lost
+        # (the trainer went away mid-step) is then answered, not applied twice.
+        key = feedback.idempotency_key or uuid.uuid4().hex
         groups: dict[str, tuple[Adapter, list[tuple[int, claas.FeedbackItem]]]] = {}
         for i, item in enumerate(items):
             adapter = await self.resolve(item.lora_id, allowed)
             groups.setdefault(adapter.key, (adapter, []))[1].append((i, item))
         # Every group's samples and training are built before any step: bad input changes nothing.
-        plans = [await self._plan(adapter, group) for adapter, group in groups.values()]
+        plans = [await self._plan(adapter, group, key) for adapter, group in groups.values()]
         results = [await self._step(*plan) for plan in plans]
         self.metrics.feedback_seconds.observe(time.perf_counter() - arrived)
         first = results[0]
@@ -239,7 +245,7 @@ class Gateway:
         }
 
     async def _plan(
-        self, adapter: Adapter, group: Sequence[tuple[int, claas.FeedbackItem]]
+        self, adapter: Adapter, group: Sequence[tuple[int, claas.FeedbackItem]], key: str
     ) -> tuple[Adapter, wire.DistillRequest, list[str]]:
         samples, sources, training = [], [], None
         for i, item in group:
@@ -277,7 +283,14 @@ class Gateway:
                     demonstration="",
                 )
             )
-        return adapter, wire.DistillRequest(samples=samples, training=training), sources
+        step = wire.DistillRequest(
+            samples=samples,
+            training=training,
+            idempotency_key=f"{key}@{adapter.key}",
+            # The samples' log-probs depend on the record or the version scored; a retry's may differ.
+            request_digest=claas.digest(adapter.key, [item for _, item in group]),
+        )
+        return adapter, step, sources
 
     async def _score(self, adapter: Adapter, item: claas.FeedbackItem) -> wire.ScoreResponse:
         body = {"messages": [{"role": "user", "content": item.prompt}], "response": item.response}
@@ -285,21 +298,29 @@ class Gateway:
         return wire.ScoreResponse.model_validate_json(r.content)
 
     async def _step(self, adapter: Adapter, body: wire.DistillRequest, sources: list[str]) -> dict[str, Any]:
-        r = await self._trainer("POST", adapter, "/distill", body.model_dump(mode="json", exclude_none=True))
+        payload = body.model_dump(mode="json", exclude_none=True)
+        r = await self._trainer("POST", adapter, "/distill", payload, keyed=True)
         step = wire.DistillResponse.model_validate_json(r.content)
+        if step.replayed:
+            self.metrics.feedback_replayed.inc()
         return {
             "lora_id": adapter.key,
             "version": step.version,
+            "replayed": step.replayed,
             "artifact": step.artifact,
             "samples": sources,
             "distill_result": {"lora_id": adapter.key, "metadata": step.metrics},
             "timing_ms": step.timing_ms.model_dump(),
         }
 
-    async def _trainer(self, method: str, adapter: Adapter, suffix: str, body: Any) -> httpx.Response:
+    async def _trainer(
+        self, method: str, adapter: Adapter, suffix: str, body: Any, keyed: bool = False
+    ) -> httpx.Response:
         """A call to the adapter's trainer. Refusals that prove nothing was applied (a trainer that
         does not know the adapter, is not ready, or cannot be connected to) read the directory again
-        and follow the adapter once; any other failure is answered as it is, never retried."""
+        and follow the adapter once; so does a call with an idempotency key (``keyed``) whose answer
+        was lost, since its retry cannot apply twice. Any other failure is answered as it is."""
+        lost: type[httpx.TransportError] = httpx.TransportError if keyed else httpx.ConnectError
         for attempt in range(2):
             if adapter.endpoint is None:
                 raise Failure(503, f"{adapter.key} is not placed on a trainer yet", "lora_id", retry=True)
@@ -307,7 +328,7 @@ class Gateway:
             started = time.perf_counter()
             try:
                 r = await self.trainers.request(method, url, json=body)
-            except httpx.ConnectError:
+            except lost:
                 r = None
             self.metrics.upstream_seconds.labels(route=suffix.strip("/")).observe(
                 time.perf_counter() - started

@@ -7,10 +7,17 @@ adapter as ``<namespace>/<adapter>`` or by its served name. ``completion_id`` (o
 answer in the gateway's record; otherwise the record is looked up by the response's text. The
 ``training`` fields a client sets override the adapter's own for that step; the ones it leaves out
 keep the adapter's settings (CLaaS's own defaults are not applied).
+
+An idempotency key (the ``Idempotency-Key`` header, or ``idempotency_key`` in the body) makes a
+retry safe: the trainer commits it with the version, so the same request again, through any gateway
+replica and after a trainer restart, gets the first answer back instead of a second step. Without
+one the gateway makes a key of its own, so its own retry after a lost answer applies nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lorafleet_api import adapters, wire
 
 MAX_BATCH = 64
+KEY_PATTERN = r"^[\x21-\x7e]{1,64}$"  # the trainer's key is this, '@' and the adapter (<= 200)
 
 
 class ClaasTraining(BaseModel):
@@ -46,6 +54,7 @@ class FeedbackItem(BaseModel):
     feedback: str = Field(min_length=1, max_length=wire.MAX_SAMPLE_TOKENS * 8)
     training: ClaasTraining | None = None
     completion_id: str | None = Field(None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
 
 
 class FeedbackBatch(BaseModel):
@@ -53,10 +62,43 @@ class FeedbackBatch(BaseModel):
 
     requests: list[FeedbackItem] = Field(min_length=1, max_length=MAX_BATCH)
     orchestration: dict[str, Any] | None = None
+    idempotency_key: str | None = Field(None, pattern=KEY_PATTERN)
 
 
-def items(body: Any) -> list[FeedbackItem]:
-    """One item or a batch, as a list; raises pydantic.ValidationError naming the field."""
-    if isinstance(body, dict) and "requests" in body:
-        return FeedbackBatch.model_validate(body).requests
-    return [FeedbackItem.model_validate(body)]
+class KeyConflict(ValueError):
+    """Two idempotency keys for one request (the header and the body, or two batch items)."""
+
+
+class Feedback(BaseModel):
+    """A feedback request, one item or a batch, with the idempotency key it came with."""
+
+    items: list[FeedbackItem]
+    idempotency_key: str | None = Field(pattern=KEY_PATTERN)
+
+    @classmethod
+    def parse(cls, body: Any, header_key: str | None) -> Feedback:
+        """Raises pydantic.ValidationError naming the field, or KeyConflict."""
+        if isinstance(body, dict) and "requests" in body:
+            batch = FeedbackBatch.model_validate(body)
+            found, key = batch.requests, batch.idempotency_key
+            if any(item.idempotency_key is not None for item in found):
+                key = _one_key(found, key)
+        else:
+            item = FeedbackItem.model_validate(body)
+            found, key = [item], item.idempotency_key
+        if header_key is not None and key is not None and header_key != key:
+            raise KeyConflict("the Idempotency-Key header and the body's idempotency_key differ")
+        return cls.model_validate({"items": found, "idempotency_key": header_key or key})
+
+
+def _one_key(found: list[FeedbackItem], top: str | None) -> str | None:
+    keys = {item.idempotency_key for item in found} | ({top} if top is not None else set())
+    if len(keys) != 1:
+        raise KeyConflict("a batch takes one idempotency_key, at its top level or the same in every item")
+    return keys.pop()
+
+
+def digest(adapter: str, group: list[FeedbackItem]) -> str:
+    """The SHA-256 of what the client asked of one adapter: a retry must ask the same."""
+    canonical = json.dumps([adapter, [item.model_dump(mode="json") for item in group]], sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

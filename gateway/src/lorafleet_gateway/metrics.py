@@ -37,3 +37,8 @@ class GatewayMetrics:
             "From a feedback's arrival to its new version's answer.",
             registry=self.registry,
         )
+        self.feedback_replayed = Counter(
+            "lorafleet_gateway_feedback_replayed",
+            "Feedback steps answered from an earlier step with the same idempotency key.",
+            registry=self.registry,
+        )

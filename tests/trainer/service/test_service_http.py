@@ -22,6 +22,8 @@ from tests.trainer.service.conftest import TOKEN
 from lorafleet_api import wire
 
 READ_BYTES = "lorafleet_trainer_storage_read_bytes_total"
+REPLAYED = ("lorafleet_trainer_steps_total", (("outcome", "replayed"),))
+BOB_KEY = "bob-feedback-1"
 
 
 def snapshot(server: live.LiveTrainer) -> dict[str, Any]:
@@ -222,6 +224,22 @@ def _bad_requests() -> list[Any]:
         pytest.param(
             "post", "/v1/adapters/team-a/bob/distill", d(n=700, prompt_len=40), 413, "body", id="big"
         ),
+        pytest.param(
+            "post",
+            "/v1/adapters/team-a/bob/distill",
+            {**d(), "idempotency_key": "two words"},
+            422,
+            "idempotency_key",
+            id="key-pattern",
+        ),
+        pytest.param(
+            "post",
+            "/v1/adapters/team-a/bob/distill",
+            {**d(n=2), "idempotency_key": BOB_KEY},
+            409,
+            "idempotency_key",
+            id="key-reused",
+        ),
     ]
 
 
@@ -230,7 +248,8 @@ def bob(trainer: live.LiveTrainer) -> None:
     """A trained, cached adapter that the bad requests aim at."""
     c = trainer.client()
     assert c.put("/v1/adapters/team-a/bob", json=payloads.init_body()).status_code == 201
-    assert c.post("/v1/adapters/team-a/bob/distill", json=payloads.distill_body()).status_code == 200
+    body = {**payloads.distill_body(), "idempotency_key": BOB_KEY}
+    assert c.post("/v1/adapters/team-a/bob/distill", json=body).status_code == 200
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "field"), _bad_requests())
@@ -288,3 +307,26 @@ def test_init_can_pin_and_unpin_the_cache_entry(trainer: live.LiveTrainer) -> No
     assert pinned()
     assert c.put("/v1/adapters/team-a/pinned", json={**body, "cache": {"pinned": False}}).status_code == 200
     assert not pinned()
+
+
+def test_a_retried_step_is_answered_again_not_applied_twice(trainer: live.LiveTrainer) -> None:
+    c = trainer.client()
+    assert c.put("/v1/adapters/team-a/carol", json=payloads.init_body()).status_code == 201
+    url = "/v1/adapters/team-a/carol/distill"
+    body = {**payloads.distill_body(), "idempotency_key": "chat-41/feedback"}
+    first = wire.DistillResponse.model_validate(c.post(url, json=body).json())
+    replayed_before = trainer.metrics().get(REPLAYED, 0.0)
+    retry = c.post(url, json=body)
+    assert retry.status_code == 200, retry.text
+    again = wire.DistillResponse.model_validate(retry.json())
+    assert (first.version, first.replayed) == (1, False)
+    assert (again.version, again.artifact, again.metrics, again.replayed) == (
+        1,
+        first.artifact,
+        first.metrics,
+        True,
+    )
+    assert c.get("/v1/adapters/team-a/carol").json()["version"] == 1
+    assert trainer.metrics()[REPLAYED] == replayed_before + 1
+    # Without a key the same body is a new step.
+    assert c.post(url, json=payloads.distill_body()).json()["version"] == 2

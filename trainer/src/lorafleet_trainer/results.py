@@ -7,6 +7,7 @@ service turns each into its one HTTP response model (``lorafleet_api.wire``, in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +44,57 @@ class StepResult:
     timing_ms: dict[str, float]
     storage_read_bytes: int = 0
     artifact: str = ""
+    replayed: bool = False  # an earlier step's answer, for a retry with its idempotency key
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """A client's idempotency key for a step, and the digest of the request it came with."""
+
+    key: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class KeyedStep:
+    """What a keyed step answered, committed with its version (``lorafleet.json``)."""
+
+    key: StepKey
+    version: int
+    artifact: str
+    cache_hit: bool
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key.key,
+            "digest": self.key.digest,
+            "version": self.version,
+            "artifact": self.artifact,
+            "cache_hit": self.cache_hit,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> KeyedStep:
+        return cls(
+            key=StepKey(str(d["key"]), str(d["digest"])),
+            version=int(d["version"]),
+            artifact=str(d["artifact"]),
+            cache_hit=bool(d["cache_hit"]),
+            metrics={str(k): float(v) for k, v in d["metrics"].items()},
+        )
+
+    def replay(self) -> StepResult:
+        """The answer again; it took no time and read nothing."""
+        return StepResult(
+            version=self.version,
+            cache_hit=self.cache_hit,
+            metrics=dict(self.metrics),
+            timing_ms={},
+            artifact=self.artifact,
+            replayed=True,
+        )
 
 
 @dataclass(frozen=True)

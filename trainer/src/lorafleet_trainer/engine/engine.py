@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lorafleet_api.wire import KEYED_STEPS_KEPT
 from lorafleet_trainer.engine import decoding, holds, previewing, stepping
 from lorafleet_trainer.engine.cache import AdapterCache, CacheInfo
 from lorafleet_trainer.engine.previewing import Answering
@@ -58,7 +59,9 @@ from lorafleet_trainer.results import (
     EngineStats,
     Generation,
     InitResult,
+    KeyedStep,
     Scored,
+    StepKey,
     StepResult,
     TeacherPreview,
 )
@@ -338,13 +341,25 @@ class TrainerEngine:
         return False
 
     def distill(
-        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Overrides = None
+        self,
+        adapter: AdapterId,
+        samples: Sequence[DistillSample],
+        training: Overrides = None,
+        key: StepKey | None = None,
     ) -> StepResult:
-        """One SDPO step; returns once the new version is durable. Failures change nothing."""
+        """One SDPO step; returns once the new version is durable. Failures change nothing.
+
+        With ``key``: a step already committed under that key (one of the adapter's last
+        ``KEYED_STEPS_KEPT``) is answered again instead of applied twice; the same key with another
+        request's digest is refused.
+        """
         slots = self._require_ready()
         try:
             with self._lock:
-                result = self._distill(slots, adapter, samples, training)
+                kept = self._keyed(adapter, key)
+                if kept is not None:
+                    return kept.replay()
+                result = self._distill(slots, adapter, samples, training, key)
         except BaseException as exc:
             self._count("failed", 1)
             _strip_frames(exc)
@@ -356,19 +371,33 @@ class TrainerEngine:
         self._count("hits" if result.cache_hit else "misses", 1)
         return result
 
+    def _keyed(self, adapter: AdapterId, key: StepKey | None) -> KeyedStep | None:
+        """The committed step ``key`` names, if any (under the step lock: steps commit in order)."""
+        if key is None:
+            return None
+        kept = self._meta_for(adapter).keyed_step(key.key)
+        if kept is not None and kept.key.digest != key.digest:
+            raise ConfigConflict(
+                f"idempotency key {key.key!r} was already used for another request (version "
+                f"{kept.version}); a retry must repeat the same body",
+                field="idempotency_key",
+            )
+        return kept
+
     def _distill(
         self,
         slots: SlotManager,
         adapter: AdapterId,
         samples: Sequence[DistillSample],
         training: Overrides,
+        key: StepKey | None,
     ) -> StepResult:
         # Under the step lock: a fast tokenizer must not be borrowed by two threads at once.
         meta = self._meta_for(adapter)
         spec = meta.training.merged(training)
         prepared = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions, spec)
         batch = stepping.Batch.pack(prepared, pin=self._device.type == "cuda")
-        return self._step(slots, adapter, meta, spec, batch)
+        return self._step(slots, adapter, meta, spec, batch, key)
 
     def _step(
         self,
@@ -377,6 +406,7 @@ class TrainerEngine:
         meta: AdapterMeta,
         spec: TrainingSpec,
         batch: stepping.Batch,
+        key: StepKey | None = None,
     ) -> StepResult:
         slot = self._slot(meta.lora)
         slots.activate(slot)
@@ -399,6 +429,10 @@ class TrainerEngine:
             metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device, self.dtype)
             t2 = time.perf_counter()
             new = replace(meta, version=meta.version + 1)
+            artifact = self.store.artifact(adapter, new.version)
+            if key is not None:  # committed with the version it answers, in the same write
+                done = KeyedStep(key, new.version, artifact, hit, metrics)
+                new = replace(new, keyed=meta.with_keyed(done, KEYED_STEPS_KEPT))
             snapshot = slot.snapshot(adapter, new.version, new.epoch)  # the one copy back, and its wait
             t3 = time.perf_counter()
             holds.at(self.config.step_holds, "persist")
@@ -422,7 +456,7 @@ class TrainerEngine:
             metrics=metrics,
             timing_ms={k: v * 1000.0 for k, v in timing.items()},
             storage_read_bytes=self.store.read_bytes - read_before,
-            artifact=self.store.artifact(adapter, new.version),
+            artifact=artifact,
         )
 
     # ---- sampling, scoring, the teacher's preview -----------------------------------------------

@@ -5,7 +5,8 @@ In ``<root>/<ns>/``, for an adapter ``name``:
 - ``.<name>.v<version>-<id>/`` a version directory: ``adapter_config.json`` +
   ``adapter_model.safetensors`` (a PEFT adapter, loadable as is by PEFT and vLLM),
   ``optimizer.safetensors`` (AdamW moments and step; never pickle) and ``lorafleet.json`` (version,
-  epoch, LoRA config, training defaults). Nothing in it changes after it is committed.
+  epoch, LoRA config, training defaults, the answers of the latest keyed steps). Nothing in it
+  changes after it is committed.
 - ``.<name>.v<version>`` a link to the committed directory of that version: the version's
   *artifact*, the path an inference server loads while newer versions are written.
 - ``<name>`` a link to the latest committed version's directory.
@@ -43,6 +44,7 @@ from lorafleet_trainer.engine.bundles import StateBundle
 from lorafleet_trainer.errors import AdapterNotFound, InvalidInput, StorageFull
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.results import KeyedStep
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -66,6 +68,9 @@ class AdapterMeta:
     lora: LoraSpec
     training: TrainingSpec
     base_model: str
+    # The adapter's latest keyed steps (idempotency keys), oldest first: a retry of one of them is
+    # answered from here, also after a restart, since they are committed with the version.
+    keyed: tuple[KeyedStep, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +82,7 @@ class AdapterMeta:
             "lora": self.lora.to_dict(),
             "training": self.training.to_dict(),
             "base_model": self.base_model,
+            "keyed": [k.to_json() for k in self.keyed],
         }
 
     @classmethod
@@ -88,7 +94,15 @@ class AdapterMeta:
             lora=LoraSpec.from_dict(d["lora"]),
             training=TrainingSpec.from_dict(d["training"]),
             base_model=str(d["base_model"]),
+            keyed=tuple(KeyedStep.from_json(k) for k in d.get("keyed", ())),
         )
+
+    def keyed_step(self, key: str) -> KeyedStep | None:
+        return next((k for k in self.keyed if k.key.key == key), None)
+
+    def with_keyed(self, step: KeyedStep, kept: int) -> tuple[KeyedStep, ...]:
+        """``keyed`` with ``step`` appended, the oldest dropped past ``kept``."""
+        return (*self.keyed, step)[-kept:]
 
 
 def _fsync_dir(path: Path) -> None:

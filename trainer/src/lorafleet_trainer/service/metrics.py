@@ -27,7 +27,7 @@ PREFIX = f"{NAMESPACE}_{SUBSYSTEM}_"
 
 CACHE_LABELS = ("hit", "miss")
 PHASES = ("queue", "restore", "compute", "snapshot", "persist")
-OUTCOMES = ("ok", "invalid", "rejected", "cancelled", "unavailable", "error")
+OUTCOMES = ("ok", "replayed", "invalid", "rejected", "cancelled", "unavailable", "error")
 EVICTION_REASONS = ("lru", "explicit", "invalidated", "deleted")
 # From a tiny CPU model's tens of milliseconds to a large model's minutes on one GPU.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

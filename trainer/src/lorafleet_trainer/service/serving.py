@@ -11,6 +11,7 @@ it still waits is cancelled: it either completes or never starts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import threading
@@ -37,6 +38,7 @@ from lorafleet_trainer.results import (
     Generation,
     InitResult,
     Scored,
+    StepKey,
     StepResult,
     TeacherPreview,
 )
@@ -62,7 +64,11 @@ class Engine(Protocol):
     ) -> InitResult: ...
     def get_adapter(self, adapter: AdapterId) -> AdapterRecord: ...
     def distill(
-        self, adapter: AdapterId, samples: Sequence[DistillSample], training: Overrides
+        self,
+        adapter: AdapterId,
+        samples: Sequence[DistillSample],
+        training: Overrides,
+        key: StepKey | None = None,
     ) -> StepResult: ...
     def generate(
         self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
@@ -282,10 +288,21 @@ class TrainerService:
             # Checked now so a bad value is refused at once instead of after a wait in the queue.
             self.default_training.merged(training)
 
+            key = None
+            if body.idempotency_key is not None:
+                digest = (
+                    body.request_digest
+                    or hashlib.sha256(
+                        body.model_dump_json(exclude={"idempotency_key", "request_digest"}).encode()
+                    ).hexdigest()
+                )
+                key = StepKey(body.idempotency_key, digest)
+
             def step() -> StepResult:
-                done = self.engine.distill(adapter, samples, training)
-                # On the worker, right after the commit: the servers start loading it now.
-                self.publisher.committed(adapter, done.version, done.artifact)
+                done = self.engine.distill(adapter, samples, training, key)
+                if not done.replayed:
+                    # On the worker, right after the commit: the servers start loading it now.
+                    self.publisher.committed(adapter, done.version, done.artifact)
                 return done
 
             job = self.queue.submit(step)
@@ -297,7 +314,10 @@ class TrainerService:
         cache: Literal["hit", "miss"] = "hit" if result.cache_hit else "miss"
         phases = {k: float(v) for k, v in dict(result.timing_ms).items()}
         phases["queue"] = job.queue_seconds * 1000.0
-        self.metrics.observe_step(cache, job.run_seconds, phases)
+        if result.replayed:
+            self.metrics.count_outcome("replayed")
+        else:
+            self.metrics.observe_step(cache, job.run_seconds, phases)
         timing = wire.StepTiming(
             queue=phases["queue"],
             restore=phases.get("restore", 0.0),
@@ -308,7 +328,12 @@ class TrainerService:
         )
         metrics = {k: float(v) for k, v in dict(result.metrics).items()}
         return wire.DistillResponse(
-            version=result.version, artifact=result.artifact, cache=cache, metrics=metrics, timing_ms=timing
+            version=result.version,
+            artifact=result.artifact,
+            cache=cache,
+            metrics=metrics,
+            timing_ms=timing,
+            replayed=result.replayed,
         )
 
     async def generate(
