@@ -87,6 +87,10 @@ class Kube:
         self._check("list_pool_adapters")
         return self.adapters
 
+    async def list_adapters(self, namespace: str) -> list[dict[str, Any]]:
+        self._check("list_adapters")
+        return self.adapters
+
     async def get_adapter(self, namespace: str, name: str) -> dict[str, Any] | None:
         return next((a for a in self.adapters if a["metadata"]["name"] == name), None)
 

@@ -470,3 +470,42 @@ async def test_what_the_trainer_publishes_shows_in_the_status_until_the_adapter_
     await eventually(lambda: "alice" not in live(cluster, ADAPTERS), what="alice gone")
     unpublished = trainers.of("DELETE", f"/v1/adapters/{NS}/alice/serving")
     assert [c.ip for c in unpublished] == [ip_of(0)]
+
+
+async def test_a_served_name_taken_in_the_namespace_is_not_published_until_it_is_free(
+    cluster: kmock.KubernetesEmulator, operator: Runtime, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    selector = {"matchLabels": {"app": "vllm"}}
+    await create(cluster, POOLS, pool_manifest("demo", replicas=1, serving={"selector": selector}))
+    server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-7", "namespace": NS}}
+    server["metadata"]["labels"] = {"app": "vllm"}
+    server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
+    await create(cluster, PODS, server)
+    await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "shared"}))
+    await eventually(lambda: _served(statuses(cluster)["alice"]).get("status") == "True", what="alice served")
+    await create(cluster, ADAPTERS, adapter_manifest("bob", serving={"name": "shared"}))
+
+    def waits() -> bool:
+        condition = _served(statuses(cluster).get("bob", {}))
+        return (
+            condition.get("reason") == "ServedNameTaken" and "held by adapter alice" in condition["message"]
+        )
+
+    await eventually(waits, what="bob waits for the name")
+    await eventually(lambda: events(cluster, "ServedNameTaken", "bob"), what="a ServedNameTaken event")
+    # bob was placed and trained, but published under the name neither at its init nor later.
+    inits = [c.body for c in trainers.inits("bob")]
+    assert inits and all(body.get("serving") is None for body in inits), inits
+    assert [(a.name, a.served_name) for a in trainers.serving[ip_of(0)].adapters] == [("alice", "shared")]
+    assert statuses(cluster)["alice"]["servedName"] == "shared"
+
+    await delete(cluster, ADAPTERS, "alice")
+
+    def bob_published() -> bool:
+        told = trainers.serving[ip_of(0)].adapters
+        status = statuses(cluster).get("bob", {})
+        return [(a.name, a.served_name) for a in told] == [("bob", "shared")] and (
+            status.get("servedName") == "shared" and _served(status).get("status") == "True"
+        )
+
+    await eventually(bob_published, what="bob published once alice is gone")

@@ -95,6 +95,45 @@ def test_a_trainer_is_told_the_adapters_placed_on_it_with_their_served_names() -
     ]
 
 
+def _named(name: str, served: str | None, created: str, deleting: bool = False) -> dict:
+    meta = {"namespace": "team-a", "name": name, "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-29T13:00:00Z"
+    spec = {"pool": "demo", **({"serving": {"name": served}} if served else {})}
+    return {"metadata": meta, "spec": spec, "status": {"pod": "demo-0"}}
+
+
+def test_a_served_name_is_held_by_the_oldest_adapter_of_the_namespace() -> None:
+    bodies = [
+        _named("zed", "shared", "2026-11-29T10:00:00Z"),
+        _named("amy", "shared", "2026-11-29T11:00:00Z"),
+        _named("bob", "zed", "2026-11-29T11:30:00Z"),  # the name zed is served under by default
+        _named("cat", None, "2026-11-29T09:00:00Z"),
+        _named("dan", "cat", "2026-11-29T12:00:00Z", deleting=True),  # going: holds nothing
+    ]
+    taken = publishing.names_taken(bodies)
+    assert taken == {"amy": "zed"}  # the oldest holds a name, whatever the names' order
+    assert [a.name for a in publishing.owned(bodies, "demo-0", taken)] == ["zed", "bob", "cat"]
+    # Once the holder is going, the name passes to the next oldest.
+    going = [_named("zed", "shared", "2026-11-29T10:00:00Z", deleting=True), *bodies[1:]]
+    assert publishing.names_taken(going) == {}
+
+
+def test_an_adapter_whose_name_is_taken_says_so_once() -> None:
+    taken = outcomes.NameTaken("shared", "zed")
+    outcome = outcomes.polled({"version": 2}, "demo-0", adapter_state(2, cached=True), taken)
+    status = outcomes.adapter_status({"version": 2}, outcome, now=NOW, generation=1)
+    (served,) = [c for c in status["conditions"] if c["type"] == "Served"]
+    assert (served["status"], served["reason"]) == ("False", "ServedNameTaken")
+    assert "'shared' is held by adapter zed" in served["message"]
+    event = outcomes.announcement(outcome, {})
+    assert event is not None and event.warning and event.reason == "ServedNameTaken"
+    assert outcomes.announcement(outcome, status) is None
+    # Published after all (the holder went): the trainer's report wins.
+    published = adapter_state(2, cached=True, served_name="shared", served=[])
+    assert outcomes.polled({}, "demo-0", published, taken).taken is None  # type: ignore[union-attr]
+
+
 def test_trainer_pods_are_never_taken_for_servers() -> None:
     from lorafleet_operator.runtime import Runtime
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from lorafleet_api import adapters, pools, wire
-from lorafleet_operator import failures, outcomes, plans, statuses, trainers
+from lorafleet_operator import failures, outcomes, plans, publishing, statuses, trainers
 from lorafleet_operator.placing import Move, PodView, view_pod
 from lorafleet_operator.plans import Step
 from lorafleet_operator.runtime import Retry, Runtime, Waiting, announce
@@ -133,9 +133,16 @@ async def _initialize(
 ) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     epoch = int(status.get("epoch") or 1)
+    # Published under its served name only if no older adapter of the namespace holds it (checked
+    # now, not from the last serving sync: a load under a taken name replaces the holder's weights).
+    taken = publishing.names_taken(await rt.kube.list_adapters(namespace))
+    rt.names_taken[namespace] = taken
     try:
         code = await rt.trainers.init(
-            status["endpoint"], namespace, name, wire.init_request(spec, epoch, name)
+            status["endpoint"],
+            namespace,
+            name,
+            wire.init_request(spec, epoch, None if name in taken else name),
         )
     except trainers.TrainerError as exc:
         if exc.status == 409 and exc.field == "epoch" and may_advance:
@@ -183,7 +190,9 @@ async def _refresh(
         # The trainer restarted in place and lost the adapter: initialise it again (same epoch).
         await _initialize(rt, body, spec, status)
         return
-    await _write(rt, body, outcomes.polled(status, status["pod"], state))
+    holder = rt.names_taken.get(namespace, {}).get(name)
+    taken = outcomes.NameTaken(spec.served_name(name), holder) if holder is not None else None
+    await _write(rt, body, outcomes.polled(status, status["pod"], state, taken))
 
 
 async def _write(rt: Runtime, body: dict[str, Any], outcome: outcomes.Outcome) -> dict[str, Any]:

@@ -119,6 +119,8 @@ async def delete_adapter(rt: Runtime, body: dict[str, Any], elapsed: datetime.ti
     except (Retry, ApiError) as exc:
         failures.retried(rt.metrics, "adapter_delete")
         raise kopf.TemporaryError(str(exc), delay=getattr(exc, "delay", None) or 1.0) from exc
+    # An adapter that waited for its served name gets it now rather than at the next resync.
+    await publishing.name_freed(rt, body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 # ---- the kopf declarations -------------------------------------------------------------------

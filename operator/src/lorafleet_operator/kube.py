@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import pydantic
@@ -244,14 +244,18 @@ class KubeApi:
             return None
         return result
 
-    async def list_pool_adapters(self, namespace: str, pool: str) -> list[dict[str, Any]]:
+    async def list_adapters(self, namespace: str) -> list[dict[str, Any]]:
         body = await self._call(
             f"list {names.ADAPTERS} {namespace}",
             lambda a: a.custom.list_namespaced_custom_object(
                 names.GROUP, names.VERSION, namespace, names.ADAPTERS, **self._options()
             ),
         )
-        return [item for item in body.get("items", []) if (item.get("spec") or {}).get("pool") == pool]
+        items: list[dict[str, Any]] = body.get("items", [])
+        return items
+
+    async def list_pool_adapters(self, namespace: str, pool: str) -> list[dict[str, Any]]:
+        return [item for item in await self.list_adapters(namespace) if of_pool(item, pool)]
 
     async def patch_pool_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         await self._patch_status(names.POOLS, namespace, name, status)
@@ -328,3 +332,8 @@ def _decode(request: Callable[[_Apis], Any], apis: _Apis) -> Any:
 def connect() -> client.Configuration:
     """Credentials for the API; see ``credentials.load``."""
     return credentials.load()
+
+
+def of_pool(adapter: Mapping[str, Any], pool: str) -> bool:
+    """Whether a LoraAdapter body names ``pool``."""
+    return bool((adapter.get("spec") or {}).get("pool") == pool)

@@ -120,14 +120,33 @@ class Publication:
 
 
 @dataclasses.dataclass(frozen=True)
+class NameTaken:
+    """The adapter's served name is held by an older adapter of its namespace (``holder``)."""
+
+    name: str
+    holder: str
+
+    def condition(self) -> Condition:
+        return Condition(
+            SERVED,
+            False,
+            "ServedNameTaken",
+            f"served name {self.name!r} is held by adapter {self.holder}; this adapter is not "
+            "published until the name is free (or spec.serving.name names another)",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Polled:
     """The trainer's report of a Ready adapter: its version, whether it is cached, and its
-    publishing (None when the trainer does not publish it)."""
+    publishing (None when the trainer does not publish it; ``taken`` says when that is because
+    another adapter holds its served name)."""
 
     version: int | None
     cached: bool
     artifact: str | None = None
     served: Publication | None = None
+    taken: NameTaken | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,15 +199,18 @@ def initialized(status: Mapping[str, Any], pod: str, epoch: int, code: int) -> I
     return Initialized(pod, epoch, code)
 
 
-def polled(status: Mapping[str, Any], pod: str, state: wire.AdapterState) -> Polled | VersionWentBack:
-    """The outcome of polling the trainer's ``state`` of a Ready adapter."""
+def polled(
+    status: Mapping[str, Any], pod: str, state: wire.AdapterState, taken: NameTaken | None = None
+) -> Polled | VersionWentBack:
+    """The outcome of polling the trainer's ``state`` of a Ready adapter (``taken``: its served
+    name is held by another adapter, so it is not published)."""
     last = _int(status.get("version"))
     if last is not None and state.version < last:
         return VersionWentBack(pod, state.version, last, state.cached)
     served = None
     if state.served_name:
         served = Publication(state.served_name, state.version, tuple(state.served))
-    return Polled(state.version, state.cached, state.artifact or None, served)
+    return Polled(state.version, state.cached, state.artifact or None, served, None if served else taken)
 
 
 def served_condition(served: Publication) -> Condition:
@@ -326,7 +348,7 @@ def _effect(
             if outcome.artifact:
                 polled["artifact"] = outcome.artifact
             if outcome.served is None:
-                return polled, []
+                return polled, [outcome.taken.condition()] if outcome.taken is not None else []
             polled["servedName"] = outcome.served.name
             polled["served"] = [s.model_dump(exclude_none=True) for s in outcome.served.servers]
             return polled, [served_condition(outcome.served)]
@@ -359,6 +381,12 @@ def announcement(outcome: Outcome, stored: Mapping[str, Any] | None = None) -> A
     match outcome:
         case Polled(served=Publication() as served):
             return _served_event(served, stored or {})
+        case Polled(taken=NameTaken() as taken):
+            condition = taken.condition()
+            before = [c for c in (stored or {}).get("conditions") or [] if c.get("type") == SERVED]
+            if before and before[0].get("message") == condition.message:
+                return None  # said already
+            return _warning(condition)
         case Placed() if outcome.moved_because is not None:
             message = f"Moved to pod {outcome.pod} with epoch {outcome.epoch}: {outcome.moved_because}"
             return Announcement("Rescheduled", message, warning=True)

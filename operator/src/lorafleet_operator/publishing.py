@@ -17,7 +17,7 @@ from typing import Any
 from lorafleet_api import adapters, pools, wire
 from lorafleet_api.selectors import SelectorError, matches, selector_string
 from lorafleet_operator import failures, names, placing, trainers
-from lorafleet_operator.kube import ApiError
+from lorafleet_operator.kube import ApiError, of_pool
 from lorafleet_operator.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,43 @@ def servers(pods: Sequence[Mapping[str, Any]], port: int) -> list[wire.ServerRef
     return sorted(result, key=lambda s: s.name)
 
 
-def owned(adapter_bodies: Sequence[Mapping[str, Any]], pod: str) -> list[wire.OwnedAdapter]:
-    """The adapters placed on ``pod`` with their served names (unparseable specs skipped)."""
+def _served_name(body: Mapping[str, Any]) -> str | None:
+    try:
+        return adapters.parse_spec(dict(body)).served_name(body["metadata"]["name"])
+    except ValueError:
+        return None
+
+
+def names_taken(adapter_bodies: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """For each adapter of one namespace whose served name an older adapter there already uses:
+    that adapter's name. An inference server keeps one adapter per name (a second load under it
+    would replace the first's weights, and chats would be answered by the wrong adapter), so only
+    the oldest (by creation, then name) is published; the others wait until the name is free."""
+    holders: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    alive = [b for b in adapter_bodies if not b["metadata"].get("deletionTimestamp")]
+    for body in sorted(
+        alive, key=lambda b: (b["metadata"].get("creationTimestamp") or "", b["metadata"]["name"])
+    ):
+        served = _served_name(body)
+        if served is None:
+            continue
+        name = body["metadata"]["name"]
+        holder = holders.setdefault(served, name)
+        if holder != name:
+            taken[name] = holder
+    return taken
+
+
+def owned(
+    adapter_bodies: Sequence[Mapping[str, Any]], pod: str, taken: Mapping[str, str] | None = None
+) -> list[wire.OwnedAdapter]:
+    """The adapters placed on ``pod`` with their served names (unparseable specs skipped, and
+    those whose served name another adapter holds: ``taken``, from :func:`names_taken`)."""
     result = []
     for body in adapter_bodies:
         meta, status = body["metadata"], body.get("status") or {}
-        if status.get("pod") != pod or meta.get("deletionTimestamp"):
+        if status.get("pod") != pod or meta.get("deletionTimestamp") or meta["name"] in (taken or {}):
             continue
         try:
             spec = adapters.parse_spec(dict(body))
@@ -76,13 +107,15 @@ async def sync_serving(
         found = servers(chosen, serving.port)
     if trainer_pods is None:
         trainer_pods = [placing.view_pod(p, name) for p in await rt.kube.list_pool_pods(namespace, name)]
-    adapter_bodies = await rt.kube.list_pool_adapters(namespace, name)
+    everyone = await rt.kube.list_adapters(namespace)
+    taken = rt.names_taken[namespace] = names_taken(everyone)
+    adapter_bodies = [b for b in everyone if of_pool(b, name)]
     for view in trainer_pods:
         if not view.ready or not view.ip:
             continue
         body = wire.ServingRequest(
             servers=found,
-            adapters=owned(adapter_bodies, view.name),
+            adapters=owned(adapter_bodies, view.name, taken),
             adapter_root=serving.adapter_root or None if serving is not None else None,
         )
         try:
@@ -110,3 +143,22 @@ async def server_changed(rt: Runtime, namespace: str, pool: str) -> None:
             await sync_serving(rt, pools.parse(body))
     except ApiError as exc:
         failures.skipped(rt.metrics, "server_event", f"trainerpool {namespace}/{pool}", exc)
+
+
+async def name_freed(rt: Runtime, namespace: str, holder: str) -> None:
+    """``holder`` is gone: sync the serving of the pools whose adapters waited for its served name."""
+    if holder not in rt.names_taken.get(namespace, {}).values():
+        return
+    try:
+        everyone = await rt.kube.list_adapters(namespace)
+    except ApiError as exc:
+        failures.skipped(rt.metrics, "serving_sync", f"adapters of {namespace}", exc)
+        return
+    waiting = {a["metadata"]["name"] for a in everyone} & {
+        name for name, held_by in rt.names_taken[namespace].items() if held_by == holder
+    }
+    pools_of_waiting = {
+        str((a.get("spec") or {}).get("pool")) for a in everyone if a["metadata"]["name"] in waiting
+    }
+    for pool in sorted(pools_of_waiting):
+        await server_changed(rt, namespace, pool)

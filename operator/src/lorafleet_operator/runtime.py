@@ -53,6 +53,9 @@ class Runtime:
     _pods: dict[tuple[str, str], tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     # (namespace, pool) -> spec.serving.selector of the pools that publish: which pod events matter.
     serving_selectors: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # namespace -> {adapter: the adapter that holds its served name}, as the last serving sync saw
+    # them: those adapters are not published, and their status says why.
+    names_taken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, pool), asyncio.Lock())
