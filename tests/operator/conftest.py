@@ -155,9 +155,11 @@ async def kubelet(cluster: kmock.KubernetesEmulator) -> AsyncIterator[Kubelet]:
 
 
 @pytest.fixture
-def settings(trainers: Trainers, tmp_path: Path) -> OperatorSettings:
+def settings(trainers: Trainers, tmp_path: Path, request: pytest.FixtureRequest) -> OperatorSettings:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    marker = request.node.get_closest_marker("operator_settings")
+    changed = marker.kwargs if marker is not None else {}
     return OperatorSettings(
         trainer_port=trainers.port,
         resync_seconds=2.0,
@@ -169,7 +171,7 @@ def settings(trainers: Trainers, tmp_path: Path) -> OperatorSettings:
         api_timeout_seconds=2.0,
         auth_token_file=token_file,
         leader_election=False,
-    )
+    ).model_copy(update=changed)
 
 
 OperatorStarter = Callable[..., contextlib.AbstractAsyncContextManager[Runtime]]

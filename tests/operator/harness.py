@@ -45,6 +45,7 @@ class Call:
     path: str
     body: Any
     auth: str | None
+    query: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -158,7 +159,8 @@ def trainer_app(state: Trainers) -> web.Application:
     async def record(request: web.Request) -> tuple[str, Any]:
         ip = request.transport.get_extra_info("sockname")[0] if request.transport else "?"
         body = await request.json() if request.can_read_body else None
-        state.calls.append(Call(ip, request.method, request.path, body, request.headers.get("Authorization")))
+        auth = request.headers.get("Authorization")
+        state.calls.append(Call(ip, request.method, request.path, body, auth, dict(request.query)))
         return ip, body
 
     def key(request: web.Request) -> tuple[str, str]:

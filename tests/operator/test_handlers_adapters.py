@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import kmock
+import pytest
 from tests.operator.harness import (
     ADAPTERS,
     EVENTS,
@@ -509,3 +510,30 @@ async def test_a_served_name_taken_in_the_namespace_is_not_published_until_it_is
         )
 
     await eventually(bob_published, what="bob published once alice is gone")
+
+
+# The adapter stays on its lost pod while the test runs.
+@pytest.mark.operator_settings(replace_grace_seconds=3600.0)
+async def test_an_adapter_deleted_while_its_pod_is_gone_is_unloaded_through_another_pod(
+    cluster: kmock.KubernetesEmulator, start_operator: Any, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    async with start_operator():
+        selector = {"matchLabels": {"app": "vllm"}}
+        await create(cluster, POOLS, pool_manifest("demo", replicas=2, serving={"selector": selector}))
+        server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-9", "namespace": NS}}
+        server["metadata"]["labels"] = {"app": "vllm"}
+        server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
+        await create(cluster, PODS, server)
+        await pool_ready(cluster, "demo", 2)
+        await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "alice-v1"}))
+        await eventually(lambda: _served(statuses(cluster)["alice"]).get("status") == "True", what="served")
+        lost = statuses(cluster)["alice"]["pod"]
+        other = "demo-1" if lost == "demo-0" else "demo-0"
+        kubelet.unready.add(lost)
+        await delete(cluster, PODS, lost)  # its replacement never becomes Ready
+        await delete(cluster, ADAPTERS, "alice")
+        await eventually(lambda: "alice" not in live(cluster, ADAPTERS), what="alice released")
+        (call,) = trainers.of("DELETE", f"/v1/adapters/{NS}/alice/serving")
+        assert call.ip == ip_of(int(other[-1])) and call.query == {"served_name": "alice-v1"}
+        (event,) = await eventually(lambda: events(cluster, "Unpublished", "alice"), what="Unpublished event")
+        assert "vllm-9" in event["message"] and other in event["message"]

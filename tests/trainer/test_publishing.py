@@ -258,6 +258,29 @@ def test_disowning_unloads_from_every_server_and_says_so(publisher: Publisher, s
         other.stop()
 
 
+def test_a_pod_that_never_published_an_adapter_unloads_only_that_adapters_files(
+    publisher: Publisher, server: StandIn
+) -> None:
+    """The pod that published alice is gone; another pod of the pool is asked to unload her name."""
+    other = StandIn()
+    try:
+        with server.lock:
+            server.loaded["alice"] = f"{STORE}/{artifact(ALICE, 3)}"
+        with other.lock:
+            other.loaded["alice"] = f"{STORE}/{artifact(BOB, 2)}"  # the name now holds bob's files
+            other.loaded["alice-x"] = f"{STORE}/{artifact(ALICE, 3)}"
+        publisher.set_servers([Server("vllm-0", server.url), Server("vllm-1", other.url)])
+        assert publisher.disown(ALICE) == {}  # not published here, and no name given
+        assert publisher.disown(ALICE, served_name="alice") == {"vllm-0": "unloaded", "vllm-1": "absent"}
+        assert server.loaded == {}
+        assert other.loaded == {
+            "alice": f"{STORE}/{artifact(BOB, 2)}",
+            "alice-x": f"{STORE}/{artifact(ALICE, 3)}",
+        }
+    finally:
+        other.stop()
+
+
 def test_dropping_a_server_does_not_wait_for_its_load_in_flight(
     publisher: Publisher, server: StandIn
 ) -> None:

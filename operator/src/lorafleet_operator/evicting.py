@@ -27,10 +27,11 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
     status = body.get("status") or {}
     if meta.get("uid") and meta["uid"] in rt.released:
         return
+    served_name: str | None = None
     try:
         spec = adapters.parse_spec(body)
         delete_weights = spec.deletion_policy == "Delete" or rt.settings.delete_stored_weights
-        pool = spec.pool
+        pool, served_name = spec.pool, spec.served_name(name)
     except ValidationError:
         delete_weights, pool = rt.settings.delete_stored_weights, (body.get("spec") or {}).get("pool", "")
     rt.metrics.set_phase(namespace, name, "Terminating")
@@ -41,6 +42,8 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
         except ApiError as exc:
             failures.skipped(rt.metrics, "adapter_terminating", f"loraadapter {namespace}/{name}", exc)
     target = await _target(rt, namespace, status, pool, delete_weights)
+    if target is None and status.get("pod") and served_name is not None:
+        await _unload_orphan(rt, body, pool, served_name)
     if target is None:
         if status.get("pod"):
             kept = " (no Ready pod to delete the stored weights; they are kept)" if delete_weights else ""
@@ -82,6 +85,34 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
     announce(body, "Evicted", message)
     rt.metrics.evictions.labels(outcome=outcome).inc()
     _done(rt, meta)
+
+
+async def _unload_orphan(rt: Runtime, body: dict[str, Any], pool: str, served_name: str) -> None:
+    """The pod that published the adapter is gone: another Ready pod of the pool (it knows the same
+    servers) unloads the served name wherever it was loaded from this adapter's files, so no server
+    keeps answering with a deleted adapter. Best effort: a failure is said in a Warning Event."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    views = [placing.view_pod(p, pool) for p in await rt.kube.list_pool_pods(namespace, pool)]
+    others = [(v.name, v.ip) for v in views if v.ready and v.ip and not v.terminating]
+    if not others:
+        return  # no pod knows the servers; a pool without pods has nobody to publish either
+    pod, ip = others[0]
+    try:
+        unloads = await rt.trainers.unpublish(
+            trainers.endpoint(ip, rt.settings.trainer_port), namespace, name, served_name
+        )
+    except trainers.TrainerError as exc:
+        announce(
+            body, "UnpublishFailed", warning=True, message=f"Could not unload it from the servers: {exc}"
+        )
+        return
+    stuck = {server: why for server, why in unloads.items() if why not in ("unloaded", "absent")}
+    if stuck:
+        listed = "; ".join(f"{server}: {why}" for server, why in sorted(stuck.items()))
+        announce(body, "UnpublishFailed", warning=True, message=f"Still loaded on {listed}")
+    elif any(why == "unloaded" for why in unloads.values()):
+        unloaded = ", ".join(sorted(s for s, why in unloads.items() if why == "unloaded"))
+        announce(body, "Unpublished", f"Unloaded from {unloaded} through pod {pod}")
 
 
 def _done(rt: Runtime, meta: dict[str, Any]) -> None:

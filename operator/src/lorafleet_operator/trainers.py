@@ -128,10 +128,17 @@ class TrainerClient:
         response = await self._call("serving", "PUT", f"{base}/v1/serving", (200,), json=self._body(body))
         return self._answer(wire.ServingState, response)
 
-    async def unpublish(self, base: str, namespace: str, name: str) -> dict[str, str]:
-        """``DELETE /v1/adapters/{ns}/{name}/serving``: server -> "unloaded", "absent" or the error."""
+    async def unpublish(
+        self, base: str, namespace: str, name: str, served_name: str | None = None
+    ) -> dict[str, str]:
+        """``DELETE /v1/adapters/{ns}/{name}/serving``: server -> "unloaded", "absent" or the error.
+        ``served_name``: ask a pod that never published the adapter to unload that name."""
         response = await self._call(
-            "unpublish", "DELETE", self._adapter(base, namespace, name) + "/serving", (200, 404, 405)
+            "unpublish",
+            "DELETE",
+            self._adapter(base, namespace, name) + "/serving",
+            (200, 404, 405),
+            params={"served_name": served_name} if served_name else None,
         )
         if response.status_code != 200:
             return {}  # a trainer from before publishing: it never loaded the adapter anywhere

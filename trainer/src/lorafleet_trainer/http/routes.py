@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lorafleet_api import adapters, wire
+from lorafleet_api import adapters, fields, wire
 from lorafleet_trainer.errors import NotReady
 from lorafleet_trainer.http.auth import BearerAuth
 from lorafleet_trainer.ids import AdapterId
@@ -27,6 +27,13 @@ _bearer = HTTPBearer(auto_error=False, description="the token in --auth-token-fi
 
 Namespace = Annotated[str, Path(pattern=adapters.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
 Name = Annotated[str, Path(pattern=adapters.DNS1123_LABEL, max_length=63, description="DNS-1123 label")]
+ServedNameQuery = Annotated[
+    str | None,
+    Query(
+        **fields.bounds(fields.spec_field("LoraAdapter", "serving.name").schema),
+        description="the adapter's served name",
+    ),
+]
 
 
 def service(request: Request) -> TrainerService:
@@ -208,10 +215,14 @@ def export_adapter(
 
 
 @v1.delete("/adapters/{namespace}/{name}/serving", response_model=wire.Unpublished)
-def unpublish_adapter(namespace: Namespace, name: Name, svc: Service) -> wire.Unpublished:
+def unpublish_adapter(
+    namespace: Namespace, name: Name, svc: Service, served_name: ServedNameQuery = None
+) -> wire.Unpublished:
     """Unload the adapter from every inference server and stop publishing it; waits a few seconds
-    and answers what each server said (failed unloads keep being retried)."""
-    return svc.unpublish(AdapterId(namespace, name))
+    and answers what each server said (failed unloads keep being retried). ``served_name``: for an
+    adapter this pod does not publish (the pod that did is gone), the name to unload wherever it
+    was loaded from this adapter's files."""
+    return svc.unpublish(AdapterId(namespace, name), served_name)
 
 
 @v1.put("/serving", response_model=wire.ServingState, tags=["serving"])

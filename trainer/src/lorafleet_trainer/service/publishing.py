@@ -224,16 +224,26 @@ class Publisher:
         if changed:
             self._wake()
 
-    def disown(self, adapter: AdapterId, wait: float = UNLOAD_WAIT_SECONDS) -> dict[str, str]:
+    def disown(
+        self, adapter: AdapterId, wait: float = UNLOAD_WAIT_SECONDS, served_name: str | None = None
+    ) -> dict[str, str]:
         """Stop serving ``adapter``: unload it from every server. Waits up to ``wait`` s and
-        answers server -> "unloaded" | "absent" | the error; failed unloads keep being retried."""
+        answers server -> "unloaded" | "absent" | the error; failed unloads keep being retried.
+
+        ``served_name``: the name to unload when this pod does not publish the adapter (the pod
+        that did is gone); a server that loaded that name from another adapter's files keeps it.
+        """
+        only_from = None
         with self._lock:
             name = self._names.pop(adapter, None)
             self._wanted.pop(adapter, None)
             workers = list(self._workers.values())
+            if name is None and served_name is not None:
+                name = served_name
+                only_from = served_path(self._adapter_root, f"{adapter.namespace}/.{adapter.name}.v")
         if name is None:
             return {}
-        tickets = [(w, w.unload(adapter, name)) for w in workers]
+        tickets = [(w, w.unload(adapter, name, only_from)) for w in workers]
         deadline = time.monotonic() + wait
         result = {}
         for worker, ticket in tickets:
@@ -353,6 +363,9 @@ class Unload:
     name: str
     done: threading.Event = field(default_factory=threading.Event)
     outcome: str = ""
+    # For an adapter this pod never published (its own pod is gone): unload the name only where it
+    # was loaded from one of that adapter's version directories (paths starting with this).
+    only_from: str | None = None
 
 
 class ServerWorker:
@@ -389,8 +402,8 @@ class ServerWorker:
         with self._lock:
             return replace(self._served.get(adapter) or Served(since=""))
 
-    def unload(self, adapter: AdapterId, name: str) -> Unload:
-        ticket = Unload(adapter, name)
+    def unload(self, adapter: AdapterId, name: str, only_from: str | None = None) -> Unload:
+        ticket = Unload(adapter, name, only_from=only_from)
         with self._lock:
             self._unloads.append(ticket)
             self._served.pop(adapter, None)
@@ -506,7 +519,8 @@ class ServerWorker:
         with self._lock:
             tickets = list(self._unloads)
         for ticket in tickets:
-            if ticket.name not in loaded:
+            path = loaded.get(ticket.name)
+            if path is None or (ticket.only_from is not None and not path.startswith(ticket.only_from)):
                 ticket.outcome = "absent"
             else:
                 try:

@@ -232,9 +232,10 @@ class TrainerService:
         self.publisher.set_servers([publishing.Server(s.name, s.url) for s in body.servers])
         return self.serving()
 
-    def unpublish(self, adapter: AdapterId) -> wire.Unpublished:
-        """Unload the adapter from every server and stop publishing it (waits a few seconds)."""
-        return wire.Unpublished(servers=self.publisher.disown(adapter))
+    def unpublish(self, adapter: AdapterId, served_name: str | None = None) -> wire.Unpublished:
+        """Unload the adapter from every server and stop publishing it (waits a few seconds);
+        ``served_name``: unload that name even if this pod never published the adapter."""
+        return wire.Unpublished(servers=self.publisher.disown(adapter, served_name=served_name))
 
     def export(self, adapter: AdapterId, version: int | None = None) -> bytes:
         """A kept committed version (default: the latest) as a PEFT zip."""
