@@ -11,13 +11,14 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint images test-images test-node demo eval bench bench-quick bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint images test-images test-node demo eval bench bench-quick bench-batching bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e, vLLM serving)"
 	@echo "make eval        learning judged on held-out questions: shipped defaults vs earlier settings"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
+	@echo "make bench-batching  a step's samples as padded batches vs one forward per sample"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
 	@echo "make images      the operator and trainer images, built here with podman from their Dockerfiles"
@@ -132,12 +133,17 @@ bench: python-deps
 bench-quick: python-deps
 	$(PY) -m lorafleet_trainer.bench --quick --json bench-results/bench-quick.json
 
+# A step's samples as padded batches against one forward per sample (builtin:small, the real model).
+bench-batching: python-deps
+	$(PY) -m lorafleet_trainer.bench_batching --json bench-results/bench-batching.json
+
 # What publishing to vLLM adds to a step (a trainer and a vLLM on a core each; scripts/bench_publishing.py).
 bench-publishing: python-deps vllm
 	$(PY) -m scripts.bench_publishing --json bench-results/bench-publishing.json
 
 bench-gpu: python-deps
 	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json
+	$(PY) -m lorafleet_trainer.bench_batching --device cuda --json bench-results/bench-batching-gpu.json
 
 ## ---- contracts --------------------------------------------------------------
 

@@ -98,6 +98,7 @@ def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> 
         base_model=settings.base_model,
         storage_root=settings.storage,
         keep_versions=settings.keep_versions,
+        step_token_budget=settings.step_token_budget,
         served_base_model_name=settings.served_base_model_name,
         cache_capacity_bytes=settings.cache_capacity,
         device=settings.device,

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET
+
 ENV_PREFIX = "LORAFLEET_TRAINER_"
 
 # Kubernetes quantity suffixes, so `cache.capacity: 48Gi` from a TrainerPool passes through as is.
@@ -72,6 +74,13 @@ class TrainerSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="listen port (0 picks a free one)")
     storage: Path = Field(Path("/var/lib/lorafleet/adapters"), description="adapter store root")
     keep_versions: int = Field(3, ge=1, le=1000, description="committed versions kept per adapter")
+    step_token_budget: int = Field(
+        DEFAULT_STEP_TOKEN_BUDGET,
+        ge=1,
+        le=1 << 24,
+        description="padded tokens (rows x longest row) of one forward pass of a step: a step's "
+        "samples run as padded batches, split into micro-batches past this (same result, less memory)",
+    )
     served_base_model_name: str | None = Field(
         None,
         min_length=1,

@@ -51,7 +51,7 @@ from lorafleet_trainer.engine.storage import (
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning import prompting, sampling
-from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET, LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
 from lorafleet_trainer.models import models
 from lorafleet_trainer.results import (
@@ -84,6 +84,8 @@ class EngineConfig:
     default_training: TrainingSpec = field(default_factory=TrainingSpec)
     step_holds: holds.PhaseHolds | None = None  # test-only: park steps at named phases
     keep_versions: int = DEFAULT_KEEP_VERSIONS  # committed versions kept loadable by path
+    # Padded tokens (rows x longest row) of one forward of a step; more samples run as micro-batches.
+    step_token_budget: int = DEFAULT_STEP_TOKEN_BUDGET
     # base_model_name_or_path in adapter_config.json: the name inference servers serve the base under.
     served_base_model_name: str | None = None
 
@@ -96,6 +98,8 @@ class EngineConfig:
             raise InvalidInput(f"must be one of {MODES}", field="gpu_residency")
         if isinstance(self.cache_capacity_bytes, bool) or self.cache_capacity_bytes < 0:
             raise InvalidInput("must be a byte count >= 0", field="cache_capacity_bytes")
+        if isinstance(self.step_token_budget, bool) or self.step_token_budget < 1:
+            raise InvalidInput("must be a token count >= 1", field="step_token_budget")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -396,7 +400,9 @@ class TrainerEngine:
         meta = self._meta_for(adapter)
         spec = meta.training.merged(training)
         prepared = stepping.prepare(samples, self._tokenizer, self._vocab_size, self._max_positions, spec)
-        batch = stepping.Batch.pack(prepared, pin=self._device.type == "cuda")
+        batch = stepping.Batch.pack(
+            prepared, pin=self._device.type == "cuda", token_budget=self.config.step_token_budget
+        )
         return self._step(slots, adapter, meta, spec, batch, key)
 
     def _step(

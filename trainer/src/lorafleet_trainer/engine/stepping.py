@@ -5,8 +5,10 @@ lengths within its context) and builds the teacher prompts, before any adapter s
 ``train_step`` runs the teacher (the frozen base with the adapter disabled, or the base with the
 EMA of the adapter's weights) and, with a KL weight, the frozen base, then the student with the
 adapter enabled, and refuses to apply an update whose loss or gradient is
-not finite. A step moves the minimum between host and device: the packed batch up in one copy,
-the metrics down in one read (the one wait that decides whether to apply the update).
+not finite. The samples of a step run as padded batches (``Batch.pack`` groups them into
+micro-batches under a token budget), not one forward per sample. A step moves the minimum between
+host and device: the packed batch up in one copy, the metrics down in one read (the one wait that
+decides whether to apply the update).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from lorafleet_trainer.engine.slots import LoraSlot
 from lorafleet_trainer.errors import InvalidInput, NonFiniteLoss
 from lorafleet_trainer.learning import prompting, sdpo
-from lorafleet_trainer.learning.configs import TrainingSpec
+from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
 
 
@@ -65,27 +67,89 @@ def prepare(
 
 
 @dataclass(frozen=True)
+class Block:
+    """A left-padded ``rows x width`` id matrix in the packed tensor, its 0/1 mask right after it."""
+
+    offset: int
+    rows: int
+    width: int
+
+    def tensors(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.rows * self.width
+        ids = packed[self.offset : self.offset + size].view(self.rows, self.width)
+        mask = packed[self.offset + size : self.offset + 2 * size].view(self.rows, self.width)
+        return ids, mask
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Consecutive samples of a step that run as one padded forward each for the teacher (and the
+    base) and the student; its loss is a token mean, weighted by its share of the step's tokens."""
+
+    student: Block
+    teacher: Block
+    response: tuple[int, int]  # the slice of the step's response tokens (and log-probs) it predicts
+    lengths: tuple[int, ...]  # response tokens per row
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def _micro_batches(batch: Sequence[Prepared], budget: int) -> list[list[Prepared]]:
+    """Samples in order, grouped so that each group's padded forward (rows x its longest sequence,
+    teacher or student) stays within ``budget`` tokens; a sample longer than that runs alone."""
+    groups: list[list[Prepared]] = []
+    width = 0
+    for ex in batch:
+        longest = max(len(ex.student_ids), len(ex.teacher_ids))
+        if groups and (len(groups[-1]) + 1) * max(width, longest) <= budget:
+            groups[-1].append(ex)
+            width = max(width, longest)
+        else:
+            groups.append([ex])
+            width = longest
+    return groups
+
+
+def _pad_left(parts: list[int], seqs: Sequence[list[int]]) -> Block:
+    width = max(len(seq) for seq in seqs)
+    block = Block(len(parts), len(seqs), width)
+    for seq in seqs:
+        parts.extend([0] * (width - len(seq)))
+        parts.extend(seq)
+    for seq in seqs:
+        parts.extend([0] * (width - len(seq)))
+        parts.extend([1] * len(seq))
+    return block
+
+
+@dataclass(frozen=True)
 class Batch:
     """A prepared batch packed into one host tensor, so it reaches the device in one copy.
 
-    Every id sequence (students, teachers, responses) is int64; the sampler's log-probabilities
-    ride along as float64 bit patterns in the same tensor and are viewed back on the device.
+    Every micro-batch's padded id and mask matrices (students, teachers) and the responses are
+    int64; the sampler's log-probabilities ride along as float64 bit patterns in the same tensor
+    and are viewed back on the device.
     """
 
     packed: torch.Tensor
-    spans: dict[str, list[tuple[int, int]]]  # "student"/"teacher" -> (start, end) per sample
+    micro: tuple[MicroBatch, ...]
     response: tuple[int, int]
     logprobs: tuple[int, int]
     response_lengths: list[int]
 
     @classmethod
-    def pack(cls, batch: list[Prepared], pin: bool) -> Batch:
+    def pack(cls, batch: list[Prepared], pin: bool, token_budget: int = DEFAULT_STEP_TOKEN_BUDGET) -> Batch:
         parts: list[int] = []
-        spans: dict[str, list[tuple[int, int]]] = {"student": [], "teacher": []}
-        for ex in batch:
-            for name, seq in (("student", ex.student_ids), ("teacher", ex.teacher_ids)):
-                spans[name].append((len(parts), len(parts) + len(seq)))
-                parts.extend(seq)
+        micro = []
+        done = 0
+        for group in _micro_batches(batch, token_budget):
+            student = _pad_left(parts, [ex.student_ids for ex in group])
+            teacher = _pad_left(parts, [ex.teacher_ids for ex in group])
+            lengths = tuple(len(ex.response_ids) for ex in group)
+            micro.append(MicroBatch(student, teacher, (done, done + sum(lengths)), lengths))
+            done += sum(lengths)
         response = [t for ex in batch for t in ex.response_ids]
         start = len(parts)
         parts.extend(response)
@@ -96,7 +160,7 @@ class Batch:
         packed[ids.numel() :] = logprobs.view(torch.int64)
         return cls(
             packed,
-            spans,
+            tuple(micro),
             (start, start + len(response)),
             (ids.numel(), packed.numel()),
             [len(ex.response_ids) for ex in batch],
@@ -106,13 +170,20 @@ class Batch:
         return self.packed.to(device, non_blocking=True)
 
 
-def _response_logits(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Logits predicting the last ``n`` tokens of ``ids`` (only those rows go through the head)."""
+def _response_logits(model: Any, packed: torch.Tensor, block: Block, lengths: Sequence[int]) -> torch.Tensor:
+    """The logits predicting each row's last ``lengths[row]`` tokens, rows one after another.
+
+    One forward over the left-padded rows: positions count from each row's first real token, the
+    mask keeps padding out of attention, and only the last positions go through the head.
+    """
+    ids, mask = block.tensors(packed)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(lengths) + 1
     # use_cache=False: a training forward never decodes further, so a KV cache is pure waste.
-    logits: torch.Tensor = model(input_ids=ids.unsqueeze(0), logits_to_keep=n + 1, use_cache=False).logits[
-        0, :-1
-    ]
-    return logits
+    logits: torch.Tensor = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
+    ).logits
+    return torch.cat([logits[row, keep - n - 1 : keep - 1] for row, n in enumerate(lengths)])
 
 
 def teacher_weights(model: Any, slot: LoraSlot, spec: TrainingSpec) -> AbstractContextManager[Any]:
@@ -159,52 +230,64 @@ def _loss_and_gradients(
     model: Any, slot: LoraSlot, spec: TrainingSpec, batch: Batch, device: torch.device, dtype: torch.dtype
 ) -> list[float]:
     """Everything that builds the autograd graph, in a frame of its own: when it returns, the graph
-    and its activations are gone, whatever the caller does with the numbers."""
+    and its activations are gone, whatever the caller does with the numbers.
+
+    Each micro-batch runs its teacher (and base) forward, its student forward and its backward
+    before the next starts, so memory is bounded by the token budget. Every term of the loss is a
+    mean over response tokens, so weighting each micro-batch's by its share of the tokens gives the
+    whole batch's loss and gradient.
+    """
     packed = batch.upload(device)
     # Autocast runs the forward in the base's dtype; LoRA weights, gradients and AdamW stay fp32.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    student, teacher, base = [], [], []
-    model.eval()
-    with autocast, torch.no_grad():
-        with teacher_weights(model, slot, spec):
-            for (s, e), n in zip(batch.spans["teacher"], batch.response_lengths, strict=True):
-                teacher.append(_response_logits(model, packed[s:e], n))
-        if spec.kl_reg_weight > 0.0:
-            with model.disable_adapter():
-                for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
-                    base.append(_response_logits(model, packed[s:e], n))
-    # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
-    model.train(slot.lora.dropout > 0.0)
-    try:
-        with autocast:
-            for (s, e), n in zip(batch.spans["student"], batch.response_lengths, strict=True):
-                student.append(_response_logits(model, packed[s:e], n))
-    finally:
+    responses = packed[batch.response[0] : batch.response[1]]
+    old_logprobs = packed[batch.logprobs[0] : batch.logprobs[1]].view(torch.float64)
+    total_tokens = sum(batch.response_lengths)
+    sums = torch.zeros(5, dtype=torch.float32, device=device)
+    for micro in batch.micro:
         model.eval()
-    terms = sdpo.sdpo_loss(
-        torch.cat(student),
-        torch.cat(teacher),
-        packed[batch.response[0] : batch.response[1]],
-        packed[batch.logprobs[0] : batch.logprobs[1]].view(torch.float64),
-        alpha=spec.alpha,
-        is_clip=spec.is_clip,
-        is_floor=spec.is_floor,
-        top_k=spec.teacher_top_k,
-        kl_reg_weight=spec.kl_reg_weight,
-        base_logits=torch.cat(base) if base else None,
-    )
-    terms.total.backward()
+        base = None
+        with autocast, torch.no_grad():
+            with teacher_weights(model, slot, spec):
+                teacher = _response_logits(model, packed, micro.teacher, micro.lengths)
+            if spec.kl_reg_weight > 0.0:
+                with model.disable_adapter():
+                    base = _response_logits(model, packed, micro.student, micro.lengths)
+        # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
+        model.train(slot.lora.dropout > 0.0)
+        try:
+            with autocast:
+                student = _response_logits(model, packed, micro.student, micro.lengths)
+        finally:
+            model.eval()
+        first, end = micro.response
+        terms = sdpo.sdpo_loss(
+            student,
+            teacher,
+            responses[first:end],
+            old_logprobs[first:end],
+            alpha=spec.alpha,
+            is_clip=spec.is_clip,
+            is_floor=spec.is_floor,
+            top_k=spec.teacher_top_k,
+            kl_reg_weight=spec.kl_reg_weight,
+            base_logits=base,
+        )
+        share = micro.tokens / total_tokens
+        (terms.total * share if share != 1.0 else terms.total).backward()
+        step = torch.stack(
+            [
+                terms.total.detach(),
+                terms.distill.detach(),
+                terms.kl_reg.detach(),
+                terms.mean_is_ratio,
+                terms.clip_fraction,
+            ]
+        )
+        sums += step.float() * share
+        del student, teacher, base, terms
     params = [slot.params[k] for k in slot.keys]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-    out = torch.stack(
-        [
-            terms.total.detach(),
-            terms.distill.detach(),
-            terms.kl_reg.detach(),
-            terms.mean_is_ratio,
-            terms.clip_fraction,
-            grad_norm.to(terms.total.dtype),
-        ]
-    )
+    out = torch.cat([sums, grad_norm.to(sums.dtype).reshape(1)])
     values: list[float] = out.tolist()  # the step's one read from the device
     return values
