@@ -140,7 +140,11 @@ def test_dashboards_ship_as_sidecar_configmaps() -> None:
         for path in (charting.CHART / "dashboards").glob("*.json")
     }
     assert shipped == files
-    assert {d["title"] for d in shipped.values()} == {"LoraFleet / Trainers", "LoraFleet / Operator"}
+    assert {d["title"] for d in shipped.values()} == {
+        "LoraFleet / Trainers",
+        "LoraFleet / Operator",
+        "LoraFleet / Gateway",
+    }
 
 
 def test_trainer_pool_from_values_uses_the_generated_token() -> None:
