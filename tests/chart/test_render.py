@@ -150,7 +150,11 @@ def test_prometheus_rule_carries_the_plain_rules_file() -> None:
     (rule,) = charting.kinds(charting.render(sets=["prometheus.force=true"]), "PrometheusRule")
     plain = yaml.safe_load((charting.CHART / "alerts" / "lorafleet.rules.yaml").read_text(encoding="utf-8"))
     assert rule["spec"] == plain
-    assert len(plain["groups"]) == 2
+    assert [group["name"] for group in plain["groups"]] == [
+        "lorafleet-trainers",
+        "lorafleet-operator",
+        "lorafleet-gateway",
+    ]
 
 
 def test_dashboards_ship_as_sidecar_configmaps() -> None:
