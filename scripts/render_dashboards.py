@@ -22,6 +22,7 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Every trainer query is narrowed by the dashboard's pool and pod filters.
 TRAINER = '{job="lorafleet-trainer", pool=~"$pool", pod=~"$pod"}'
 OPERATOR = '{job="lorafleet-operator", pod=~"$pod"}'
+GATEWAY = 'job="lorafleet-gateway", pod=~"$pod"'
 RATE = "$__rate_interval"
 PHASE = "lorafleet_trainer_step_phase_duration_seconds"
 
@@ -279,6 +280,98 @@ def operator_panels() -> list[Panel]:
     ]
 
 
+def gateway(*matchers: str) -> str:
+    """The gateway's selector, narrowed by the pod filter and any further ``label="value"``."""
+    return "{" + ", ".join((GATEWAY, *matchers)) + "}"
+
+
+def gateway_panels() -> list[Panel]:
+    """The Gateway dashboard: what is asked, of which adapter, how fast upstreams answer, feedback."""
+    requests = "lorafleet_gateway_requests_total"
+    chats = gateway('route=~"/v1/chat/completions|/v1/completions"', 'model!=""')
+    failed = gateway('route="/v1/feedback"', 'code!~"2.."')
+    lookups = "lorafleet_gateway_record_lookups_total"
+    hit = gateway('result="hit"')
+    hits = f"sum by (pod) (rate({lookups}{hit}[{RATE}]))"
+    return [
+        Panel(
+            "Requests by route and code",
+            "Answers per second by route (the matched route; unmatched for any other path) and HTTP status.",
+            "reqps",
+            (Query(f"sum by (route, code) (rate({requests}{gateway()}[{RATE}]))", "{{route}} {{code}}"),),
+            width=24,
+            stack=True,
+        ),
+        Panel(
+            "Chat requests by adapter",
+            "Chat and completion requests per second by the adapter (namespace/adapter) they resolved to.",
+            "reqps",
+            (Query(f"sum by (model) (rate({requests}{chats}[{RATE}]))", "{{model}}"),),
+            stack=True,
+        ),
+        Panel(
+            "Upstream latency p50 / p95 by route",
+            "Time to an upstream's answer: an inference server's (chat/completions, completions) or a "
+            "trainer's (score, distill).",
+            "s",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le, route) "
+                    f"(rate(lorafleet_gateway_upstream_seconds_bucket{gateway()}[{RATE}])))",
+                    f"p{int(q * 100)} {{{{route}}}}",
+                )
+                for q in (0.5, 0.95)
+            ),
+        ),
+        Panel(
+            "Feedback to new version p50 / p95",
+            "From a feedback's arrival to the answer naming its new version (scoring and the step in it).",
+            "s",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(lorafleet_gateway_feedback_seconds_bucket{gateway()}[{RATE}])))",
+                    f"p{int(q * 100)}",
+                )
+                for q in (0.5, 0.95)
+            ),
+        ),
+        Panel(
+            "Routing decisions",
+            "Chats sent to a server with the adapter's latest version, to one with an older version "
+            "(none had the latest in time), or to none (answered 503).",
+            "ops",
+            (
+                Query(
+                    f"sum by (decision) (rate(lorafleet_gateway_routing_decisions_total{gateway()}[{RATE}]))",
+                    "{{decision}}",
+                ),
+            ),
+            stack=True,
+        ),
+        Panel(
+            "Completion record hit ratio",
+            "Share of feedback samples each replica found in its record of what it served (vLLM's own "
+            "log-probs); a miss is scored on the trainer first.",
+            "percentunit",
+            (Query(f"{hits} / sum by (pod) (rate({lookups}{gateway()}[{RATE}]))", "{{pod}}"),),
+            extra={"min": 0, "max": 1},
+        ),
+        Panel(
+            "Feedback errors and replayed steps",
+            "Feedback answered with an error, by HTTP status (5xx is what the GatewayFeedbackFailing "
+            "alert watches), and steps answered from an earlier one with the same idempotency key.",
+            "ops",
+            (
+                Query(f"sum by (code) (rate({requests}{failed}[{RATE}]))", "{{code}}"),
+                Query(
+                    f"sum (rate(lorafleet_gateway_feedback_replayed_total{gateway()}[{RATE}]))", "replayed"
+                ),
+            ),
+        ),
+    ]
+
+
 def variable(name: str, label: str, query: str) -> dict[str, Any]:
     """A multi-select filter whose values come from a label of a metric."""
     return {
@@ -353,7 +446,7 @@ def render(uid: str, title: str, panels: list[Panel], variables: list[dict[str, 
 
 
 def dashboards() -> dict[str, dict[str, Any]]:
-    """File name -> dashboard JSON model, for both LoraFleet dashboards."""
+    """File name -> dashboard JSON model, for every LoraFleet dashboard."""
     trainers = render(
         "lorafleet-trainers",
         "LoraFleet / Trainers",
@@ -375,13 +468,20 @@ def dashboards() -> dict[str, dict[str, Any]]:
         operator_panels(),
         [variable("pod", "Operator pod", 'label_values(up{job="lorafleet-operator"}, pod)')],
     )
-    return {"trainers.json": trainers, "operator.json": operator}
+    gateway_board = render(
+        "lorafleet-gateway",
+        "LoraFleet / Gateway",
+        gateway_panels(),
+        [variable("pod", "Gateway pod", 'label_values(up{job="lorafleet-gateway"}, pod)')],
+    )
+    return {"trainers.json": trainers, "operator.json": operator, "gateway.json": gateway_board}
 
 
 def markdown() -> str:
-    """The panel-by-panel summary of both dashboards, for the README."""
+    """The panel-by-panel summary of every dashboard, for the README."""
     lines: list[str] = []
-    for name, panels in (("Trainers", trainer_panels()), ("Operator", operator_panels())):
+    boards = (("Trainers", trainer_panels()), ("Operator", operator_panels()), ("Gateway", gateway_panels()))
+    for name, panels in boards:
         lines += [f"**{name}**", "", "| panel | shows |", "|---|---|"]
         lines += [f"| {p.title} | {p.description} |" for p in panels]
         lines.append("")

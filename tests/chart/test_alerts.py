@@ -20,6 +20,7 @@ EXPECTED_ALERTS = {
     "LoraFleetAdaptersNotReady",
     "LoraFleetOperatorReconcileErrors",
     "LoraFleetOperatorDown",
+    "LoraFleetGatewayFeedbackFailing",
 }
 
 

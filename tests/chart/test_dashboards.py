@@ -20,6 +20,8 @@ from grafana_foundation_sdk.cog import encoder, plugins
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 from tests.chart import charting
 
+from lorafleet_gateway.metrics import GatewayMetrics
+
 # Lets the decoder pick the Prometheus query model for targets whose datasource type is prometheus.
 plugins.register_default_plugins()
 DASHBOARDS = sorted((charting.CHART / "dashboards").glob("*.json"))
@@ -61,6 +63,24 @@ DESIGN_METRICS = {
         "trainer_requests_total",
     ]
 }
+# The gateway's (issue 27), as prometheus_client exposes them (counters end in _total).
+DESIGN_METRICS |= {
+    f"lorafleet_gateway_{name}"
+    for name in [
+        "requests_total",
+        "upstream_seconds",
+        "routing_decisions_total",
+        "record_lookups_total",
+        "feedback_seconds",
+        "feedback_replayed_total",
+    ]
+}
+# The `job` of each dashboard's series (the chart's PodMonitor and ServiceMonitors relabel it).
+JOBS = {
+    "trainers.json": "lorafleet-trainer",
+    "operator.json": "lorafleet-operator",
+    "gateway.json": "lorafleet-gateway",
+}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -89,8 +109,8 @@ def variable_selectors() -> list[str]:
     return selectors
 
 
-def test_both_dashboards_exist_and_are_fresh() -> None:
-    assert [p.name for p in DASHBOARDS] == ["operator.json", "trainers.json"]
+def test_every_dashboard_exists_and_is_fresh() -> None:
+    assert [p.name for p in DASHBOARDS] == ["gateway.json", "operator.json", "trainers.json"]
     done = subprocess.run(
         [sys.executable, str(charting.ROOT / "scripts" / "render_dashboards.py"), "--check"],
         capture_output=True,
@@ -120,6 +140,10 @@ def test_dashboard_model(path: Path) -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["pod"]["multi"] and variables["pod"]["includeAll"]
+    job = f'job="{JOBS[path.name]}"'
+    assert job in variables["pod"]["query"]["query"], "the pod filter lists another component's pods"
+    if path.name != "trainers.json":
+        assert variables["pod"]["query"]["query"] == f"label_values(up{{{job}}}, pod)"
     if path.name == "trainers.json":
         assert variables["pool"]["multi"] and variables["pool"]["includeAll"]
     ids = [panel["id"] for panel in board["panels"]]
@@ -131,6 +155,11 @@ def test_dashboard_model(path: Path) -> None:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert "$pod" in target["expr"], f"{panel['title']} ignores the pod filter"
+            # Every selector of the query, not only one of them, is the component's and the pods'.
+            selectors = re.findall(r"\w\{([^}]*)\}", target["expr"])
+            assert selectors, target["expr"]
+            for selector in selectors:
+                assert selector.startswith(job) and 'pod=~"$pod"' in selector, f"{panel['title']}: {selector}"
             if path.name == "trainers.json":
                 assert "$pool" in target["expr"], f"{panel['title']} ignores the pool filter"
 
@@ -184,8 +213,17 @@ def test_every_query_uses_design_metric_names() -> None:
         for name in re.findall(r"\b(lorafleet_\w+?)(?:_bucket|_sum|_count)?\{", expr):
             assert name in DESIGN_METRICS, f"{title}: {name} is not a DESIGN.md metric"
             used.add(name)
-    # Every trainer metric of the contract is drawn somewhere (the operator's too).
+    # Every trainer metric of the contract is drawn somewhere (the operator's and the gateway's too).
     assert used == DESIGN_METRICS, f"not on any panel: {sorted(DESIGN_METRICS - used)}"
+
+
+def test_the_gateway_metrics_are_the_ones_it_exposes() -> None:
+    # prometheus_client names a counter's samples <name>_total; a histogram's family keeps its name.
+    exposed = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in GatewayMetrics().registry.collect()
+    }
+    assert exposed == {name for name in DESIGN_METRICS if name.startswith("lorafleet_gateway_")}
 
 
 def test_every_query_parses(tmp_path: Path) -> None:

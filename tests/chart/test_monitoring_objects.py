@@ -58,7 +58,9 @@ def test_monitoring_objects_match_the_prometheus_operator_types(checker: Path, v
     )
     assert done.stdout.count("ok ") == expected
     if values is None:
-        assert expected == 3  # all three, so this check is never vacuous
+        # All three kinds (a ServiceMonitor each for the operator and the gateway), so this check
+        # is never vacuous.
+        assert expected == 4
 
 
 def test_an_unknown_field_is_refused(checker: Path) -> None:

@@ -121,11 +121,40 @@ def test_monitoring_objects_follow_the_api_or_the_force_value() -> None:
     assert wanted <= forced
 
 
+def test_each_service_monitor_scrapes_its_own_service_as_its_job() -> None:
+    docs = charting.render(sets=["prometheus.force=true"])
+    assert len(charting.kinds(docs, "ServiceMonitor")) == 2
+    for name, job in (("operator", "lorafleet-operator"), ("gateway", "lorafleet-gateway")):
+        (monitor,) = charting.component(docs, "ServiceMonitor", name)
+        (service,) = charting.component(docs, "Service", name)
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        assert wanted.items() <= service["metadata"]["labels"].items(), name
+        # No other Service of the release matches: only this component's pods are scraped as its job.
+        assert [
+            s for s in charting.kinds(docs, "Service") if wanted.items() <= s["metadata"]["labels"].items()
+        ] == [service]
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": job}]
+
+
+@pytest.mark.parametrize("off", ["gateway.enabled=false", "prometheus.serviceMonitor.enabled=false"])
+def test_the_gateway_service_monitor_needs_the_gateway_and_service_monitors(off: str) -> None:
+    docs = charting.render(sets=["prometheus.force=true", off])
+    assert not charting.component(docs, "ServiceMonitor", "gateway")
+
+
 def test_prometheus_rule_carries_the_plain_rules_file() -> None:
     (rule,) = charting.kinds(charting.render(sets=["prometheus.force=true"]), "PrometheusRule")
     plain = yaml.safe_load((charting.CHART / "alerts" / "lorafleet.rules.yaml").read_text(encoding="utf-8"))
     assert rule["spec"] == plain
-    assert len(plain["groups"]) == 2
+    assert [group["name"] for group in plain["groups"]] == [
+        "lorafleet-trainers",
+        "lorafleet-operator",
+        "lorafleet-gateway",
+    ]
 
 
 def test_dashboards_ship_as_sidecar_configmaps() -> None:
@@ -140,7 +169,11 @@ def test_dashboards_ship_as_sidecar_configmaps() -> None:
         for path in (charting.CHART / "dashboards").glob("*.json")
     }
     assert shipped == files
-    assert {d["title"] for d in shipped.values()} == {"LoraFleet / Trainers", "LoraFleet / Operator"}
+    assert {d["title"] for d in shipped.values()} == {
+        "LoraFleet / Trainers",
+        "LoraFleet / Operator",
+        "LoraFleet / Gateway",
+    }
 
 
 def test_trainer_pool_from_values_uses_the_generated_token() -> None:

@@ -19,6 +19,7 @@ from tests.gateway import live_gateway
 from tests.gateway.test_claas import BATCH, SINGLE
 from tests.trainer.service import live
 
+from lorafleet_gateway.app import Gateway
 from lorafleet_gateway.directory import Adapter
 
 pytest.importorskip("lorafleet_trainer")
@@ -223,3 +224,59 @@ def test_a_step_whose_answer_was_lost_is_retried_once_and_applied_once(trainer: 
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def counted(gw: Gateway) -> dict[tuple[str, str, str], float]:
+    """``lorafleet_gateway_requests_total`` by (route, model, code), read from the gateway's registry."""
+    return {
+        (s.labels["route"], s.labels["model"], s.labels["code"]): s.value
+        for family in gw.metrics.registry.collect()
+        if family.name == "lorafleet_gateway_requests"
+        for s in family.samples
+        if s.name == "lorafleet_gateway_requests_total"
+    }
+
+
+def test_requests_are_counted_by_route_template_and_the_adapter_they_resolved_to(
+    trainer: live.LiveTrainer,
+) -> None:
+    files = trainer.storage.parent / "counted"
+    files.mkdir(exist_ok=True)
+    token = files / "trainer-token"
+    token.write_text(TRAINER_TOKEN)
+    known = [
+        Adapter("team-a", "alice", "alice", trainer.base_url),
+        Adapter("team-a", "bob", "bob-v1", trainer.base_url),
+    ]
+    # No inference server: a chat resolves its adapter, then is answered 503 at once.
+    with live_gateway.serving(known, trainer_token_file=token, latest_wait_seconds=0) as (url, gw):
+        assert post(url, SINGLE, token=None).status_code == 200
+        # A batch over two adapters counts as its first one's.
+        batch = {"requests": [{**SINGLE, "lora_id": "bob-v1"}, SINGLE]}
+        assert post(url, batch, token=None).status_code == 200
+        assert post(url, {**SINGLE, "feedback": ""}, token=None).status_code == 422
+        assert post(url, {**SINGLE, "lora_id": "team-a/nobody"}, token=None).status_code == 404
+        chat = {"model": "alice", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).status_code == 503
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/v1/feedback", timeout=30).status_code == 405
+        for scanned in ("/wp-login.php", "/v1/adapters/team-a/alice", "/.env"):
+            assert httpx.get(f"{url}{scanned}", timeout=30).status_code == 404
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+        page = httpx.get(f"{url}/metrics", timeout=30).text
+        assert counted(gw) == {
+            ("/v1/feedback", "team-a/alice", "200"): 1.0,
+            ("/v1/feedback", "team-a/bob", "200"): 1.0,
+            ("/v1/feedback", "", "422"): 1.0,
+            ("/v1/feedback", "", "404"): 1.0,
+            ("/v1/chat/completions", "team-a/alice", "503"): 1.0,
+            ("/v1/models", "", "200"): 1.0,
+            ("/v1/feedback", "", "405"): 1.0,
+            ("unmatched", "", "404"): 3.0,
+            ("/healthz", "", "200"): 1.0,
+            ("/metrics", "", "200"): 1.0,
+        }
+    # The page a scrape reads carries the same labels (a request is counted once it is answered).
+    line = 'lorafleet_gateway_requests_total{code="200",model="team-a/bob",route="/v1/feedback"} 1.0'
+    assert line in page.splitlines()
+    assert "wp-login" not in page

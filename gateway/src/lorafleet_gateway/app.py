@@ -130,6 +130,7 @@ class Gateway:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
             raise Failure(422, "must name a model (an adapter's served name or namespace/adapter)", "model")
         adapter = await self.resolve(body["model"], allowed)
+        request.state.model = adapter.key
         choice = await self.choose(adapter)
         headers = {
             VERSION_HEADER: str(choice.version),
@@ -227,6 +228,8 @@ class Gateway:
         groups: dict[str, tuple[Adapter, list[tuple[int, claas.FeedbackItem]]]] = {}
         for i, item in enumerate(items):
             adapter = await self.resolve(item.lora_id, allowed)
+            if not groups:
+                request.state.model = adapter.key  # a batch over several adapters counts as its first
             groups.setdefault(adapter.key, (adapter, []))[1].append((i, item))
         # Every group's samples and training are built before any step: bad input changes nothing.
         plans = [await self._plan(adapter, group, key) for adapter, group in groups.values()]
@@ -395,10 +398,22 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        gateway.metrics.requests.labels(
-            route=request.url.path, model="", code=str(response.status_code)
-        ).inc()
+        # The matched route's template, not the path: a scan of made-up paths adds no series. The
+        # model is the adapter the request resolved to, so only adapters that exist become labels.
+        def counted(code: int) -> None:
+            template = getattr(request.scope.get("route"), "path", None)
+            gateway.metrics.requests.labels(
+                route=template if isinstance(template, str) else "unmatched",
+                model=getattr(request.state, "model", ""),
+                code=str(code),
+            ).inc()
+
+        try:
+            response: Response = await call_next(request)
+        except Exception:
+            counted(500)  # what the server answers for an exception no handler took
+            raise
+        counted(response.status_code)
         return response
 
     @app.get("/healthz")

@@ -10,7 +10,8 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "lorafleet_gateway_requests",
-            "Requests answered, by route, model and HTTP code.",
+            "Requests answered, by route (the matched route's template, or unmatched), model (the "
+            "adapter it resolved to, namespace/adapter; empty before one is) and HTTP code.",
             ["route", "model", "code"],
             registry=self.registry,
         )
