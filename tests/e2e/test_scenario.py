@@ -150,6 +150,29 @@ def test_feedback_trains_each_adapter_from_the_cache_without_storage_reads(scena
         )
 
 
+def test_the_status_follows_each_commit(scenario: Fleet) -> None:
+    """The operator follows its trainers' changes: each step's version reaches status.version
+    without waiting for the resync. The lag from the step's answer to a `kubectl get` that shows
+    it is printed (p50, p95 over 20 steps; read by polling kubectl, so it includes its start-up),
+    not asserted: it is a figure of this machine."""
+    url = scenario.adapter_url("bob")
+    lags = []
+    for _ in range(20):
+        code, step = scenario.call("POST", url + "/distill", feedback_for("bob"))
+        answered = time.monotonic()
+        assert code == 200, step
+        eventually(
+            f"bob's status.version to reach {step['version']}",
+            lambda v=step["version"]: scenario.adapter("bob")["status"].get("version") == v,  # type: ignore[misc]
+            timeout=90,
+            interval=0.05,
+        )
+        lags.append(time.monotonic() - answered)
+    lags.sort()
+    scenario.figures["status_lag_p50_s"] = round(lags[len(lags) // 2], 2)
+    scenario.figures["status_lag_p95_s"] = round(lags[int(0.95 * len(lags)) - 1], 2)
+
+
 def test_feedback_through_the_gateway_steps_the_adapter_where_it_lives(scenario: Fleet) -> None:
     """The chart's gateway finds alice through the API (its read-only RBAC), scores the text-only
     feedback on alice's trainer and steps it there; /v1/models lists the release's adapters."""

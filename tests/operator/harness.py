@@ -74,6 +74,9 @@ class Trainers:
     serving: dict[str, wire.ServingRequest] = dataclasses.field(default_factory=dict)
     refusing: dict[str, str] = dataclasses.field(default_factory=dict)  # server name -> its load error
     dropping: set[str] = dataclasses.field(default_factory=set)  # fields left out of state answers
+    # GET /v1/changes: per pod, the adapter each change was to, in order (inits and train() add).
+    change_log: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
+    quiet: set[str] = dataclasses.field(default_factory=set)  # IPs without the changes route (404)
 
     def of(self, method: str, suffix: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and c.path.endswith(suffix)]
@@ -89,6 +92,7 @@ class Trainers:
         """What a distill step does to the adapter's state: a new version, cached."""
         entry = self.adapters[ip][(NS, name)]
         entry.version, entry.cached, entry.cache_bytes = version, True, cache_bytes
+        self.change_log.setdefault(ip, []).append((NS, name))
 
     def state(self, ip: str, key: tuple[str, str]) -> wire.AdapterState:
         entry = self.adapters[ip][key]
@@ -191,7 +195,33 @@ def trainer_app(state: Trainers) -> web.Application:
             known[key(request)] = Stored(asked.lora, asked.epoch)
         elif asked.epoch > previous.epoch:  # a new placement: the cached state of the old one goes
             previous.epoch, previous.cached, previous.cache_bytes = asked.epoch, False, 0
+        state.change_log.setdefault(ip, []).append(key(request))
         return _answer(state.state(ip, key(request)), 200 if previous else 201)
+
+    async def changes(request: web.Request) -> web.Response:
+        # Not recorded in calls: the operator keeps one open per Ready pod all the time.
+        ip = request.transport.get_extra_info("sockname")[0] if request.transport else "?"
+        if (refusal := guard(ip, request)) is not None:
+            return refusal
+        if ip in state.quiet:
+            return _error(404, "Not Found", "path")
+        instance, log = f"fake-{ip}", state.change_log.setdefault(ip, [])
+        if request.query.get("instance") != instance:
+            return web.json_response({"instance": instance, "seq": len(log), "adapters": []})
+        since = int(request.query.get("since", "0"))
+        # The real trainer waits up to `wait` for a change; a second keeps test teardowns short.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(float(request.query.get("wait", "0")), 1.0)
+        while len(log) <= since and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        seq, answers = len(log), []
+        for changed in dict.fromkeys(log[since:]):
+            if changed in state.adapters.get(ip, {}):
+                body = state.state(ip, changed).model_dump(mode="json")
+                for name in state.dropping:
+                    body.pop(name, None)
+                answers.append(body)
+        return web.json_response({"instance": instance, "seq": seq, "adapters": answers})
 
     async def get_state(request: web.Request) -> web.Response:
         ip, _ = await record(request)
@@ -267,6 +297,7 @@ def trainer_app(state: Trainers) -> web.Application:
     app.router.add_delete("/v1/adapters/{ns}/{name}", delete)
     app.router.add_get("/v1/cache", cache)
     app.router.add_put("/v1/serving", set_serving)
+    app.router.add_get("/v1/changes", changes)
     return app
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
 import pytest
 from prometheus_client import CollectorRegistry
 
+import lorafleet_operator as operator_package
 from lorafleet_api import adapters, wire
 from lorafleet_operator import handlers, pooling
 from lorafleet_operator.kube import ApiError, KubeApi
@@ -178,6 +181,20 @@ def test_every_path_is_exported_at_zero(rt: Runtime) -> None:
     assert errors(rt) == {}
     names = {s.labels["path"] for m in rt.metrics.registry.collect() for s in m.samples if "path" in s.labels}
     assert names == set(ERROR_PATHS)
+
+
+def test_every_path_the_operator_counts_is_a_known_one() -> None:
+    """A path named in a skipped()/retried() call but missing from ERROR_PATHS would raise where
+    the error was to be counted (serving_sync and server_event once were)."""
+    source = Path(operator_package.__file__).parent
+    used = {
+        path
+        for module in source.glob("*.py")
+        for path in re.findall(
+            r"failures\.(?:skipped|retried)\(\s*rt\.metrics,\s*\"(\w+)\"", module.read_text()
+        )
+    }
+    assert used and used <= set(ERROR_PATHS), used - set(ERROR_PATHS)
 
 
 async def test_pool_change_is_retried_by_kopf_and_counted(

@@ -537,3 +537,27 @@ async def test_an_adapter_deleted_while_its_pod_is_gone_is_unloaded_through_anot
         assert call.ip == ip_of(int(other[-1])) and call.query == {"served_name": "alice-v1"}
         (event,) = await eventually(lambda: events(cluster, "Unpublished", "alice"), what="Unpublished event")
         assert "vllm-9" in event["message"] and other in event["message"]
+
+
+# No timer polls while the test runs: only the followed changes can move the status.
+@pytest.mark.operator_settings(resync_seconds=3600.0)
+async def test_the_status_follows_each_commit_without_waiting_for_the_resync(
+    cluster: kmock.KubernetesEmulator, start_operator: Any, trainers: Trainers, kubelet: Kubelet
+) -> None:
+    async with start_operator() as rt:
+        await create(cluster, POOLS, pool_manifest("demo", replicas=1))
+        await create(cluster, ADAPTERS, adapter_manifest("alice"))
+        await eventually(lambda: all_ready(cluster, ["alice"]), what="Ready")
+        polls = len(trainers.of("GET", f"/v1/adapters/{NS}/alice"))
+        for version in (1, 2, 5):
+            trainers.train(ip_of(0), "alice", version=version)
+            status = await eventually(
+                lambda v=version: (s := statuses(cluster)["alice"]).get("version") == v and s,
+                what=f"version {version} followed",
+            )
+            assert status["artifact"] == f"{NS}/.alice.v{version:08d}" and status["cached"] is True
+        assert len(trainers.of("GET", f"/v1/adapters/{NS}/alice")) == polls  # no poll did it
+        assert ("demo", "demo-0") not in rt.followers and (NS, "demo-0") in rt.followers
+        # A trainer without the route (an older image) is left to the resync: nothing breaks.
+        trainers.quiet.add(ip_of(0))
+        await eventually(lambda: rt.followers[(NS, "demo-0")].task.done(), what="the follower stops")

@@ -123,6 +123,16 @@ class AdapterState(BaseModel):
     )
 
 
+class Changes(BaseModel):
+    """``GET /v1/changes``: the adapters whose state changed after a follower's last number."""
+
+    model_config = _RESPONSE
+
+    instance: str = Field(description="this trainer process; numbers are only comparable within one")
+    seq: int = Field(description="the number of the latest change; pass it as since next time")
+    adapters: list[AdapterState] = Field(description="the current state of each adapter changed since")
+
+
 class StepTiming(BaseModel):
     model_config = _RESPONSE
 

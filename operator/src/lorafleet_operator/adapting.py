@@ -180,19 +180,45 @@ async def _refresh(
     rt: Runtime, body: dict[str, Any], spec: adapters.AdapterSpec, status: dict[str, Any]
 ) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    try:
-        state = await rt.trainers.state(status["endpoint"], namespace, name)
-    except trainers.TrainerError as exc:
-        # The next resync polls again; placement is judged by the pod, not by this poll.
-        failures.skipped(rt.metrics, "adapter_poll", f"loraadapter {namespace}/{name}", exc)
-        return
-    if state is None:
-        # The trainer restarted in place and lost the adapter: initialise it again (same epoch).
-        await _initialize(rt, body, spec, status)
-        return
+    async with rt.adapter_lock(namespace, name):
+        try:
+            state = await rt.trainers.state(status["endpoint"], namespace, name)
+        except trainers.TrainerError as exc:
+            # The next resync polls again; placement is judged by the pod, not by this poll.
+            failures.skipped(rt.metrics, "adapter_poll", f"loraadapter {namespace}/{name}", exc)
+            return
+        if state is not None:
+            await _write(rt, body, outcomes.polled(status, status["pod"], state, _taken(rt, spec, body)))
+            return
+    # The trainer restarted in place and lost the adapter: initialise it again (same epoch).
+    await _initialize(rt, body, spec, status)
+
+
+def _taken(rt: Runtime, spec: adapters.AdapterSpec, body: dict[str, Any]) -> outcomes.NameTaken | None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     holder = rt.names_taken.get(namespace, {}).get(name)
-    taken = outcomes.NameTaken(spec.served_name(name), holder) if holder is not None else None
-    await _write(rt, body, outcomes.polled(status, status["pod"], state, taken))
+    return outcomes.NameTaken(spec.served_name(name), holder) if holder is not None else None
+
+
+async def follow(rt: Runtime, pod: str, state: wire.AdapterState) -> None:
+    """Trainer pod ``pod`` reports that the adapter's state changed: write it to the status now,
+    if the adapter is still Ready on that pod and the report is not older than the status (a
+    report that is goes to the resync to judge)."""
+    namespace, name = state.namespace, state.name
+    async with rt.adapter_lock(namespace, name):
+        body = await rt.kube.get_adapter(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        status = body.get("status") or {}
+        if status.get("pod") != pod or status.get("phase") != "Ready":
+            return
+        if state.version < int(status.get("version") or 0):
+            return
+        try:
+            spec = adapters.parse_spec(body)
+        except ValidationError:
+            return
+        await _write(rt, body, outcomes.polled(status, pod, state, _taken(rt, spec, body)))
 
 
 async def _write(rt: Runtime, body: dict[str, Any], outcome: outcomes.Outcome) -> dict[str, Any]:

@@ -18,7 +18,16 @@ from typing import Any
 
 import kopf
 
-from lorafleet_operator import adapting, credentials, evicting, failures, names, pooling, publishing
+from lorafleet_operator import (
+    adapting,
+    credentials,
+    evicting,
+    failures,
+    following,
+    names,
+    pooling,
+    publishing,
+)
 from lorafleet_operator.kube import ApiError
 from lorafleet_operator.runtime import Retry, Runtime, Waiting
 from lorafleet_operator.settings import OperatorSettings
@@ -134,6 +143,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
 
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: Any, **_: Any) -> None:
+        # Before kopf cancels what is left: a follower cancelled mid-poll would leak its socket.
+        await memo.runtime.stop_following()
+
     # The official client's loaders, as for the operator's own calls (in-cluster, kubeconfig, exec).
     kopf.on.login(registry=registry)(credentials.kopf_login)
 
@@ -151,8 +165,10 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     async def pod_event(
         type: str, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
     ) -> None:
-        # Other pod updates (annotations, probes' timestamps) change nothing here and are skipped.
         rt: Runtime = memo.runtime
+        # A Ready trainer is followed (its changes reach the statuses at once); a gone one is not.
+        following.track(rt, body, deleted=type == "DELETED")
+        # Other pod updates (annotations, probes' timestamps) change nothing here and are skipped.
         if rt.pod_changed(body, deleted=type == "DELETED"):
             pod = body.get("metadata", {}).get("name")
             await pod_changed(rt, namespace or "", labels[names.POOL_LABEL], pod)

@@ -28,6 +28,9 @@ ERROR_PATHS = (
     "adapter_poll",  # a Ready adapter's state on its trainer (the next resync polls again)
     "adapter_delete",  # a LoraAdapter's deletion: eviction or its reads (kopf retries)
     "adapter_terminating",  # the cosmetic Terminating phase before an eviction (skipped)
+    "adapter_follow",  # writing a followed trainer change to the status (the resync writes it)
+    "serving_sync",  # telling a trainer pod its servers and adapters (the next sync tries again)
+    "server_event",  # an inference server pod event: syncing its pools (the resync tries again)
 )
 
 

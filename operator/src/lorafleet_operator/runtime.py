@@ -8,6 +8,7 @@ decision re-reads the placements under the lock and writes its own before releas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 from collections.abc import Callable, Mapping
@@ -56,9 +57,17 @@ class Runtime:
     # namespace -> {adapter: the adapter that holds its served name}, as the last serving sync saw
     # them: those adapters are not published, and their status says why.
     names_taken: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # (namespace, trainer pod) -> the follower of that pod's changes (following.py).
+    followers: dict[tuple[str, str], Follower] = dataclasses.field(default_factory=dict)
+    _adapter_locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
 
     def pool_lock(self, namespace: str, pool: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, pool), asyncio.Lock())
+
+    def adapter_lock(self, namespace: str, name: str) -> asyncio.Lock:
+        """Held while an adapter's trainer state is read and written to its status, so a follower's
+        report and a resync's poll are written in the order they were read."""
+        return self._adapter_locks.setdefault((namespace, name), asyncio.Lock())
 
     def unready_since(self, pod: placing.PodView | None) -> datetime.datetime | None:
         """Remember when ``pod`` was first seen not Ready; forget it once it is Ready again."""
@@ -84,9 +93,34 @@ class Runtime:
         self._pods[key] = state
         return True
 
+    async def stop_following(self, grace: float = 2.0) -> None:
+        """Ask every follower to stop after its current poll; cancel those still polling after
+        ``grace`` seconds (a poll cancelled midway closes its own connection)."""
+        followers, self.followers = list(self.followers.values()), {}
+        for follower in followers:
+            follower.stop.set()
+        tasks = [f.task for f in followers if not f.task.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
     async def close(self) -> None:
+        await self.stop_following()
         await self.trainers.close()
         await self.kube.close()
+
+
+@dataclasses.dataclass
+class Follower:
+    """The task following one trainer pod's changes at ``url``; ``stop`` ends it after its poll."""
+
+    url: str
+    task: asyncio.Task[None]
+    stop: asyncio.Event
 
 
 def announce(body: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:

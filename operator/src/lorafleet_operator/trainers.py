@@ -51,18 +51,30 @@ def endpoint(pod_ip: str, port: int) -> str:
 
 class TrainerClient:
     def __init__(self, metrics: OperatorMetrics, *, token: str | None, timeout: float) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout))
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(timeout))
         self._metrics = metrics
+        self._timeout = timeout
 
     async def close(self) -> None:
         await self._client.aclose()
 
+    def connection(self) -> httpx.AsyncClient:
+        """A client of its own for a long poll (``changes(via=...)``): closing it closes the poll's
+        socket even when the poll is cancelled midway."""
+        return httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(self._timeout))
+
     async def _call(
-        self, route: str, method: str, url: str, ok: tuple[int, ...], **kwargs: Any
+        self,
+        route: str,
+        method: str,
+        url: str,
+        ok: tuple[int, ...],
+        via: httpx.AsyncClient | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
         try:
-            response = await self._client.request(method, url, **kwargs)
+            response = await (via or self._client).request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             self._metrics.trainer_requests.labels(route=route, code="error").inc()
             raise TrainerUnreachable(f"{method} {url}: {exc!r}") from exc
@@ -143,6 +155,20 @@ class TrainerClient:
         if response.status_code != 200:
             return {}  # a trainer from before publishing: it never loaded the adapter anywhere
         return self._answer(wire.Unpublished, response).servers
+
+    async def changes(
+        self, base: str, since: int, instance: str | None, wait: float, via: httpx.AsyncClient | None = None
+    ) -> wire.Changes:
+        """``GET /v1/changes``: the adapters whose state changed after ``since``, waiting up to
+        ``wait`` seconds for one (the request's timeout is that plus the usual one)."""
+        params: dict[str, str | int | float] = {"since": since, "wait": wait}
+        if instance is not None:
+            params["instance"] = instance
+        timeout = httpx.Timeout(self._timeout + wait)
+        response = await self._call(
+            "changes", "GET", f"{base}/v1/changes", (200,), params=params, timeout=timeout
+        )
+        return self._answer(wire.Changes, response)
 
     async def cache(self, base: str) -> wire.CacheState:
         """``GET /v1/cache``: capacity, used bytes and entries of the pod's cache."""

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +331,24 @@ def test_a_retried_step_is_answered_again_not_applied_twice(trainer: live.LiveTr
     assert trainer.metrics()[REPLAYED] == replayed_before + 1
     # Without a key the same body is a new step.
     assert c.post(url, json=payloads.distill_body()).json()["version"] == 2
+
+
+def test_changes_name_each_commit_for_the_operator_to_follow(trainer: live.LiveTrainer) -> None:
+    c = trainer.client()
+    first = wire.Changes.model_validate(c.get("/v1/changes").json())  # no instance yet: just the number
+    assert first.adapters == []
+    assert c.put("/v1/adapters/team-a/dave", json=payloads.init_body()).status_code == 201
+    query = {"since": first.seq, "instance": first.instance, "wait": 0}
+    created = wire.Changes.model_validate(c.get("/v1/changes", params=query).json())
+    assert [(a.name, a.version) for a in created.adapters] == [("dave", 0)] and created.seq > first.seq
+    # A follower waiting for the next change gets it when the step commits.
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            c.get, "/v1/changes", params={"since": created.seq, "instance": first.instance, "wait": 60}
+        )
+        assert c.post("/v1/adapters/team-a/dave/distill", json=payloads.distill_body()).status_code == 200
+        stepped = wire.Changes.model_validate(waiting.result(timeout=120).json())
+    assert [(a.name, a.version, a.artifact) for a in stepped.adapters] == [
+        ("dave", 1, "team-a/.dave.v00000001")
+    ]
+    assert c.get("/v1/changes", params={"since": -1}).status_code == 422

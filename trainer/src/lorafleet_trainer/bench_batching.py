@@ -55,7 +55,8 @@ def _samples(vocab: int, steps: int, per_step: int, seed: int) -> list[list[Any]
 def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
     from lorafleet_trainer.ids import AdapterId
-    from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET, LoraSpec
+    from lorafleet_trainer.learning.configs import LoraSpec
+    from lorafleet_trainer.settings import DEFAULT_STEP_TOKEN_BUDGET
 
     lora = LoraSpec(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     budgets = {"per-sample": 1, "batched": DEFAULT_STEP_TOKEN_BUDGET}

@@ -17,8 +17,6 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET
-
 ENV_PREFIX = "LORAFLEET_TRAINER_"
 
 # Kubernetes quantity suffixes, so `cache.capacity: 48Gi` from a TrainerPool passes through as is.
@@ -62,6 +60,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Padded tokens (rows x longest row) of one forward pass of a step; more run as micro-batches.
+DEFAULT_STEP_TOKEN_BUDGET = 16384
 
 
 class TrainerSettings(BaseSettings):

@@ -51,7 +51,7 @@ from lorafleet_trainer.engine.storage import (
 from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning import prompting, sampling
-from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET, LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
 from lorafleet_trainer.models import models
 from lorafleet_trainer.results import (
@@ -65,6 +65,7 @@ from lorafleet_trainer.results import (
     StepResult,
     TeacherPreview,
 )
+from lorafleet_trainer.settings import DEFAULT_STEP_TOKEN_BUDGET
 
 DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger(__name__)

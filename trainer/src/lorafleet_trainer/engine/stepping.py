@@ -24,8 +24,9 @@ import torch
 from lorafleet_trainer.engine.slots import LoraSlot
 from lorafleet_trainer.errors import InvalidInput, NonFiniteLoss
 from lorafleet_trainer.learning import prompting, sdpo
-from lorafleet_trainer.learning.configs import DEFAULT_STEP_TOKEN_BUDGET, TrainingSpec
+from lorafleet_trainer.learning.configs import TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
+from lorafleet_trainer.settings import DEFAULT_STEP_TOKEN_BUDGET
 
 
 @dataclass(frozen=True)

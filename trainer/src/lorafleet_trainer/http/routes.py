@@ -225,6 +225,19 @@ def unpublish_adapter(
     return svc.unpublish(AdapterId(namespace, name), served_name)
 
 
+@v1.get("/changes", response_model=wire.Changes)
+async def changes(
+    svc: Service,
+    since: Annotated[int, Query(ge=0, description="the seq of the follower's last answer (0: none)")] = 0,
+    instance: Annotated[str | None, Query(max_length=64, description="the instance of that answer")] = None,
+    wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for a change")] = 0,
+) -> wire.Changes:
+    """The adapters whose state changed (a commit, an init, what a server serves) since the
+    follower's last answer, waiting up to ``wait`` seconds for one: the operator follows each
+    commit with it. A follower of another instance (this trainer restarted) starts afresh."""
+    return await svc.changed(since, instance, wait)
+
+
 @v1.put("/serving", response_model=wire.ServingState, tags=["serving"])
 def set_serving(body: wire.ServingRequest, svc: Service) -> wire.ServingState:
     """The pool's inference servers and the adapters this pod owns, as the operator sees them."""

@@ -19,9 +19,6 @@ from lorafleet_api.fields import LORA, TRAINING
 from lorafleet_trainer import validating as v
 from lorafleet_trainer.errors import InvalidInput
 
-# Padded tokens (rows x longest row) of one forward pass of a step; more run as micro-batches.
-DEFAULT_STEP_TOKEN_BUDGET = 16384
-
 # A step's training overrides: the request's wire model, or JSON (the engine's Python API).
 Overrides = adapters.Training | Mapping[str, Any] | None
 

@@ -175,6 +175,8 @@ class Publisher:
         hold: Callable[[], None] | None = None,
     ) -> None:
         self.observer = observer or PublishObserver()
+        # Called (on a worker thread) when what a server serves of an adapter, or its error, changes.
+        self.on_change: Callable[[AdapterId], None] = lambda adapter: None
         self.hold_before_load = hold or (lambda: None)  # fault tests park a load here (holds.PUBLISH)
         self._client = client
         self.resync_seconds = resync_seconds
@@ -447,8 +449,12 @@ class ServerWorker:
             return
         with self._lock:
             state = self._served.setdefault(adapter, Served())
-            if have is None and state.version is not None:
+            lost = have is None and state.version is not None
+            if lost:
                 state.version, state.since = None, _now()  # the server lost it (a restart)
+        if lost:
+            self.publisher.on_change(adapter)
+        with self._lock:
             if time.monotonic() < state.retry_at:
                 return
         # The newest version may have committed since the listing: load that one.
@@ -481,6 +487,8 @@ class ServerWorker:
             state.version, state.error, state.reason, state.failures, state.retry_at = (
                 want.version, "", "", 0, 0.0,
             )  # fmt: skip
+        if first_time or recovered:
+            self.publisher.on_change(adapter)
         if first_time:
             self.publisher.observer.published(time.monotonic() - want.committed_at)
         if recovered:
@@ -490,7 +498,8 @@ class ServerWorker:
         self.publisher.observer.failed(exc.reason)
         with self._lock:
             state = self._served.setdefault(adapter, Served())
-            if state.error != str(exc):
+            changed = state.error != str(exc)
+            if changed:
                 state.since = _now()
                 log.warning(
                     "publishing %s v%d to %s: %s", want.served_name, want.version, self.server.name, exc
@@ -498,6 +507,8 @@ class ServerWorker:
             state.error, state.reason = str(exc), exc.reason
             state.retry_at = time.monotonic() + _backoff(state.failures)
             state.failures += 1
+        if changed:
+            self.publisher.on_change(adapter)
 
     def _server_down(self, exc: PublishError) -> None:
         self.publisher.observer.failed(exc.reason)

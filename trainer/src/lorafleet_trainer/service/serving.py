@@ -43,6 +43,7 @@ from lorafleet_trainer.results import (
     TeacherPreview,
 )
 from lorafleet_trainer.service import publishing, responses
+from lorafleet_trainer.service.changes import Changes
 from lorafleet_trainer.service.metrics import TrainerMetrics
 from lorafleet_trainer.service.queueing import Job, StepQueue
 
@@ -142,6 +143,8 @@ class TrainerService:
             self.metrics.publish_observer(), store_root=str(engine.store_root), hold=publish_hold
         )
         self.metrics.watch_publishing(self.publisher)
+        self.changes = Changes()  # what the operator follows (GET /v1/changes)
+        self.publisher.on_change = self.changes.mark
         engine.pin_versions(self.publisher.loading_versions)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,6 +210,17 @@ class TrainerService:
         answer.served = [wire.ServedVersion(**s) for s in self.publisher.state(state.adapter)]
         return answer
 
+    async def changed(self, since: int, instance: str | None, wait: float) -> wire.Changes:
+        """The adapters whose state changed after ``since`` (waiting up to ``wait`` s for one)."""
+        seq, adapters = await self.changes.after(since, instance, wait)
+        states = []
+        for adapter in adapters:
+            try:
+                states.append(self.get(adapter))
+            except AdapterNotFound:
+                continue  # deleted since
+        return wire.Changes(instance=self.changes.instance, seq=seq, adapters=states)
+
     def serving(self) -> wire.ServingState:
         versions, seconds = self.publisher.lag()
         return wire.ServingState(
@@ -256,7 +270,9 @@ class TrainerService:
 
     async def delete(self, adapter: AdapterId) -> wire.Deleted:
         await asyncio.to_thread(self.publisher.disown, adapter)
-        return wire.Deleted(deleted=await self.write(lambda: self.engine.delete(adapter)))
+        deleted = await self.write(lambda: self.engine.delete(adapter))
+        self.changes.forget(adapter)
+        return wire.Deleted(deleted=deleted)
 
     async def init(self, adapter: AdapterId, body: wire.InitRequest) -> tuple[wire.AdapterState, bool]:
         """The adapter's state after init, and whether init created it."""
@@ -276,6 +292,7 @@ class TrainerService:
         result = await self.write(run)
         if body.serving is not None:
             self.publisher.own(adapter, body.serving.name, result.state.version, result.state.artifact)
+        self.changes.mark(adapter)
         return self._state(result.state), result.created
 
     async def distill(
@@ -304,6 +321,7 @@ class TrainerService:
                 if not done.replayed:
                     # On the worker, right after the commit: the servers start loading it now.
                     self.publisher.committed(adapter, done.version, done.artifact)
+                    self.changes.mark(adapter)
                 return done
 
             job = self.queue.submit(step)
