@@ -54,6 +54,7 @@ CALLS: dict[str, tuple[Any, ...]] = {
     "get_pool": ("ns", "p"),
     "get_adapter": ("ns", "a"),
     "list_pool_adapters": ("ns", "p"),
+    "list_adapters": ("ns",),
     "patch_pool_status": ("ns", "p", {"replicas": 1}),
     "patch_adapter_status": ("ns", "a", {"phase": "Ready"}),
     "get_lease": ("ns", "lease"),

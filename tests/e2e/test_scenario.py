@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 NS = "lorafleet-e2e"
 ADAPTERS = ("alice", "bob", "carol")
 READY_TIMEOUT = "600s"  # the first trainer start generates builtin:tiny on a busy 2-core machine
+WAIT_SECONDS = 660  # kubectl wait's own bound above, and a margin for kubectl itself
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,23 @@ def test_the_example_pool_and_adapters_become_ready(scenario: Fleet) -> None:
     kube.apply(pool_manifest("builtin:tiny"), namespace=NS)
     kube.apply(EXAMPLES / "adapters.yaml", namespace=NS)
     kube.kubectl(
-        "wait", f"trainerpool/{POOL}", "-n", NS, "--for=condition=Ready", f"--timeout={READY_TIMEOUT}"
+        "wait",
+        f"trainerpool/{POOL}",
+        "-n",
+        NS,
+        "--for=condition=Ready",
+        f"--timeout={READY_TIMEOUT}",
+        timeout=WAIT_SECONDS,
     )
     kube.kubectl(
-        "wait", "loraadapter", "--all", "-n", NS, "--for=condition=Ready", f"--timeout={READY_TIMEOUT}"
+        "wait",
+        "loraadapter",
+        "--all",
+        "-n",
+        NS,
+        "--for=condition=Ready",
+        f"--timeout={READY_TIMEOUT}",
+        timeout=WAIT_SECONDS,
     )
     scenario.figures["examples_apply_to_ready_s"] = round(time.monotonic() - start, 1)
     pods = {
@@ -235,6 +249,7 @@ def test_deleting_a_pod_places_its_adapters_again(scenario: Fleet) -> None:
         NS,
         "--for=jsonpath={.status.readyReplicas}=2",
         f"--timeout={READY_TIMEOUT}",
+        timeout=WAIT_SECONDS,
     )
     scenario.refresh_targets()
     # The default pool keeps adapters on its claim: the new pod found alice's weights, nothing was lost.
