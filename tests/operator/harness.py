@@ -123,6 +123,14 @@ class Trainers:
             served=served,
         )
 
+    def answer(self, ip: str, key: tuple[str, str]) -> dict[str, Any]:
+        """The adapter's state as the pod sends it, less the fields ``dropping`` names (a trainer
+        that does not send what the wire model requires)."""
+        body = self.state(ip, key).model_dump(mode="json")
+        for name in self.dropping:
+            body.pop(name, None)
+        return body
+
 
 def adapter_state(version: int = 0, cached: bool = False, **fields: Any) -> wire.AdapterState:
     """A trainer's answer for team-a/alice, as the pure outcome tests feed it."""
@@ -217,10 +225,7 @@ def trainer_app(state: Trainers) -> web.Application:
         seq, answers = len(log), []
         for changed in dict.fromkeys(log[since:]):
             if changed in state.adapters.get(ip, {}):
-                body = state.state(ip, changed).model_dump(mode="json")
-                for name in state.dropping:
-                    body.pop(name, None)
-                answers.append(body)
+                answers.append(state.answer(ip, changed))
         return web.json_response({"instance": instance, "seq": seq, "adapters": answers})
 
     async def get_state(request: web.Request) -> web.Response:
@@ -229,10 +234,7 @@ def trainer_app(state: Trainers) -> web.Application:
             return refusal
         if key(request) not in state.adapters.get(ip, {}):
             return _error(404, "no stored adapter has this id", "adapter")
-        body = state.state(ip, key(request)).model_dump(mode="json")
-        for name in state.dropping:  # a trainer that does not send what the wire model requires
-            body.pop(name, None)
-        return web.json_response(body)
+        return web.json_response(state.answer(ip, key(request)))
 
     async def evict(request: web.Request) -> web.Response:
         ip, _ = await record(request)

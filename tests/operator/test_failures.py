@@ -18,9 +18,10 @@ from typing import Any, cast
 import kopf
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.operator.harness import adapter_state
 
 import lorafleet_operator as operator_package
-from lorafleet_api import adapters, wire
+from lorafleet_api import wire
 from lorafleet_operator import handlers, pooling
 from lorafleet_operator.kube import ApiError, KubeApi
 from lorafleet_operator.metrics import ERROR_PATHS, OperatorMetrics
@@ -121,17 +122,8 @@ class Trainers:
 
     async def state(self, base: str, namespace: str, name: str) -> wire.AdapterState | None:
         self._check("state")
-        return wire.AdapterState(
-            namespace=namespace,
-            name=name,
-            version=3,
-            epoch=1,
-            lora=adapters.Lora(),
-            cached=True,
-            cache_bytes=1000,
-            artifact=f"{namespace}/.{name}.v00000003",
-            served_name=None,
-            served=[],
+        return adapter_state(
+            3, cached=True, namespace=namespace, name=name, artifact=f"{namespace}/.{name}.v00000003"
         )
 
     async def evict(self, base: str, namespace: str, name: str) -> bool:

@@ -426,6 +426,16 @@ async def test_a_trainer_answer_without_a_version_leaves_the_status_as_it_was(
     await eventually(lambda: statuses(cluster)["alice"].get("version") == 6, what="version 6 polled")
 
 
+def vllm_pod(name: str) -> dict[str, Any]:
+    """An inference server pod that pools selecting app=vllm publish to."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": "vllm"}},
+        "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
+    }
+
+
 def _served(status: dict[str, Any]) -> dict[str, Any]:
     return {c["type"]: c for c in status.get("conditions") or []}.get("Served", {})
 
@@ -435,10 +445,7 @@ async def test_what_the_trainer_publishes_shows_in_the_status_until_the_adapter_
 ) -> None:
     selector = {"matchLabels": {"app": "vllm"}}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1, serving={"selector": selector}))
-    server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-5", "namespace": NS}}
-    server["metadata"]["labels"] = {"app": "vllm"}
-    server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
-    await create(cluster, PODS, server)
+    await create(cluster, PODS, vllm_pod("vllm-5"))
     await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "alice-v1"}))
 
     def shows(version: int) -> dict[str, Any] | None:
@@ -478,10 +485,7 @@ async def test_a_served_name_taken_in_the_namespace_is_not_published_until_it_is
 ) -> None:
     selector = {"matchLabels": {"app": "vllm"}}
     await create(cluster, POOLS, pool_manifest("demo", replicas=1, serving={"selector": selector}))
-    server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-7", "namespace": NS}}
-    server["metadata"]["labels"] = {"app": "vllm"}
-    server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
-    await create(cluster, PODS, server)
+    await create(cluster, PODS, vllm_pod("vllm-7"))
     await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "shared"}))
     await eventually(lambda: _served(statuses(cluster)["alice"]).get("status") == "True", what="alice served")
     await create(cluster, ADAPTERS, adapter_manifest("bob", serving={"name": "shared"}))
@@ -520,10 +524,7 @@ async def test_an_adapter_deleted_while_its_pod_is_gone_is_unloaded_through_anot
     async with start_operator():
         selector = {"matchLabels": {"app": "vllm"}}
         await create(cluster, POOLS, pool_manifest("demo", replicas=2, serving={"selector": selector}))
-        server = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vllm-9", "namespace": NS}}
-        server["metadata"]["labels"] = {"app": "vllm"}
-        server["spec"] = {"containers": [{"name": "vllm", "image": "vllm"}]}
-        await create(cluster, PODS, server)
+        await create(cluster, PODS, vllm_pod("vllm-9"))
         await pool_ready(cluster, "demo", 2)
         await create(cluster, ADAPTERS, adapter_manifest("alice", serving={"name": "alice-v1"}))
         await eventually(lambda: _served(statuses(cluster)["alice"]).get("status") == "True", what="served")

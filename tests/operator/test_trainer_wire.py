@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from tests.chart.operator_side import OperatorSide
+from tests.operator.harness import adapter_state
 from tests.trainer.service import live, payloads
 
 from lorafleet_api import adapters, wire
@@ -89,18 +90,7 @@ def test_an_answer_without_a_required_field_is_refused(old: str, new: str | None
     """A trainer that leaves out, or names otherwise, a field the model requires: the client raises
     rather than read the field as absent (which would drop ``status.version``, or switch off the
     Served condition, in silence)."""
-    real = wire.AdapterState(
-        namespace=NS,
-        name=NAME,
-        version=3,
-        epoch=1,
-        lora=adapters.Lora(),
-        cached=True,
-        cache_bytes=10,
-        artifact=f"{NS}/.{NAME}.v00000003",
-        served_name="alice",
-        served=[],
-    ).model_dump(mode="json")
+    real = adapter_state(3, cached=True, served_name="alice").model_dump(mode="json")
     value = real.pop(old)
     if new is not None:
         real[new] = value

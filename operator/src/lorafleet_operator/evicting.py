@@ -53,11 +53,7 @@ async def release(rt: Runtime, body: dict[str, Any], elapsed: datetime.timedelta
         return
     try:
         # First off the inference servers, so no server keeps answering with a deleted adapter.
-        unloads = await rt.trainers.unpublish(target, namespace, name)
-        stuck = {server: why for server, why in unloads.items() if why not in ("unloaded", "absent")}
-        if stuck:
-            listed = "; ".join(f"{server}: {why}" for server, why in sorted(stuck.items()))
-            announce(body, "UnpublishFailed", warning=True, message=f"Still loaded on {listed}")
+        _say_stuck(body, await rt.trainers.unpublish(target, namespace, name))
         if delete_weights:
             await rt.trainers.delete(target, namespace, name)
             outcome, message = "deleted", "Deleted the stored adapter and its cache entry"
@@ -106,13 +102,19 @@ async def _unload_orphan(rt: Runtime, body: dict[str, Any], pool: str, served_na
             body, "UnpublishFailed", warning=True, message=f"Could not unload it from the servers: {exc}"
         )
         return
+    if not _say_stuck(body, unloads):
+        unloaded = ", ".join(sorted(s for s, why in unloads.items() if why == "unloaded"))
+        if unloaded:
+            announce(body, "Unpublished", f"Unloaded from {unloaded} through pod {pod}")
+
+
+def _say_stuck(body: dict[str, Any], unloads: dict[str, str]) -> bool:
+    """A Warning Event naming the servers an unpublish left the adapter loaded on; True if any."""
     stuck = {server: why for server, why in unloads.items() if why not in ("unloaded", "absent")}
     if stuck:
         listed = "; ".join(f"{server}: {why}" for server, why in sorted(stuck.items()))
         announce(body, "UnpublishFailed", warning=True, message=f"Still loaded on {listed}")
-    elif any(why == "unloaded" for why in unloads.values()):
-        unloaded = ", ".join(sorted(s for s, why in unloads.items() if why == "unloaded"))
-        announce(body, "Unpublished", f"Unloaded from {unloaded} through pod {pod}")
+    return bool(stuck)
 
 
 def _done(rt: Runtime, meta: dict[str, Any]) -> None:

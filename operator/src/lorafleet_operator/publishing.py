@@ -71,15 +71,10 @@ def owned(
         meta, status = body["metadata"], body.get("status") or {}
         if status.get("pod") != pod or meta.get("deletionTimestamp") or meta["name"] in (taken or {}):
             continue
-        try:
-            spec = adapters.parse_spec(dict(body))
-        except ValueError:
+        served = _served_name(body)
+        if served is None:
             continue
-        result.append(
-            wire.OwnedAdapter(
-                namespace=meta["namespace"], name=meta["name"], served_name=spec.served_name(meta["name"])
-            )
-        )
+        result.append(wire.OwnedAdapter(namespace=meta["namespace"], name=meta["name"], served_name=served))
     return result
 
 
