@@ -452,11 +452,11 @@ class ServerWorker:
             lost = have is None and state.version is not None
             if lost:
                 state.version, state.since = None, _now()  # the server lost it (a restart)
+            backing_off = time.monotonic() < state.retry_at
         if lost:
             self.publisher.on_change(adapter)
-        with self._lock:
-            if time.monotonic() < state.retry_at:
-                return
+        if backing_off:
+            return
         # The newest version may have committed since the listing: load that one.
         want = self.publisher.current(adapter) or want
         with self.publisher.loading(adapter, want.version):

@@ -213,13 +213,19 @@ class TrainerService:
     async def changed(self, since: int, instance: str | None, wait: float) -> wire.Changes:
         """The adapters whose state changed after ``since`` (waiting up to ``wait`` s for one)."""
         seq, adapters = await self.changes.after(since, instance, wait)
+        # From the thread pool, as the other reads: a state not in memory is read from storage.
+        states = await asyncio.to_thread(self._current, adapters)
+        return wire.Changes(instance=self.changes.instance, seq=seq, adapters=states)
+
+    def _current(self, adapters: Sequence[AdapterId]) -> list[wire.AdapterState]:
+        """The states of ``adapters``, less those deleted since."""
         states = []
         for adapter in adapters:
             try:
                 states.append(self.get(adapter))
             except AdapterNotFound:
-                continue  # deleted since
-        return wire.Changes(instance=self.changes.instance, seq=seq, adapters=states)
+                continue
+        return states
 
     def serving(self) -> wire.ServingState:
         versions, seconds = self.publisher.lag()
