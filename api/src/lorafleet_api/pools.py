@@ -61,11 +61,13 @@ class SecretRef(_Spec):
 
 
 class Serving(_Spec):
-    """The pool's inference servers: which pods, their port, where they mount the adapter claim."""
+    """The pool's inference servers: which pods, their port, where they mount the adapter claim,
+    and the Secret holding the API key they require (None: they require none)."""
 
     selector: dict[str, Any]
     port: int = _field("serving.port")
     adapter_root: str | None = _field("serving.adapterRoot")
+    api_key_secret_ref: SecretRef | None = Field(default=None, alias="apiKeySecretRef")
 
 
 class PoolSpec(_Spec):
