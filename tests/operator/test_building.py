@@ -99,6 +99,43 @@ def test_auth_secret_mounted_as_file_and_passed_to_trainer() -> None:
     assert "auth" not in {v["name"] for v in no_auth["spec"]["volumes"]}
 
 
+def test_servers_api_key_mounted_from_an_optional_secret_and_passed_to_trainer() -> None:
+    serving = {"selector": {"matchLabels": {"app": "vllm"}}}
+    keyed = {**serving, "apiKeySecretRef": {"name": "vllm-key", "key": "api-key"}}
+    pod = building.build_pod(pools.parse(pool_body(serving=keyed)), 0, SETTINGS)
+    c = container(pod)
+    assert c["args"][-4:] == [
+        "--serving-api-key-file",
+        "/etc/lorafleet/serving-api-key/api-key",
+        "--serving-api-key-secret",
+        "vllm-key/api-key",
+    ]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # Optional: a missing Secret must not keep the trainer (and its training) from starting.
+    assert volumes["serving-api-key"]["secret"] == {
+        "secretName": "vllm-key",
+        "items": [{"key": "api-key", "path": "api-key"}],
+        "defaultMode": 0o440,
+        "optional": True,
+    }
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["serving-api-key"] == {
+        "name": "serving-api-key",
+        "mountPath": "/etc/lorafleet/serving-api-key",
+        "readOnly": True,
+    }
+    # The key itself is never in the pod spec: no env var carries it.
+    assert all("secretKeyRef" not in (e.get("valueFrom") or {}) for e in c["env"])
+    defaulted = building.build_pod(
+        pools.parse(pool_body(serving={**serving, "apiKeySecretRef": {"name": "vllm-key"}})), 0, SETTINGS
+    )
+    assert container(defaulted)["args"][-1] == "vllm-key/token"  # the key defaults as authSecretRef's
+    for plain in (pool_body(serving=serving), pool_body()):
+        no_key = building.build_pod(pools.parse(plain), 0, SETTINGS)
+        assert "--serving-api-key-file" not in container(no_key)["args"]
+        assert "serving-api-key" not in {v["name"] for v in no_key["spec"]["volumes"]}
+
+
 def test_storage_pvc_or_empty_dir() -> None:
     pvc = building.build_pod(
         pools.parse(pool_body(storage={"persistentVolumeClaim": {"claimName": "adapters"}})), 0, SETTINGS

@@ -1,8 +1,9 @@
 """Pure builders of the Kubernetes objects a TrainerPool owns: its trainer pods and headless Service.
 
 ``build_pod(pool, ordinal, settings)`` returns a plain dict and does no I/O, so every property the
-pods must have (GPU request, probes, auth Secret, storage, the "restricted" Pod Security Standard)
-is checked by dict asserts in unit tests, and the same dict is what the API server receives.
+pods must have (GPU request, probes, auth Secret, the servers' API key, storage, the "restricted"
+Pod Security Standard) is checked by dict asserts in unit tests, and the same dict is what the API
+server receives.
 The pods are fit for a shared cluster: requests and limits sized from what they hold (``sizing``),
 a ``sizeLimit`` on every emptyDir, and no ServiceAccount token (a trainer never calls the API).
 """
@@ -66,6 +67,11 @@ def trainer_args(pool: Pool, settings: OperatorSettings) -> list[str]:
     ]
     if pool.spec.auth_secret_ref is not None:
         args += ["--auth-token-file", names.AUTH_FILE]
+    key = pool.spec.serving.api_key_secret_ref if pool.spec.serving is not None else None
+    if key is not None:
+        # The Secret's name and key travel too, only so the trainer can name them when it is missing.
+        args += ["--serving-api-key-file", names.SERVING_KEY_FILE]
+        args += ["--serving-api-key-secret", f"{key.name}/{key.key}"]
     return args
 
 
@@ -139,6 +145,23 @@ def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any
             }
         )
         mounts.append({"name": "auth", "mountPath": names.AUTH_MOUNT, "readOnly": True})
+    key = pool.spec.serving.api_key_secret_ref if pool.spec.serving is not None else None
+    if key is not None:
+        # A file, not an env var: the kubelet updates it in place when the Secret is created late
+        # or rotated, and the trainer reads it on every call. Optional: a missing Secret or key
+        # must not keep the pod (and its training) from starting; the trainer reports it instead.
+        volumes.append(
+            {
+                "name": "serving-api-key",
+                "secret": {
+                    "secretName": key.name,
+                    "items": [{"key": key.key, "path": "api-key"}],
+                    "defaultMode": 0o440,
+                    "optional": True,
+                },
+            }
+        )
+        mounts.append({"name": "serving-api-key", "mountPath": names.SERVING_KEY_MOUNT, "readOnly": True})
     return volumes, mounts
 
 

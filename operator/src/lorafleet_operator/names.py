@@ -22,6 +22,8 @@ MANAGED_BY = "lorafleet-operator"
 CONTAINER = "trainer"
 AUTH_MOUNT = "/etc/lorafleet/auth"
 AUTH_FILE = f"{AUTH_MOUNT}/token"
+SERVING_KEY_MOUNT = "/etc/lorafleet/serving-api-key"
+SERVING_KEY_FILE = f"{SERVING_KEY_MOUNT}/api-key"
 
 
 def pod_name(pool: str, ordinal: int) -> str:
