@@ -1,31 +1,33 @@
 """The publisher against a stand-in inference server speaking vLLM's runtime LoRA API over HTTP.
 
-The stand-in keeps what is loaded by name and path, as vLLM does, and can be told to refuse loads,
-to stop answering, to forget everything (a restart), or to hold a load until the test releases it.
-The last tests drive the trainer service (with a stand-in engine) to check that what
-``PUT /v1/serving`` and init say reaches the publisher. The end-to-end test with a real vLLM is
-tests/serving/test_serving_loop.py.
+The stand-in (tests/trainer/stand_in_vllm.py) keeps what is loaded by name and path, as vLLM does,
+and can be told to refuse loads, to stop answering, to forget everything (a restart), to hold a
+load until the test releases it, or to require an API key. The tests of the service (with a
+stand-in engine) check that what ``PUT /v1/serving``, init and the trainer's settings say reaches
+the publisher. The end-to-end test with a real vLLM is tests/serving/test_serving_loop.py.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Collection, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import PurePosixPath
-from typing import Any, cast
+from pathlib import Path, PurePosixPath
+from typing import cast
 
 import pytest
+from tests.trainer.stand_in_vllm import StandIn
 
 from lorafleet_api import wire
 from lorafleet_local.polling import eventually
+from lorafleet_trainer.app import create_app
 from lorafleet_trainer.errors import AdapterNotFound
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.results import AdapterRecord, EngineStats, InitResult
-from lorafleet_trainer.service.publishing import Publisher, PublishObserver, Server
+from lorafleet_trainer.service.publishing import Publisher, PublishObserver, Server, ServerClient
+from lorafleet_trainer.service.server_keys import ServerKey
 from lorafleet_trainer.service.serving import Engine, TrainerService
+from lorafleet_trainer.settings import TrainerSettings
 
 ALICE = AdapterId("team-a", "alice")
 BOB = AdapterId("team-a", "bob")
@@ -35,78 +37,6 @@ STORE = "/store"  # the trainer's own store root
 def artifact(adapter: AdapterId, version: int) -> str:
     """A version's directory relative to the store, as storage names it."""
     return f"{adapter.namespace}/.{adapter.name}.v{version:08d}"
-
-
-class StandIn:
-    def __init__(self) -> None:
-        self.loaded: dict[str, str] = {}
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.refuse: str | None = None  # a load answers 400 with this message
-        self.gate: threading.Event | None = None  # a load waits for it
-        self.loading = threading.Event()  # a load has arrived
-        self.answered = threading.Event()  # a load has been answered
-        self.lock = threading.Lock()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                with stand_in.lock:
-                    cards = [{"id": n, "root": p, "parent": "base"} for n, p in stand_in.loaded.items()]
-                self._answer(200, {"data": [{"id": "base", "root": "/m", "parent": None}, *cards]})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stand_in.calls.append((self.path, body))
-                name = body["lora_name"]
-                if self.path == "/v1/unload_lora_adapter":
-                    with stand_in.lock:
-                        found = stand_in.loaded.pop(name, None)
-                    self._answer(200 if found else 404, {"message": "ok" if found else "not found"})
-                    return
-                stand_in.loading.set()
-                if stand_in.gate is not None:
-                    stand_in.gate.wait(30)
-                try:
-                    self._load(name, body)
-                finally:
-                    stand_in.answered.set()
-
-            def _load(self, name: str, body: dict[str, Any]) -> None:
-                if stand_in.refuse:
-                    self._answer(400, {"error": {"message": stand_in.refuse}})
-                    return
-                with stand_in.lock:
-                    if name in stand_in.loaded and not body.get("load_inplace"):
-                        self._answer(400, {"error": {"message": "already loaded"}})
-                        return
-                    stand_in.loaded[name] = body["lora_path"]
-                self._answer(200, "Success")
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http.server_address[1]}"
-
-    def loads(self) -> list[dict[str, Any]]:
-        return [b for path, b in self.calls if path == "/v1/load_lora_adapter"]
-
-    def stop(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
 
 
 @pytest.fixture
@@ -477,3 +407,107 @@ async def test_a_serving_put_without_an_adapter_root_goes_back_to_the_store_root
         interval=0.02,
     )
     assert service.serving().lag_versions == 0
+
+
+# ---- the API key the servers require (vllm serve --api-key) ------------------------------------
+
+KEY_SECRET = "vllm-key/api-key"  # the Secret and key the operator names (--serving-api-key-secret)
+
+
+def _keyed_publisher(seen: Seen, key_file: Path) -> Publisher:
+    key = ServerKey(key_file, KEY_SECRET)
+    return Publisher(
+        seen.observer(),
+        store_root=STORE,
+        client=lambda url: ServerClient(url, api_key=key.read),
+        resync_seconds=0.1,
+    )
+
+
+def _failing(publisher: Publisher, *words: str) -> bool:
+    """Alice's state on the one server reports an error with all of ``words`` (the version it
+    reports stays the last one seen served: a server that refuses to list is not known to lose it)."""
+    (state,) = publisher.state(ALICE)
+    assert all(w in (state["error"] or "") for w in words), state
+    return True
+
+
+def test_every_call_to_a_server_carries_its_api_key(seen: Seen, tmp_path: Path) -> None:
+    server = StandIn(api_key="k-1")
+    (tmp_path / "api-key").write_text("k-1\n")  # a Secret's value often ends in a newline
+    publisher = _keyed_publisher(seen, tmp_path / "api-key")
+    try:
+        publisher.set_servers([Server("vllm-0", server.url)])
+        publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
+        eventually("served", lambda: _served(publisher, 1), timeout=10, interval=0.02)
+        assert publisher.disown(ALICE) == {"vllm-0": "unloaded"}
+        routes = {path for path, _ in server.authorizations}
+        assert {"/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= routes
+        assert {given for _, given in server.authorizations} == {"Bearer k-1"}
+        assert not seen.failed
+    finally:
+        publisher.close()
+        server.stop()
+
+
+def test_a_missing_key_names_its_secret_and_a_late_or_rotated_key_is_used_without_a_restart(
+    seen: Seen, tmp_path: Path
+) -> None:
+    server = StandIn(api_key="k-1")
+    key_file = tmp_path / "api-key"  # absent: the Secret does not exist (yet)
+    publisher = _keyed_publisher(seen, key_file)
+    try:
+        publisher.set_servers([Server("vllm-0", server.url)])
+        publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
+        words = ("API key is missing", "key 'api-key' of Secret 'vllm-key'", "apiKeySecretRef")
+        eventually("the missing key reported", lambda: _failing(publisher, *words), timeout=10, interval=0.02)
+        assert publisher.state(ALICE)[0]["version"] is None
+        assert "api_key" in seen.failed
+        assert server.authorizations == []  # nothing is sent without the key
+
+        key_file.write_text("k-1")  # the kubelet writes the file once the Secret exists
+        eventually("served with the key", lambda: _served(publisher, 1), timeout=30, interval=0.05)
+
+        # The servers' key is rotated (they restart with the new one, empty): the old key is
+        # refused, and said so without showing it, until the file holds the new one.
+        with server.lock:
+            server.api_key, server.loaded = "k-2", {}
+        refused = ("answered 401", "refused the API key")
+        eventually("the old key refused", lambda: _failing(publisher, *refused), timeout=30, interval=0.05)
+        assert "k-1" not in (publisher.state(ALICE)[0]["error"] or "")
+        key_file.write_text("k-2\n")
+        eventually("served with the new key", lambda: _served(publisher, 1), timeout=30, interval=0.05)
+        assert server.loaded == {"alice": f"{STORE}/{artifact(ALICE, 1)}"}
+    finally:
+        publisher.close()
+        server.stop()
+
+
+def test_a_server_that_requires_a_key_the_pool_does_not_name_says_so(publisher: Publisher) -> None:
+    server = StandIn(api_key="k-1")
+    try:
+        publisher.set_servers([Server("vllm-0", server.url)])
+        publisher.own(ALICE, "alice", 1, artifact(ALICE, 1))
+        words = ("answered 401", "requires an API key", "spec.serving.apiKeySecretRef")
+        eventually("the refusal explained", lambda: _failing(publisher, *words), timeout=10, interval=0.02)
+        assert {given for _, given in server.authorizations} == {None}
+    finally:
+        server.stop()
+
+
+async def test_the_trainers_settings_give_its_publisher_the_key(tmp_path: Path) -> None:
+    """``--serving-api-key-file`` / ``--serving-api-key-secret`` (what the operator's pod passes)
+    reach every call the trainer service's publisher makes."""
+    server = StandIn(api_key="k-1")
+    (tmp_path / "api-key").write_text("k-1")
+    settings = TrainerSettings(serving_api_key_file=tmp_path / "api-key", serving_api_key_secret=KEY_SECRET)
+    svc: TrainerService = create_app(settings, engine=cast(Engine, StoreEngine())).state.service
+    svc.queue.start()
+    try:
+        await _init_alice(svc)
+        svc.set_serving(_serving_put(server))
+        eventually("served", lambda: _served(svc.publisher, 0), timeout=10, interval=0.02)
+        assert {given for _, given in server.authorizations} == {"Bearer k-1"}
+    finally:
+        svc.stop(timeout=10)
+        server.stop()

@@ -27,6 +27,7 @@ from lorafleet_trainer.http import routes
 from lorafleet_trainer.http.auth import BearerAuth
 from lorafleet_trainer.http.limiting import BodyLimit
 from lorafleet_trainer.learning.configs import TrainingSpec
+from lorafleet_trainer.service.server_keys import ServerKey
 from lorafleet_trainer.service.serving import ClientGone, Engine, TrainerService
 from lorafleet_trainer.settings import TrainerSettings
 
@@ -120,6 +121,11 @@ def create_app(settings: TrainerSettings, engine: Engine | None = None, token: s
         default_training=TrainingSpec(),
         max_generate_tokens=settings.max_generate_tokens,
         publish_hold=(lambda: holds.at(PUBLISH)) if holds is not None else None,
+        server_key=(
+            ServerKey(settings.serving_api_key_file, settings.serving_api_key_secret)
+            if settings.serving_api_key_file is not None
+            else None
+        ),
     )
 
     @asynccontextmanager

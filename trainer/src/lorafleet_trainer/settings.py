@@ -105,6 +105,17 @@ class TrainerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body, e.g. 16Mi")
     auth_token_file: Path | None = Field(None, description="file holding the bearer token for /v1")
+    serving_api_key_file: Path | None = Field(
+        None,
+        description="file holding the API key the inference servers require (vLLM's --api-key), "
+        "read again on every call to them (a mounted Secret may appear or change later)",
+    )
+    serving_api_key_secret: str | None = Field(
+        None,
+        min_length=1,
+        max_length=507,
+        description="the Secret and key (name/key) that file comes from: named when it is missing",
+    )
     threads: int | None = Field(
         None, ge=1, le=4096, description="torch intra-op threads (default: from the cgroup CPU quota)"
     )

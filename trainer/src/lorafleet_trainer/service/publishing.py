@@ -39,8 +39,9 @@ from lorafleet_trainer.ids import AdapterId
 log = logging.getLogger(__name__)
 
 # Failure reasons (``publish_failures_total{reason}``): the server could not be reached or timed
-# out; it answered the load with a 4xx (e.g. a rank above its --max-lora-rank) or a 5xx.
-REASONS = ("unreachable", "timeout", "refused", "server_error")
+# out; it answered the load with a 4xx (e.g. a rank above its --max-lora-rank, or 401: a wrong API
+# key) or a 5xx; the API key the servers require is missing here (``server_keys``).
+REASONS = ("unreachable", "timeout", "refused", "server_error", "api_key")
 RESYNC_SECONDS = 5.0  # a pass per server at least this often: restarted servers are found by looking
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 15.0
@@ -93,16 +94,27 @@ class Served:
 
 
 class ServerClient:
-    """vLLM's runtime LoRA API (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``) over plain HTTP."""
+    """vLLM's runtime LoRA API (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``) over plain HTTP.
 
-    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+    ``api_key``: called before every request for the key the server requires (``--api-key``),
+    sent as a bearer token; it raises PublishError when there is none to send."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+        api_key: Callable[[], str] | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
 
     def _call(self, method: str, route: str, body: Mapping[str, Any] | None = None) -> bytes:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + route, data=data, method=method)
         request.add_header("Content-Type", "application/json")
+        if self.api_key is not None:
+            request.add_header("Authorization", f"Bearer {self.api_key()}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload: bytes = response.read()
@@ -110,7 +122,14 @@ class ServerClient:
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace")[:500]
             reason = "refused" if 400 <= exc.code < 500 else "server_error"
-            raise PublishError(reason, f"{method} {route} answered {exc.code}: {_message(text)}") from None
+            message = f"{method} {route} answered {exc.code}: {_message(text)}"
+            if exc.code == 401:
+                message += (
+                    " (the server refused the API key of spec.serving.apiKeySecretRef)"
+                    if self.api_key is not None
+                    else " (the server requires an API key: name its Secret in spec.serving.apiKeySecretRef)"
+                )
+            raise PublishError(reason, message) from None
         except TimeoutError:
             raise PublishError("timeout", f"{method} {route}: no answer in {self.timeout:.0f} s") from None
         except (urllib.error.URLError, OSError) as exc:

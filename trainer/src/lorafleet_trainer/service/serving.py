@@ -42,7 +42,7 @@ from lorafleet_trainer.results import (
     StepResult,
     TeacherPreview,
 )
-from lorafleet_trainer.service import publishing, responses
+from lorafleet_trainer.service import publishing, responses, server_keys
 from lorafleet_trainer.service.changes import Changes
 from lorafleet_trainer.service.metrics import TrainerMetrics
 from lorafleet_trainer.service.queueing import Job, StepQueue
@@ -131,6 +131,7 @@ class TrainerService:
         default_training: TrainingSpec,
         max_generate_tokens: int = 512,
         publish_hold: Callable[[], None] | None = None,
+        server_key: server_keys.ServerKey | None = None,
     ) -> None:
         self.engine = engine
         self.default_training = default_training
@@ -139,8 +140,13 @@ class TrainerService:
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
         # The servers find the store where this trainer keeps it unless the operator names another
         # mount (PUT /v1/serving); the publisher keeps that root and joins it to each artifact.
+        # Every call to a server carries the key it requires, read from its file at that moment.
+        api_key = server_key.read if server_key is not None else None
         self.publisher = publishing.Publisher(
-            self.metrics.publish_observer(), store_root=str(engine.store_root), hold=publish_hold
+            self.metrics.publish_observer(),
+            store_root=str(engine.store_root),
+            client=lambda url: publishing.ServerClient(url, api_key=api_key),
+            hold=publish_hold,
         )
         self.metrics.watch_publishing(self.publisher)
         self.changes = Changes()  # what the operator follows (GET /v1/changes)
