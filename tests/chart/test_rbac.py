@@ -151,7 +151,10 @@ async def test_rbac_is_exactly_what_the_operator_uses(api_server: str, scope: st
     if scope == "namespace":
         needed |= KOPF_NAMESPACED_NEEDS
     docs = charting.render(sets=[f"rbac.scope={scope}"])
-    grants = granted(docs)
+    # The operator's own Roles: the gateway's account has others (the test below).
+    grants = granted(
+        [d for kind in ("Role", "ClusterRole") for d in charting.component(docs, kind, "operator")]
+    )
     assert not needed - grants, f"missing: {sorted(needed - grants)}"
     assert not grants - needed, f"granted but never used: {sorted(grants - needed)}"
 
@@ -191,3 +194,22 @@ def test_lease_is_granted_only_in_the_release_namespace() -> None:
         and any("leases" in rule["resources"] for rule in doc["rules"])
     ]
     assert with_leases == [("Role", "lorafleet")]
+
+
+@pytest.mark.parametrize("scope", ["namespace", "cluster"])
+def test_the_gateway_reads_only_and_gets_secrets_by_name(scope: str) -> None:
+    """The gateway lists adapters, pools and server pods, and gets the Secret a pool names for its
+    servers' API key (spec.serving.apiKeySecretRef): by name only, never a list or a watch."""
+    docs = charting.render(sets=[f"rbac.scope={scope}", "rbac.namespaces={team-a}"])
+    roles = [d for kind in ("Role", "ClusterRole") for d in charting.component(docs, kind, "gateway")]
+    assert roles
+    for role in roles:
+        assert granted([role]) == {
+            *{
+                ("lorafleet.io", r, v)
+                for r in ("loraadapters", "trainerpools")
+                for v in ("get", "list", "watch")
+            },
+            *{("", "pods", v) for v in ("get", "list", "watch")},
+            ("", "secrets", "get"),
+        }

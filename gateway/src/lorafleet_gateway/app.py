@@ -131,6 +131,7 @@ class Gateway:
             raise Failure(422, "must name a model (an adapter's served name or namespace/adapter)", "model")
         adapter = await self.resolve(body["model"], allowed)
         request.state.model = adapter.key
+        server_auth = _server_auth(adapter)
         choice = await self.choose(adapter)
         headers = {
             VERSION_HEADER: str(choice.version),
@@ -140,19 +141,22 @@ class Gateway:
         upstream = {**body, "model": adapter.served_name}
         url = f"{choice.url}/v1/{route}"
         if body.get("stream"):
-            return await self._stream(url, upstream, headers)
+            return await self._stream(url, upstream, headers, server_auth, adapter, choice.server)
         asked_logprobs, asked_ids = body.get("logprobs"), body.get("return_token_ids")
         if route == "chat/completions":
             upstream |= {"logprobs": True, "return_token_ids": True}
         started = time.perf_counter()
         try:
-            r = await self.servers.post(url, json=upstream)
+            # Only the server's own key goes upstream: the client's Authorization (its gateway
+            # token) is never passed on.
+            r = await self.servers.post(url, json=upstream, headers=server_auth)
         except httpx.TransportError as exc:
             await self.directory.refresh()
             raise Failure(
                 503, f"the server {choice.server} did not answer: {exc!r}", "model", retry=True
             ) from exc
         self.metrics.upstream_seconds.labels(route=route).observe(time.perf_counter() - started)
+        _check_key_accepted(r.status_code, adapter, choice.server)
         if r.status_code != 200:
             return Response(
                 r.content, status_code=r.status_code, media_type="application/json", headers=headers
@@ -163,12 +167,23 @@ class Gateway:
             _strip(answer, logprobs=bool(asked_logprobs), token_ids=bool(asked_ids))
         return JSONResponse(answer, headers=headers)
 
-    async def _stream(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
-        request = self.servers.build_request("POST", url, json=body)
+    async def _stream(
+        self,
+        url: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        server_auth: dict[str, str],
+        adapter: Adapter,
+        server: str,
+    ) -> Response:
+        request = self.servers.build_request("POST", url, json=body, headers=server_auth)
         try:
             upstream = await self.servers.send(request, stream=True)
         except httpx.TransportError as exc:
             raise Failure(503, f"the server did not answer: {exc!r}", "model", retry=True) from exc
+        if upstream.status_code in (401, 403):
+            await upstream.aclose()
+            _check_key_accepted(upstream.status_code, adapter, server)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -368,6 +383,36 @@ class Gateway:
             if allowed is None or a.namespace in allowed
         ]
         return {"object": "list", "data": cards}
+
+
+def _server_auth(adapter: Adapter) -> dict[str, str]:
+    """The header that carries the key the adapter's servers require; a key that cannot be had
+    is answered here, naming its Secret, rather than left to the server's bare refusal."""
+    key = adapter.server_key
+    if key is None:
+        return {}
+    if key.value is None:
+        raise Failure(
+            503,
+            f"the inference servers of {adapter.key} require an API key (spec.serving.apiKeySecretRef "
+            f"of its pool), but the {key.problem}",
+            "model",
+        )
+    return {"Authorization": f"Bearer {key.value}"}
+
+
+def _check_key_accepted(status: int, adapter: Adapter, server: str) -> None:
+    """A server's 401/403 is the gateway's key being refused, not the client's token: a 502 that
+    says which key (the client's own Authorization is never sent upstream)."""
+    if status not in (401, 403):
+        return
+    key = adapter.server_key
+    why = (
+        f"refused the gateway's API key, the {key.secret} (spec.serving.apiKeySecretRef of its pool)"
+        if key is not None
+        else "requires an API key: name its Secret in the pool's spec.serving.apiKeySecretRef"
+    )
+    raise Failure(502, f"the inference server {server} of {adapter.key} {why}", "model")
 
 
 def _strip(answer: dict[str, Any], *, logprobs: bool, token_ids: bool) -> None:

@@ -1,7 +1,9 @@
 """Where each adapter lives: its trainer's endpoint and its pool's inference servers.
 
 ``Directory.adapters()`` answers from the cluster: LoraAdapters (``status.endpoint``, the served
-name), their TrainerPools (``spec.serving``) and the Ready server pods those select. Placement and
+name), their TrainerPools (``spec.serving``), the Ready server pods those select and the API key
+those servers require (the Secret ``spec.serving.apiKeySecretRef`` names, or why it cannot be
+had: the gateway then answers with that instead of a refusal from the server). Placement and
 servers change rarely, so the answer is cached for a second and read again at once after a failure
 (``refresh``); what each server serves, which changes with every step, is never read from here but
 asked of the adapter's trainer (``routing``).
@@ -10,6 +12,7 @@ asked of the adapter's trainer (``routing``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +24,36 @@ GROUP, VERSION = "lorafleet.io", "v1alpha1"
 
 
 @dataclass(frozen=True)
+class ServerKey:
+    """The API key a pool's servers require (``secret``: where it is kept, for messages): the key,
+    or ``problem``, why there is none to send. The key never shows in a repr or a log line."""
+
+    secret: str
+    value: str | None = field(default=None, repr=False)
+    problem: str | None = None
+
+    @classmethod
+    def of(cls, namespace: str, ref: pools.SecretRef, data: Mapping[str, str] | str | None) -> ServerKey:
+        """From the Secret's decoded ``data``, else why it could not be read (None: not read)."""
+        secret = f"key {ref.key!r} of Secret {namespace}/{ref.name}"
+        if data is None or isinstance(data, str):
+            return cls(secret, problem=f"{secret} {data or 'was not read'}")
+        value = (data.get(ref.key) or "").strip()
+        if ref.key not in data:
+            return cls(secret, problem=f"{secret} does not exist: the Secret has no such key")
+        if not value:
+            return cls(secret, problem=f"{secret} is empty")
+        return cls(secret, value=value)
+
+
+@dataclass(frozen=True)
 class Adapter:
     namespace: str
     name: str
     served_name: str
     endpoint: str | None  # the trainer's base URL; None while the adapter is not placed
     servers: Mapping[str, str] = field(default_factory=dict)  # server pod name -> base URL
+    server_key: ServerKey | None = None  # None: its servers require no API key
 
     @property
     def key(self) -> str:
@@ -68,9 +95,12 @@ def assemble(
     adapter_bodies: Sequence[Mapping[str, Any]],
     pool_bodies: Sequence[Mapping[str, Any]],
     pods_of: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+    secrets: Mapping[tuple[str, str], Mapping[str, str] | str] | None = None,
 ) -> list[Adapter]:
-    """The directory from listed objects; ``pods_of[(namespace, pool)]``: the pods its selector lists."""
+    """The directory from listed objects; ``pods_of[(namespace, pool)]``: the pods its selector lists;
+    ``secrets[(namespace, name)]``: a Secret's decoded data, or why it could not be read."""
     servers: dict[tuple[str, str], dict[str, str]] = {}
+    keys: dict[tuple[str, str], ServerKey] = {}
     for body in pool_bodies:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
@@ -80,6 +110,9 @@ def assemble(
             continue
         if serving is None:
             continue
+        ref = serving.api_key_secret_ref
+        if ref is not None:
+            keys[key] = ServerKey.of(key[0], ref, (secrets or {}).get((key[0], ref.name)))
         found = {}
         for pod in pods_of.get(key, ()):
             if selectors.matches(serving.selector, (pod.get("metadata") or {}).get("labels") or {}):
@@ -104,6 +137,7 @@ def assemble(
                 served_name=spec.served_name(meta["name"]),
                 endpoint=endpoint,
                 servers=servers.get((meta["namespace"], spec.pool), {}),
+                server_key=keys.get((meta["namespace"], spec.pool)),
             )
         )
     return out
@@ -157,18 +191,37 @@ class KubeDirectory:
         listed: list[dict[str, Any]] = self._list("loraadapters")
         pool_bodies: list[dict[str, Any]] = self._list("trainerpools")
         pods_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        secrets: dict[tuple[str, str], dict[str, str] | str] = {}
         for body in pool_bodies:
             serving = (body.get("spec") or {}).get("serving")
             if not serving:
                 continue
             meta = body["metadata"]
+            ref = serving.get("apiKeySecretRef") or {}
+            if ref.get("name") and (meta["namespace"], ref["name"]) not in secrets:
+                secrets[(meta["namespace"], ref["name"])] = self._secret(meta["namespace"], ref["name"])
             try:
                 selector = selectors.selector_string(serving.get("selector") or {})
             except selectors.SelectorError:
                 continue
             pods = self._core.list_namespaced_pod(meta["namespace"], label_selector=selector)
             pods_of[(meta["namespace"], meta["name"])] = [p.to_dict() for p in pods.items]
-        return assemble(listed, pool_bodies, {k: [_camel(p) for p in v] for k, v in pods_of.items()})
+        return assemble(listed, pool_bodies, {k: [_camel(p) for p in v] for k, v in pods_of.items()}, secrets)
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str] | str:
+        """A Secret's data, decoded, else why it cannot be read (the answer names no value)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            secret = self._core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return "does not exist: there is no such Secret"
+            if exc.status == 403:
+                return "cannot be read: the gateway's RBAC does not let it get Secrets in that namespace"
+            return f"cannot be read: the API server answered {exc.status} {exc.reason}"
+        data = secret.data or {}
+        return {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in data.items()}
 
 
 def _camel(pod: Mapping[str, Any]) -> dict[str, Any]:
