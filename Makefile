@@ -11,7 +11,7 @@ export PATH := $(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 export LORAFLEET_BIN_DIR := $(BIN)
 
 .PHONY: help setup system-deps python-deps vllm kube-clients tools test test-unit test-e2e test-chaos test-vllm \
-        lint images test-images test-node demo eval bench bench-quick bench-batching bench-publishing bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
+        lint images test-images test-node demo eval bench bench-quick bench-batching bench-publishing bench-gateway bench-gpu gpu-smoke sync-crds check-crds e2e-kind clean
 
 help:
 	@echo "make demo        lorafleet-local demo: feedback changing a real model (builtin:smollm2), served by vLLM, on a local control plane"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
 	@echo "make bench-batching  a step's samples as padded batches vs one forward per sample"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
+	@echo "make bench-gateway  feedback through the gateway to the first chat its new version answers (vLLM)"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
 	@echo "make images      the operator and trainer images, built here with podman from their Dockerfiles"
 	@echo "make e2e-kind    the e2e tests on a kind cluster (needs Docker)"
@@ -140,6 +141,11 @@ bench-batching: python-deps
 # What publishing to vLLM adds to a step (a trainer and a vLLM on a core each; scripts/bench_publishing.py).
 bench-publishing: python-deps vllm
 	$(PY) -m scripts.bench_publishing --json bench-results/bench-publishing.json
+
+# From a feedback answer to the first chat the new version answers, through the gateway, with a
+# trainer and a vLLM on a core each (scripts/bench_gateway.py); checks issue 27's 1 s p95 bound.
+bench-gateway: python-deps vllm
+	$(PY) -m scripts.bench_gateway --json bench-results/bench-gateway.json
 
 bench-gpu: python-deps
 	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json

@@ -81,6 +81,9 @@ def command(model_dir: Path, served_name: str, port: int, max_lora_rank: int = 1
         # The trainer computes in float32; vLLM's CPU default would downcast to bfloat16.
         "--dtype", "float32",
         "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "2",
+        # The CPU build's default, named so that the prefix-cache test's premise does not rest on
+        # a default (tests/serving/test_prefix_cache_reload.py).
+        "--enable-prefix-caching",
         "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
