@@ -18,6 +18,8 @@ def state(latest: int, served: dict[str, int | None], error: str | None = None) 
         cached=True,
         cache_bytes=1,
         artifact="team-a/.alice.v00000001",
+        durable_version=latest,
+        durable_error=None,
         served_name="alice",
         served=[
             wire.ServedVersion(server=s, version=v, error=error if s == "v2" else None, since=None)

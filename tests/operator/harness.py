@@ -119,6 +119,8 @@ class Trainers:
             cached=entry.cached,
             cache_bytes=entry.cache_bytes,
             artifact=f"{key[0]}/.{key[1]}.v{entry.version:08d}",
+            durable_version=entry.version,
+            durable_error=None,
             served_name=served_name,
             served=served,
         )
@@ -141,6 +143,8 @@ def adapter_state(version: int = 0, cached: bool = False, **fields: Any) -> wire
         "lora": adapters.Lora(),
         "cache_bytes": 1000 if cached else 0,
         "artifact": f"{NS}/.alice.v{version:08d}",
+        "durable_version": version,
+        "durable_error": None,
         "served_name": None,
         "served": [],
         **fields,

@@ -69,6 +69,15 @@ def test_dtype_reaches_the_trainer() -> None:
         pools.parse(pool_body(dtype="int8"))
 
 
+def test_durability_reaches_the_trainer_and_defaults_to_sync() -> None:
+    unset = container(building.build_pod(pools.parse(pool_body()), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_DURABILITY", "value": "sync"} in unset["env"]
+    fast = container(building.build_pod(pools.parse(pool_body(durability="async")), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_DURABILITY", "value": "async"} in fast["env"]
+    with pytest.raises(ValidationError, match="durability"):
+        pools.parse(pool_body(durability="eventually"))
+
+
 def test_args_probes_and_image() -> None:
     pool = pools.parse(pool_body(cache={"capacity": "2Gi"}))
     c = container(building.build_pod(pool, 0, SETTINGS))

@@ -67,6 +67,7 @@ def test_invalid_manifests_are_rejected(where: str, doc: dict[str, Any]) -> None
         ("bad-rank", "rank"),
         ("missing-pool", "pool"),
         ("bad-gpu-residency", "gpuResidency"),
+        ("bad-durability", "durability"),
         ("pool-without-storage", "storage"),
     ],
 )

@@ -16,6 +16,8 @@ import pytest
 from tests.reliability import disk, killing, replay, stored
 from tests.trainer.service import live, payloads
 
+from lorafleet_local.polling import eventually
+
 
 @pytest.fixture
 def small_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
@@ -73,3 +75,66 @@ def test_full_disk_fails_the_step_with_507_and_changes_nothing(
         replay.stored_tensors(storage), replay.replay(tmp_path / "replay", model_cache, applied)
     )
     assert diff < replay.TOLERANCE, f"after the failed steps the weights differ from the replay by {diff}"
+
+
+@pytest.fixture
+def small_async_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
+    workdir = tmp_path / "trainer"
+    try:
+        with disk.small_tmpfs(workdir / "adapters", 4 << 20) as storage:
+            server = live.start_trainer(
+                workdir, token=killing.TOKEN, model_cache_dir=model_cache, args=["--durability", "async"]
+            )
+            try:
+                yield server, storage
+            finally:
+                server.stop()
+    except disk.CannotMount as exc:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {exc}")
+
+
+def test_full_disk_in_async_mode_is_reported_never_claimed_durable_and_heals(
+    small_async_trainer: tuple[live.LiveTrainer, Path], tmp_path: Path, model_cache: Path
+) -> None:
+    """Durability async: the step that committed in memory answers 200, but its refused write shows
+    in the state (durable_version stays, durable_error says why); the next step answers 507 and
+    changes nothing; freed space heals it, and the store then holds every answered step."""
+    server, storage = small_async_trainer
+    client = server.client()
+    assert client.put(killing.ROUTE, json=payloads.init_body(epoch=1)).status_code in (200, 201)
+
+    def state() -> dict[str, object]:
+        return dict(client.get(killing.ROUTE).json())
+
+    applied: list[int] = []
+    for seed in range(2):
+        assert client.post(f"{killing.ROUTE}/distill", json=killing.body(seed)).status_code == 200
+        applied.append(seed)
+    eventually("v2 to be durable", lambda: state()["durable_version"] == 2, timeout=60)
+    version_bytes = disk.tree_bytes((storage / killing.NAMESPACE / killing.NAME).resolve())
+
+    disk.fill(storage, leave_free=version_bytes // 3)
+    r = client.post(f"{killing.ROUTE}/distill", json=killing.body(2))
+    assert r.status_code == 200, r.text  # committed in memory; its write comes after the answer
+    applied.append(2)
+    eventually("the refused write to show", lambda: state()["durable_error"] is not None, timeout=60)
+    now = state()
+    assert (now["version"], now["durable_version"]) == (3, 2) and "space" in str(now["durable_error"])
+    stored.assert_whole(storage, killing.NAMESPACE, killing.NAME, 2)  # nothing claimed that is not
+    r = client.post(f"{killing.ROUTE}/distill", json=killing.body(100))
+    assert r.status_code == 507 and "space" in r.json()["error"], r.text
+    assert "durable version 2" in r.json()["error"]
+    assert (state()["version"], state()["durable_version"]) == (3, 2)
+    assert server.metrics()[("lorafleet_trainer_write_failures_total", ())] >= 2
+
+    disk.unfill(storage)
+    r = client.post(f"{killing.ROUTE}/distill", json=killing.body(3))  # retries v3's write first
+    assert r.status_code == 200 and r.json()["version"] == 4, r.text
+    applied.append(3)
+    eventually("v4 to be durable", lambda: state()["durable_version"] == 4, timeout=60)
+    assert state()["durable_error"] is None
+    stored.assert_whole(storage, killing.NAMESPACE, killing.NAME, 4)
+    diff = replay.max_difference(
+        replay.stored_tensors(storage), replay.replay(tmp_path / "replay", model_cache, applied)
+    )
+    assert diff < replay.TOLERANCE, f"after the refused writes the weights differ from the replay by {diff}"

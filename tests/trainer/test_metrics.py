@@ -29,6 +29,10 @@ class Stats:
     gpu_memory_reserved_bytes: int = 0
     gpu_memory_peak_bytes: int = 0
     gpu_memory_after_step_bytes: int = 0
+    durable_lag_versions: int = 21
+    write_backlog_versions: int = 22
+    writes_coalesced: int = 23
+    write_failures: int = 24
 
 
 class Source:
@@ -64,6 +68,10 @@ def test_engine_stats_are_read_at_scrape_time_under_design_names() -> None:
     assert got[(PREFIX + "cache_capacity_bytes", ())] == 1800
     assert got[(PREFIX + "host_pinned_bytes", ())] == 19
     assert got[(PREFIX + "gpu_memory_peak_bytes", ())] == 0
+    assert got[(PREFIX + "durable_lag_versions", ())] == 21
+    assert got[(PREFIX + "write_backlog_versions", ())] == 22
+    assert got[(PREFIX + "writes_coalesced_total", ())] == 23
+    assert got[(PREFIX + "write_failures_total", ())] == 24
     assert got[(PREFIX + "queue_depth", ())] == 3
     assert got[(PREFIX + "step_running", ())] == 1
     reasons = {dict(k[1])["reason"]: v for k, v in got.items() if k[0] == PREFIX + "cache_evictions_total"}

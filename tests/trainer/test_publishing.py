@@ -328,6 +328,12 @@ class StoreEngine:
     def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None:
         pass
 
+    def watch_durable(self, fn: Callable[[AdapterId, int, str], None]) -> None:
+        pass  # durability sync: a step's answer is its durable moment
+
+    def close(self, timeout: float | None = None) -> bool:
+        return True
+
     def stats(self) -> EngineStats:
         return EngineStats()
 

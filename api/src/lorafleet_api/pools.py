@@ -81,6 +81,7 @@ class PoolSpec(_Spec):
     cache: Cache = Field(default_factory=Cache)
     gpu_residency: Annotated[str, _choice("gpuResidency")] = _field("gpuResidency")
     dtype: Annotated[str, _choice("dtype")] | None = _field("dtype")  # None: the trainer's default
+    durability: Annotated[str, _choice("durability")] = _field("durability")
     storage: Storage = Field(default_factory=Storage)
     max_adapters_per_pod: int = _field("maxAdaptersPerPod")
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")

@@ -27,6 +27,12 @@ ARTIFACT = (
     "rewritten and stays while the version is among the kept ones"
 )
 
+DURABLE_VERSION = (
+    "the adapter's newest version in the adapter store, which a crash of the trainer keeps: equal to "
+    "version with durability sync; with async it may lag, and the versions past it are lost by a "
+    "crash (and some are never written: a newer one replaces a version still waiting for the writer)"
+)
+
 _REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="ignore")
 
@@ -115,7 +121,12 @@ class AdapterState(BaseModel):
     lora: Lora
     cached: bool
     cache_bytes: int
-    artifact: str = Field(description=ARTIFACT)
+    artifact: str = Field(description=f"the durable version's artifact: {ARTIFACT}")
+    durable_version: int = Field(description=DURABLE_VERSION)
+    durable_error: str | None = Field(
+        description="why versions past durable_version are not durable yet: the adapter store refused "
+        "the background write (the next step retries it first); null when none"
+    )
     # Required though nullable: a reader must never take a field left out for "not published".
     served_name: str | None = Field(description="its name on the inference servers; null: not published")
     served: list[ServedVersion] = Field(
@@ -148,7 +159,10 @@ class DistillResponse(BaseModel):
     model_config = _RESPONSE
 
     version: int
-    artifact: str = Field(description=ARTIFACT)
+    artifact: str = Field(
+        description=f"{ARTIFACT}; with durability async it exists once durable_version reaches version"
+    )
+    durable_version: int = Field(description=DURABLE_VERSION)
     cache: Literal["hit", "miss"]
     metrics: dict[str, float] = Field(
         description="total_loss, distill_loss, kl_reg, mean_is_ratio, clip_fraction, grad_norm, "

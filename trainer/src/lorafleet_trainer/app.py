@@ -108,6 +108,8 @@ def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> 
         model_cache_dir=settings.model_cache_dir,
         default_training=TrainingSpec(),
         step_holds=holds,
+        durability=settings.durability,
+        write_backlog=settings.write_backlog,
     )
     return TrainerEngine(config)
 

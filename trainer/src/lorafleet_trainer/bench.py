@@ -3,7 +3,10 @@
 Three modes train K adapters for S steps each, round-robin, on a builtin model:
 ``recreate`` loads a new trainer (and the base model) for every step, as trainers did before they
 were persistent; ``persistent`` keeps the model but reads and writes each adapter's weights and
-AdamW state from storage every step (cache capacity 0); ``cached`` is the engine as shipped. Each
+AdamW state from storage every step (cache capacity 0); ``cached`` is the engine as shipped
+(durability ``sync``: a step answers once its version is durable); ``async`` is ``cached`` with
+durability ``async`` (a step answers after its in-memory commit, a background writer persists), and
+also reports its catch-up: from the last step's answer until every version is durable. Each
 mode runs in its own process, so its peak RSS is its own. The first round-robin pass warms every
 mode up (imports, allocator, first reads) and is not measured. With ``--rounds N`` every mode runs
 N times in alternating order and its steps are pooled, so a busy moment on a shared host does not
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("recreate", "persistent", "cached")
+MODES = ("recreate", "persistent", "cached", "async")
 KEYS = (
     "mode",
     "model",
@@ -44,6 +47,7 @@ KEYS = (
     "persist_ms_p50",
     "storage_read_bytes_per_step",
     "peak_rss_bytes",
+    "catch_up_ms_max",
 )
 
 
@@ -90,7 +94,9 @@ def _samples(plan: Plan, seed: int) -> list[Any]:
     ]
 
 
-def _engine(plan: Plan, root: Path, capacity: int, device: str, model_cache: Path | None) -> Any:
+def _engine(
+    plan: Plan, root: Path, capacity: int, device: str, model_cache: Path | None, durability: str = "sync"
+) -> Any:
     from lorafleet_trainer.engine.engine import EngineConfig, TrainerEngine
 
     return TrainerEngine(
@@ -101,6 +107,7 @@ def _engine(plan: Plan, root: Path, capacity: int, device: str, model_cache: Pat
             device=device,
             dtype=plan.dtype,
             model_cache_dir=model_cache,
+            durability=durability,
         )
     )
 
@@ -114,12 +121,13 @@ def run_mode(mode: str, plan: Plan, device: str, model_cache: Path | None, bandw
         rank=plan.rank, alpha=2.0 * plan.rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
     )
     adapters = [AdapterId("bench", f"adapter-{i}") for i in range(plan.adapters)]
-    capacity = 1 << 34 if mode == "cached" else 0
+    capacity = 1 << 34 if mode in ("cached", "async") else 0
     rows: list[dict[str, float]] = []
     extra: dict[str, Any] = {}
+    catch_up: float | None = None
     with tempfile.TemporaryDirectory(prefix=f"lorafleet-bench-{mode}-") as tmp:
         root = Path(tmp)
-        engine = _engine(plan, root, capacity, device, model_cache)
+        engine = _engine(plan, root, capacity, device, model_cache, "async" if mode == "async" else "sync")
         engine.load()
         for a in adapters:
             engine.init_adapter(a, lora, 1)
@@ -135,13 +143,22 @@ def run_mode(mode: str, plan: Plan, device: str, model_cache: Path | None, bandw
                 if step > 0:  # the first pass is warm-up
                     rows.append({"step": total, "read": float(result.storage_read_bytes), **result.timing_ms})
                     rows[-1]["overhead"] = total - result.timing_ms["compute"]
+                if mode == "async" and step == plan.steps - 1 and a == adapters[-1]:
+                    # Steps stop: how long until every answered version is durable.
+                    t1 = time.perf_counter()
+                    assert engine.flush(600), "the writer did not catch up"
+                    catch_up = (time.perf_counter() - t1) * 1000.0
+                    assert all(engine.get_adapter(x).durable_version is None for x in adapters)
         if bandwidth and mode == "cached" and engine.device.type == "cuda":
             extra = measure_bandwidth(engine, adapters[0], rows)
+        engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
-    return {"samples": rows, "peak_rss_bytes": rss, "bandwidth": extra}
+    return {"samples": rows, "peak_rss_bytes": rss, "bandwidth": extra, "catch_up_ms": catch_up}
 
 
-def summarise(mode: str, model: str, rows: list[dict[str, float]], peak_rss: int) -> dict[str, Any]:
+def summarise(
+    mode: str, model: str, rows: list[dict[str, float]], peak_rss: int, catch_up: list[float] | None = None
+) -> dict[str, Any]:
     """One mode's row from its measured steps (pooled over rounds)."""
     row: dict[str, Any] = {
         "mode": mode,
@@ -154,6 +171,7 @@ def summarise(mode: str, model: str, rows: list[dict[str, float]], peak_rss: int
         "persist_ms_p50": _percentile([r["persist"] for r in rows], 50),
         "storage_read_bytes_per_step": statistics.fmean(r["read"] for r in rows),
         "peak_rss_bytes": peak_rss,
+        "catch_up_ms_max": max(catch_up) if catch_up else None,
     }
     # Everything but the SDPO compute: the part a persistent, cached trainer exists to shrink. Shown
     # in the table (not the JSON) because on a shared CPU the compute itself is the noisy part.
@@ -214,6 +232,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['storage_read_bytes_per_step']:>13.0f}{r['peak_rss_bytes'] / 2**20:>14.0f}{share:>12.2%}"
         )
     return "\n".join(lines)
+
+
+def _durability(sync: dict[str, Any], fast: dict[str, Any]) -> str:
+    """sync (``cached``) against async: the step answer without the persist phase, and catch-up."""
+    bound = sync["step_ms_p50"] - sync["persist_ms_p50"]
+    return (
+        f"durability: sync step p50 {sync['step_ms_p50']:.1f} p95 {sync['step_ms_p95']:.1f} ms "
+        f"(persist p50 {sync['persist_ms_p50']:.1f}); async step p50 {fast['step_ms_p50']:.1f} "
+        f"p95 {fast['step_ms_p95']:.1f} ms (hand-off p50 {fast['persist_ms_p50']:.2f}); sync minus "
+        f"persist p50 {bound:.1f} ms: async {'at most' if fast['step_ms_p50'] <= bound else 'ABOVE'} it; "
+        f"catch-up after the last step {fast['catch_up_ms_max']:.1f} ms max "
+        f"({'within' if fast['catch_up_ms_max'] <= sync['step_ms_p50'] else 'ABOVE'} one sync step p50)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: {plan}  rounds: {args.rounds}  device: {args.device}  threads: {threads}", flush=True)
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     peak: dict[str, int] = dict.fromkeys(modes, 0)
+    catch_up: dict[str, list[float]] = {m: [] for m in modes}
     bandwidth: dict[str, Any] = {}
     for rnd in range(args.rounds):
         # Alternate the order so no mode always runs when the host happens to be busiest.
@@ -303,11 +335,16 @@ def main(argv: list[str] | None = None) -> int:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             samples[mode].extend(out["samples"])
             peak[mode] = max(peak[mode], out["peak_rss_bytes"])
+            if out.get("catch_up_ms") is not None:
+                catch_up[mode].append(out["catch_up_ms"])
             bandwidth.update(out["bandwidth"])
             print(f"  round {rnd + 1}: {mode} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = [summarise(m, plan.model, samples[m], peak[m]) for m in modes]
+    rows = [summarise(m, plan.model, samples[m], peak[m], catch_up[m]) for m in modes]
     print(_table(rows))
     cached = next((r for r in rows if r["mode"] == "cached"), None)
+    fast = next((r for r in rows if r["mode"] == "async"), None)
+    if cached is not None and fast is not None:
+        print(_durability(cached, fast))
     for other in ("persistent", "recreate"):
         r = next((x for x in rows if x["mode"] == other), None)
         if cached is None or r is None:

@@ -27,7 +27,13 @@ class AdapterRecord:
     cached: bool
     cache_bytes: int
     pinned: bool = False
-    artifact: str = ""  # the version's directory relative to the store root (storage.artifact)
+    artifact: str = ""  # the durable version's directory relative to the store root (storage.artifact)
+    durable_version: int | None = None  # None: the same as version (always so in sync mode)
+    durable_error: str | None = None  # why a newer version is not durable: the store refused it
+
+    @property
+    def durable(self) -> int:
+        return self.version if self.durable_version is None else self.durable_version
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,12 @@ class StepResult:
     storage_read_bytes: int = 0
     artifact: str = ""
     replayed: bool = False  # an earlier step's answer, for a retry with its idempotency key
+    # The adapter's newest durable version when the step answered; None: ``version`` (sync mode).
+    durable_version: int | None = None
+
+    @property
+    def durable(self) -> int:
+        return self.version if self.durable_version is None else self.durable_version
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,10 @@ class EngineStats:
     gpu_memory_reserved_bytes: int = 0
     gpu_memory_peak_bytes: int = 0
     gpu_memory_after_step_bytes: int = 0
+    durable_lag_versions: int = 0  # async mode: most versions any adapter is ahead of its durable one
+    write_backlog_versions: int = 0  # async mode: versions waiting for the writer or being written
+    writes_coalesced: int = 0  # async mode: versions a newer one replaced before they were written
+    write_failures: int = 0  # async mode: background writes the store refused
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -99,6 +99,18 @@ class TrainerSettings(BaseSettings):
         "auto",
         description="base weights' dtype (LoRA and AdamW stay float32); auto: bfloat16 on CUDA, else float32",
     )
+    durability: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: a step answers once its version is durable; async: once it is committed in "
+        "memory, a background writer persisting the newest version of each adapter (a crash loses the "
+        "versions past each adapter's durable_version)",
+    )
+    write_backlog: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="durability async: versions the background writer may hold; a step waits for room",
+    )
     max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
     max_generate_tokens: int = Field(
         512, ge=1, le=65536, description="most tokens one generate request may ask for (max_tokens)"

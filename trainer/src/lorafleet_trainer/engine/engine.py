@@ -38,6 +38,8 @@ import torch
 from lorafleet_api.wire import KEYED_STEPS_KEPT
 from lorafleet_trainer.engine import decoding, holds, previewing, stepping
 from lorafleet_trainer.engine.cache import AdapterCache, CacheInfo
+from lorafleet_trainer.engine.durability import DEFAULT_BACKLOG, BackgroundWriter
+from lorafleet_trainer.engine.durability import MODES as DURABILITY_MODES
 from lorafleet_trainer.engine.previewing import Answering
 from lorafleet_trainer.engine.residency import MODES, Residency
 from lorafleet_trainer.engine.slots import LoraSlot, SlotManager, adapter_config_dict, linear_module_names
@@ -48,7 +50,7 @@ from lorafleet_trainer.engine.storage import (
     AdapterMeta,
     AdapterStore,
 )
-from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady
+from lorafleet_trainer.errors import ConfigConflict, InvalidInput, NotReady, StorageFull
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning import prompting, sampling
 from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
@@ -89,8 +91,16 @@ class EngineConfig:
     step_token_budget: int = DEFAULT_STEP_TOKEN_BUDGET
     # base_model_name_or_path in adapter_config.json: the name inference servers serve the base under.
     served_base_model_name: str | None = None
+    # sync: a step answers once its version is durable; async: after the in-memory commit, a
+    # background writer persisting the newest version of each adapter (engine/durability.py).
+    durability: str = "sync"
+    write_backlog: int = DEFAULT_BACKLOG  # async: versions the writer may hold before steps wait
 
     def __post_init__(self) -> None:
+        if self.durability not in DURABILITY_MODES:
+            raise InvalidInput(f"must be one of {DURABILITY_MODES}", field="durability")
+        if isinstance(self.write_backlog, bool) or self.write_backlog < 1:
+            raise InvalidInput("must be a version count >= 1", field="write_backlog")
         if self.device not in DEVICES:
             raise InvalidInput(f"must be one of {DEVICES}", field="device")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -164,6 +174,51 @@ class TrainerEngine:
         self._tokenizer: Any = None
         self._slots: SlotManager | None = None
         self.load_count = 0
+        self._durable_watchers: list[Callable[[AdapterId, int, str], None]] = []
+        self._writer: BackgroundWriter | None = None
+        if config.durability == "async":
+            step_holds = config.step_holds
+            self._writer = BackgroundWriter(
+                self.store,
+                config.write_backlog,
+                on_durable=self._became_durable,
+                hold=(lambda: step_holds.at(holds.WRITE)) if step_holds is not None else None,
+            )
+
+    # ---- durability ------------------------------------------------------------------------
+    @property
+    def durability(self) -> str:
+        return self.config.durability
+
+    def watch_durable(self, fn: Callable[[AdapterId, int, str], None]) -> None:
+        """Call ``fn(adapter, version, artifact)`` when the background writer made a version
+        durable (async mode only: in sync mode a step's answer is that moment)."""
+        self._durable_watchers.append(fn)
+
+    def _became_durable(self, adapter: AdapterId, version: int) -> None:
+        artifact = self.store.artifact(adapter, version)
+        for fn in self._durable_watchers:
+            fn(adapter, version, artifact)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every committed version is durable (async mode); True when all are."""
+        return True if self._writer is None else self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush the background writer and stop it (graceful shutdown); True when all is durable."""
+        return True if self._writer is None else self._writer.close(timeout)
+
+    def _settle(self, adapter: AdapterId) -> None:
+        """Wait for ``adapter``'s versions to be durable (retrying a refused write once)."""
+        if self._writer is not None:
+            self._writer.settle(adapter)
+
+    def _durable_of(self, adapter: AdapterId) -> tuple[AdapterMeta, int | None]:
+        """The adapter's metadata and its durable version (None: the same), read as one moment."""
+        if self._writer is None:
+            return self._meta_for(adapter), None
+        with self._writer.locked():
+            return self._meta_for(adapter), self._writer.durable_locked(adapter)
 
     # ---- the base model ------------------------------------------------------------------
     def load(self) -> None:
@@ -219,9 +274,10 @@ class TrainerEngine:
         with self._info_lock:
             self._meta[meta.adapter] = meta
 
-    def _state(self, meta: AdapterMeta) -> AdapterRecord:
+    def _state(self, meta: AdapterMeta, durable: int | None = None) -> AdapterRecord:
         entry = self.cache.peek(meta.adapter)
         cached = entry is not None and entry.has(meta.adapter, meta.version, meta.epoch)
+        error = self._writer.error(meta.adapter) if self._writer is not None else None
         return AdapterRecord(
             adapter=meta.adapter,
             version=meta.version,
@@ -231,7 +287,9 @@ class TrainerEngine:
             cached=cached,
             cache_bytes=entry.nbytes if entry is not None and cached else 0,
             pinned=self.cache.is_pinned(meta.adapter),
-            artifact=self.store.artifact(meta.adapter, meta.version),
+            artifact=self.store.artifact(meta.adapter, meta.version if durable is None else durable),
+            durable_version=durable,
+            durable_error=error,
         )
 
     # ---- adapters --------------------------------------------------------------------------
@@ -253,6 +311,8 @@ class TrainerEngine:
             raise InvalidInput("must be an integer >= 0", field="epoch")
         self._check_lora(lora)
         with self._lock:
+            # What the store holds must be the adapter's newest version before init reads it.
+            self._settle(adapter)
             if not self.store.exists(adapter):
                 slot = self._slot(lora)
                 meta = AdapterMeta(
@@ -283,14 +343,21 @@ class TrainerEngine:
             return InitResult(False, self._state(new))
 
     def get_adapter(self, adapter: AdapterId) -> AdapterRecord:
-        return self._state(self._meta_for(adapter))
+        return self._state(*self._durable_of(adapter))
 
     def evict(self, adapter: AdapterId) -> bool:
         with self._lock:
+            # Evicted state is read from the store next: its pending version is written first.
+            try:
+                self._settle(adapter)
+            except StorageFull as exc:
+                log.warning("evicting %s with versions not durable (the writer keeps them): %s", adapter, exc)
             return self.cache.evict(adapter, "explicit")
 
     def delete(self, adapter: AdapterId) -> bool:
         with self._lock:
+            if self._writer is not None:
+                self._writer.cancel(adapter)  # its pending version is dropped, a running write ends
             cached = self.cache.forget(adapter)
             stored = self.store.delete(adapter)
             with self._info_lock:
@@ -336,6 +403,13 @@ class TrainerEngine:
             return True
         if entry is not None:
             self.cache.evict(adapter, "invalidated")
+        held = self._writer.bundle(adapter, meta.version) if self._writer is not None else None
+        if held is not None:
+            # Not durable yet (async): the writer's copy is the newest state; it is never written into.
+            slot.restore(held, reuse=False)
+            if self.cache.enabled:
+                self.cache.put(held)
+            return False
         source = self.store.read_tensors(adapter)
         source.label(adapter, meta.version, meta.epoch)
         slot.restore(source, reuse=False)
@@ -352,7 +426,8 @@ class TrainerEngine:
         training: Overrides = None,
         key: StepKey | None = None,
     ) -> StepResult:
-        """One SDPO step; returns once the new version is durable. Failures change nothing.
+        """One SDPO step; returns once the new version is durable (``sync``) or committed in memory
+        and handed to the background writer (``async``). Failures change nothing.
 
         With ``key``: a step already committed under that key (one of the adapter's last
         ``KEYED_STEPS_KEPT``) is answered again instead of applied twice; the same key with another
@@ -363,7 +438,9 @@ class TrainerEngine:
             with self._lock:
                 kept = self._keyed(adapter, key)
                 if kept is not None:
-                    return kept.replay()
+                    return replace(kept.replay(), durable_version=self._durable_of(adapter)[1])
+                if self._writer is not None and self._writer.error(adapter) is not None:
+                    self._settle(adapter)  # a refused write is retried first: 507 if refused again
                 result = self._distill(slots, adapter, samples, training, key)
         except BaseException as exc:
             self._count("failed", 1)
@@ -443,10 +520,20 @@ class TrainerEngine:
             snapshot = slot.snapshot(adapter, new.version, new.epoch)  # the one copy back, and its wait
             t3 = time.perf_counter()
             holds.at(self.config.step_holds, "persist")
-            self.store.write(new, snapshot)  # the adapter_config.json is linked, it never changes
-            self._set_meta(new)
+            durable: int | None = None
+            if self._writer is None:
+                self.store.write(new, snapshot)  # the adapter_config.json is linked, it never changes
+                self._set_meta(new)
+            else:
+                # The hand-off: it waits while the writer's backlog is full (back-pressure).
+                before = self._durable_of(adapter)[1]
+                self._writer.submit(new, snapshot, durable=meta.version if before is None else before)
+                self._set_meta(new)
+                durable = self._durable_of(adapter)[1]
             holds.at(self.config.step_holds, "snapshot")
             _, spare = self.cache.put(snapshot) if self.cache.enabled else (False, snapshot)
+            if spare is not None and self._writer is not None and self._writer.holds(spare):
+                spare = None  # the writer still reads it: the next snapshot takes a new buffer
             slot.commit(snapshot, spare)
             t4 = time.perf_counter()
         holds.at(self.config.step_holds, "answer")
@@ -464,6 +551,7 @@ class TrainerEngine:
             timing_ms={k: v * 1000.0 for k, v in timing.items()},
             storage_read_bytes=self.store.read_bytes - read_before,
             artifact=artifact,
+            durable_version=durable,
         )
 
     # ---- sampling, scoring, the teacher's preview -----------------------------------------------
@@ -673,7 +761,19 @@ class TrainerEngine:
             gpu_memory_reserved_bytes=torch.cuda.memory_reserved(self._device) if gpu else 0,
             gpu_memory_peak_bytes=torch.cuda.max_memory_allocated(self._device) if gpu else 0,
             gpu_memory_after_step_bytes=self._gpu_after_step,
+            **self._write_stats(),
         )
+
+    def _write_stats(self) -> dict[str, int]:
+        writer = self._writer
+        if writer is None:
+            return {}
+        return {
+            "durable_lag_versions": max(writer.lag().values(), default=0),
+            "write_backlog_versions": writer.outstanding,
+            "writes_coalesced": writer.coalesced,
+            "write_failures": writer.failures,
+        }
 
 
 def host_pinned_bytes(registered: int) -> int:

@@ -25,6 +25,10 @@ PHASES = ("restore", "compute", "persist", "snapshot", "answer")
 # Not a step phase: a publisher's server worker parks here before it loads a version into an
 # inference server, so a test can kill the trainer in the middle of publishing.
 PUBLISH = "publish"
+# Not a step phase either: the background writer (``--durability async``) parks here before it
+# writes a version, so a test can kill the trainer or fill the disk with versions not yet durable.
+WRITE = "write"
+OTHERS = (PUBLISH, WRITE)
 
 # How often a parked worker looks for its release: holds are for tests, a millisecond scale is enough.
 _POLL_SECONDS = 0.005
@@ -37,8 +41,8 @@ class PhaseHolds:
         self.directory = directory
 
     def _armed(self, phase: str) -> Path:
-        if phase not in (*PHASES, PUBLISH):
-            raise ValueError(f"unknown phase {phase!r}; one of {(*PHASES, PUBLISH)}")
+        if phase not in (*PHASES, *OTHERS):
+            raise ValueError(f"unknown phase {phase!r}; one of {(*PHASES, *OTHERS)}")
         return self.directory / phase
 
     def _held(self, phase: str) -> Path:
@@ -48,7 +52,7 @@ class PhaseHolds:
     def enable(self) -> PhaseHolds:
         self.directory.mkdir(parents=True, exist_ok=True)
         # A trainer killed while parked left its marker behind; nothing of this process is parked.
-        for phase in (*PHASES, PUBLISH):
+        for phase in (*PHASES, *OTHERS):
             self._held(phase).unlink(missing_ok=True)
         log.warning("test step holds are enabled in %s; never use this in production", self.directory)
         return self

@@ -42,6 +42,11 @@ ENGINE_COUNTERS = {
     "storage_read_bytes": ("storage_read_bytes", "Adapter bytes read from the adapter store."),
     "storage_write_bytes": ("storage_write_bytes", "Adapter bytes written to the adapter store."),
     "tokens": ("tokens", "Tokens processed by distill steps."),
+    "writes_coalesced": (
+        "writes_coalesced",
+        "Durability async: committed versions never written because a newer one replaced them.",
+    ),
+    "write_failures": ("write_failures", "Durability async: background writes the adapter store refused."),
 }
 ENGINE_GAUGES = {
     "cache_entries": ("cache_entries", "Adapters held in the CPU cache."),
@@ -58,6 +63,15 @@ ENGINE_GAUGES = {
     "gpu_memory_after_step_bytes": (
         "gpu_memory_after_step_bytes",
         "GPU memory held by tensors right after the last step (the between-steps level; 0 on CPU).",
+    ),
+    "durable_lag_versions": (
+        "durable_lag_versions",
+        "Most versions any adapter's latest is ahead of its durable version: what a crash would lose "
+        "(0 with durability sync).",
+    ),
+    "write_backlog_versions": (
+        "write_backlog_versions",
+        "Durability async: versions waiting for the background writer or being written.",
     ),
 }
 

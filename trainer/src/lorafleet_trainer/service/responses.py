@@ -39,6 +39,8 @@ def adapter_state(state: results.AdapterRecord) -> wire.AdapterState:
         cached=state.cached,
         cache_bytes=state.cache_bytes,
         artifact=state.artifact,
+        durable_version=state.durable,
+        durable_error=state.durable_error,
         served_name=None,
         served=[],
     )

@@ -101,6 +101,8 @@ class Engine(Protocol):
     @property
     def store_root(self) -> PathLike[str]: ...
     def pin_versions(self, pinned: Callable[[AdapterId], Collection[int]]) -> None: ...
+    def watch_durable(self, fn: Callable[[AdapterId, int, str], None]) -> None: ...
+    def close(self, timeout: float | None = None) -> bool: ...
 
 
 class ClientGone(Exception):
@@ -152,6 +154,8 @@ class TrainerService:
         self.changes = Changes()  # what the operator follows (GET /v1/changes)
         self.publisher.on_change = self.changes.mark
         engine.pin_versions(self.publisher.loading_versions)
+        # Durability async: a version is published once the background writer made it durable.
+        engine.watch_durable(self._durable)
         self.load_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = threading.Thread(target=self._load, name="lorafleet-load", daemon=True)
@@ -202,8 +206,15 @@ class TrainerService:
         """Close the queue and wait up to ``timeout`` s for the running step; True when it ended."""
         self.queue.close()
         ended = self.queue.join(timeout)
+        # Durability async: every committed version is written before the process exits.
+        if not self.engine.close(timeout):
+            log.error("shutting down with committed versions that are not durable")
         self.publisher.close()
         return ended
+
+    def _durable(self, adapter: AdapterId, version: int, artifact: str) -> None:
+        self.publisher.committed(adapter, version, artifact)
+        self.changes.mark(adapter)
 
     # ---- reads (straight to the engine, from the thread pool) -------------------------------
 
@@ -254,7 +265,7 @@ class TrainerService:
                 state = self.engine.get_adapter(adapter)
             except AdapterNotFound:
                 continue  # not initialised anywhere yet: its init names it
-            self.publisher.own(adapter, owned.served_name, state.version, state.artifact)
+            self.publisher.own(adapter, owned.served_name, state.durable, state.artifact)
         self.publisher.set_servers([publishing.Server(s.name, s.url) for s in body.servers])
         return self.serving()
 
@@ -303,7 +314,7 @@ class TrainerService:
 
         result = await self.write(run)
         if body.serving is not None:
-            self.publisher.own(adapter, body.serving.name, result.state.version, result.state.artifact)
+            self.publisher.own(adapter, body.serving.name, result.state.durable, result.state.artifact)
         self.changes.mark(adapter)
         return self._state(result.state), result.created
 
@@ -331,8 +342,10 @@ class TrainerService:
             def step() -> StepResult:
                 done = self.engine.distill(adapter, samples, training, key)
                 if not done.replayed:
-                    # On the worker, right after the commit: the servers start loading it now.
-                    self.publisher.committed(adapter, done.version, done.artifact)
+                    # On the worker, right after the commit: the servers start loading it now
+                    # (durability async: once it is durable, from the writer's report).
+                    if done.durable >= done.version:
+                        self.publisher.committed(adapter, done.version, done.artifact)
                     self.changes.mark(adapter)
                 return done
 
@@ -361,6 +374,7 @@ class TrainerService:
         return wire.DistillResponse(
             version=result.version,
             artifact=result.artifact,
+            durable_version=result.durable,
             cache=cache,
             metrics=metrics,
             timing_ms=timing,
