@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The pytest stage of `make test`: the learning tests (marked `learning`: one CPU thread each,
-# seeded, minutes of compute and no waiting) run in a pytest of their own beside the main run,
-# whose e2e and serving tests spend much of their time waiting on servers, so the two cores are
-# both busy and the stage's wall time falls. Their outcome does not depend on the machine's speed
-# (seeded, deterministic on one thread), so running them beside the rest changes nothing but time.
-# The learning run's output is printed after the main run's; the stage fails if either fails.
+# The pytest stage of `make test`: two pytest runs side by side, so both cores stay busy.
+#
+# The main run holds everything that uses the local cluster (the e2e, serving-loop and fault
+# suites): one control plane per run, and those tests spend much of their time waiting on it. The
+# run beside it holds the tests that need no cluster but long stretches of CPU or a server's start:
+# the learning tests (marked `learning`: one CPU thread each, seeded, minutes of compute), the real
+# model's own learning run (`real_model`) and the serving suites outside the cluster (`vllm` and not
+# `e2e`: one vLLM and one real-model trainer shared by the hand-off and gateway chat tests). Their
+# outcomes do not depend on the machine's speed (seeded, deterministic, ordered by what the servers
+# answer), so running them beside the rest changes nothing but time. Every test runs in exactly one
+# of the two (BESIDE and its negation). The side run's output is printed after the main run's; the
+# stage fails if either fails.
 #
 # Both runs (and every trainer and pod they start) wait for a core with OMP_WAIT_POLICY=PASSIVE:
 # OpenMP's default spin-wait made a two-thread trainer beside the one-thread learning run 20x slower
@@ -15,20 +21,21 @@ set -uo pipefail
 
 py=$1
 export OMP_WAIT_POLICY=PASSIVE
-log=$(mktemp -t lorafleet-learning.XXXXXX.log)
-temp=$(mktemp -d -t lorafleet-learning.XXXXXX)  # its own temporary directories, apart from the main run's
+BESIDE="learning or real_model or (vllm and not e2e)"
+log=$(mktemp -t lorafleet-beside.XXXXXX.log)
+temp=$(mktemp -d -t lorafleet-beside.XXXXXX)  # its own temporary directories, apart from the main run's
 start=$(date +%s)
-"$py" -m pytest -m learning -p no:cacheprovider --basetemp="$temp" >"$log" 2>&1 &
-learning=$!
-"$py" -m pytest -m "not learning"
+"$py" -m pytest -m "$BESIDE" -p no:cacheprovider --basetemp="$temp" >"$log" 2>&1 &
+beside=$!
+"$py" -m pytest -m "not ($BESIDE)"
 main_rc=$?
 main_s=$(($(date +%s) - start))
-wait "$learning"
-learning_rc=$?
-echo "== the learning tests (run beside the main pytest; their output):"
+wait "$beside"
+beside_rc=$?
+echo "== the tests run beside the main pytest (-m \"$BESIDE\"; their output):"
 cat "$log"
 rm -rf "$log" "$temp"
-printf '== pytest: main run %dm%02ds (exit %d); learning run ended %dm%02ds after the start (exit %d)\n' \
+printf '== pytest: main run %dm%02ds (exit %d); the run beside it ended %dm%02ds after the start (exit %d)\n' \
     $((main_s / 60)) $((main_s % 60)) "$main_rc" \
-    $((($(date +%s) - start) / 60)) $((($(date +%s) - start) % 60)) "$learning_rc"
-[[ $main_rc == 0 && $learning_rc == 0 ]]
+    $((($(date +%s) - start) / 60)) $((($(date +%s) - start) % 60)) "$beside_rc"
+[[ $main_rc == 0 && $beside_rc == 0 ]]

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import kmock
 import kopf
@@ -177,6 +178,36 @@ def settings(trainers: Trainers, tmp_path: Path, request: pytest.FixtureRequest)
 OperatorStarter = Callable[..., contextlib.AbstractAsyncContextManager[Runtime]]
 
 
+def _serves_a_connection(task: asyncio.Task[Any]) -> bool:
+    """An aiohttp server's connection handler in this loop (kmock's API, the trainers' app)."""
+    return getattr(task.get_coro(), "__qualname__", "") == "RequestHandler.start"
+
+
+class _NotTheOperators(Collection[asyncio.Task[Any]]):
+    """The tasks kopf must not wait for when it stops (``kopf.run_tasks(ignored=...)``).
+
+    At its stop kopf waits up to 5 s for every task of the loop started after it, then cancels
+    them: that would include the fixture's own teardown (which waits for kopf: 5 s every test)
+    and the in-loop servers' connection handlers, which wait on streams no client reads any more.
+    Ignored: the tasks that existed before the operator, the teardown and those handlers (the
+    teardown cancels them once kopf is done). kopf still waits for its own handlers."""
+
+    def __init__(self, existing: set[asyncio.Task[Any]]) -> None:
+        self.existing = existing
+        self.teardown: set[asyncio.Task[Any]] = set()
+
+    def __contains__(self, task: object) -> bool:
+        if not isinstance(task, asyncio.Task):
+            return False
+        return task in self.existing or task in self.teardown or _serves_a_connection(task)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(self.existing | self.teardown)
+
+    def __len__(self) -> int:
+        return len(self.existing | self.teardown)
+
+
 @pytest.fixture
 def start_operator(
     cluster: kmock.KubernetesEmulator,
@@ -224,26 +255,31 @@ def start_operator(
             settings.background.instant_exit_timeout = 0.1
 
         stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            kopf.operator(
-                registry=registry,
-                standalone=True,
-                clusterwide=True,
-                memo=kopf.Memo(runtime=rt),
-                stop_flag=stop,
-                ready_flag=ready,
-            )
+        # kopf.operator() is spawn_tasks + run_tasks; run apart so that run_tasks is told which
+        # tasks are not the operator's (see _NotTheOperators).
+        ignored = _NotTheOperators(asyncio.all_tasks())
+        root_tasks = await kopf.spawn_tasks(
+            registry=registry,
+            standalone=True,
+            clusterwide=True,
+            memo=kopf.Memo(runtime=rt),
+            stop_flag=stop,
+            ready_flag=ready,
         )
+        task = asyncio.create_task(kopf.run_tasks(root_tasks, ignored=ignored))
         try:
             await asyncio.wait_for(ready.wait(), 10)
             yield rt
         finally:
+            current = asyncio.current_task()
+            if current is not None:
+                ignored.teardown.add(current)
             stop.set()
-            # kopf ends its root task by cancelling it once the stop flag is seen. It also waits
-            # up to 5 s for, then cancels, every task started after it in this loop (kmock's
-            # watch-stream tasks among them): that is most of each handler test's teardown time.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
+            for other in asyncio.all_tasks():
+                if _serves_a_connection(other):
+                    other.cancel()  # what kopf did to them after its 5 s
             await rt.close()
 
     return started

@@ -2,9 +2,9 @@
 
 On the local control plane (or a real cluster), with the chart's operator: the example pool on the
 real instruct model, the example vLLM Deployment (vLLM's CPU build serving the same model) and
-adapters applied with kubectl. After each answered step of alice's goal, vLLM lists alice at
-that version's artifact and its greedy answer through the name `alice` equals the trainer's own
-greedy answer for that version; the latency from the step's answer to vLLM serving it is kept as a
+adapters applied with kubectl. After each answered step on alice (a one-sample rollout of its goal,
+with the goal's feedback), vLLM lists alice at that version's artifact and its greedy answer through
+the name `alice` equals the trainer's own greedy answer for that version; the latency from the step's answer to vLLM serving it is kept as a
 figure (its bound, p95 within 5 s, is `make bench-publishing`'s: this test checks what is served,
 on cores it shares with vLLM, not how fast). Then the faults: an adapter whose rank the server
 refuses, the vLLM pod restarted (training goes on meanwhile; every adapter is served again within
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 NS = "lorafleet-serving"
 VLLM_READY = "2400s"  # vLLM's first start on two busy cores took up to 17 minutes here
 RESYNC = 3  # the operator's status poll, seconds: statuses follow within a few seconds
-STEPS = 4  # steps of alice's goal, each served and compared
+STEPS = 4  # steps on alice, each served and compared
 WIDE_RANK = 32  # above the example server's --max-lora-rank 16
 
 
@@ -155,19 +155,20 @@ def one_sample(fleet: Fleet, url: str) -> dict[str, Any]:
 
 
 def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fleet, Server]) -> None:
-    """Steps of alice's goal (fresh rollouts, the goal's feedback): after each answered step vLLM
-    serves that version, and answers as the trainer does. Whether the versions learn the goal on
-    held-out questions is the learning test's (tests/trainer/service/test_learning.py, same goal
-    suite, same defaults); here what vLLM serves is checked against what the trainer trained."""
+    """Steps on alice (each a fresh one-sample rollout of its goal's first training question, with
+    the goal's feedback): after each answered step vLLM serves that version, and its greedy answer
+    to a held-out question is the trainer's own at that version. Whether the versions learn the goal
+    on held-out questions is the learning test's (tests/trainer/service/test_learning.py, the whole
+    goal loop); here what vLLM serves is checked against what the trainer trained."""
     fleet, server = loop
     url = fleet.adapter_url("alice")
-    goal = goals.Goal.of("alice")
-    suite = goal.suite
+    suite = goals.Goal.of("alice").suite
     question = suite.messages(suite.held_out[0].question)
-    run = goals.GoalRun(goal)
-    latencies, step_ms, answers = [], [], []
+    latencies, step_ms, answers, version = [], [], [], 0
     for _ in range(STEPS):
-        answer = goals.step(fleet.call, url, run)
+        code, answer = fleet.call("POST", url + "/distill", one_sample(fleet, url))
+        assert code == 200 and answer["version"] == version + 1, answer
+        version = answer["version"]
         latencies.append(_wait_served(server, "alice", answer["artifact"], timeout=60))
         step_ms.append(answer["timing_ms"]["total"])
         served = server.chat("alice", question, suite.max_tokens)
@@ -175,9 +176,7 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
             "POST", url + "/generate", {"messages": question, "max_tokens": suite.max_tokens}
         )
         assert code == 200, own
-        assert served == own["text"], (
-            f"version {answer['version']}: vLLM {served!r} != trainer {own['text']!r}"
-        )
+        assert served == own["text"], f"version {version}: vLLM {served!r} != trainer {own['text']!r}"
         answers.append(served)
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
@@ -193,7 +192,7 @@ def test_each_committed_version_is_served_by_vllm_within_seconds(loop: tuple[Fle
         condition = _served_condition(fleet, "alice")
         assert condition.get("status") == "True", condition
         status = fleet.adapter("alice")["status"]
-        assert [s["version"] for s in status["served"]] == [run.version], status["served"]
+        assert [s["version"] for s in status["served"]] == [version], status["served"]
         assert status["servedName"] == "alice"
         return condition
 

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,9 +132,10 @@ class Fleet:
     def uninstall(self, timeout: float = 90) -> None:
         """Delete the example vLLM Deployment and the custom resources (the operator still runs to
         release their finalizers), then `helm uninstall`. Bounded: a broken operator must not hang
-        a teardown."""
+        a teardown. Prints how long each part took: a slow teardown is test time too."""
         self.prometheus.stop()
         ns = ("-n", self.namespace)
+        started = time.monotonic()
         # The example vLLM Deployment, if it was applied: it must not keep serving after the release.
         self.kube.kubectl(
             "delete",
@@ -154,6 +156,7 @@ class Fleet:
             )
         except TimeoutError as exc:
             print(f"teardown: {exc}", file=sys.stderr)
+        resources_s = time.monotonic() - started
         self.kube.helm(
             "uninstall",
             RELEASE,
@@ -163,6 +166,11 @@ class Fleet:
             f"{int(timeout)}s",
             check=False,
             timeout=timeout + 30,
+        )
+        print(
+            f"teardown of {self.namespace}: custom resources gone in {resources_s:.1f} s, "
+            f"helm uninstall {time.monotonic() - started - resources_s:.1f} s",
+            file=sys.stderr,
         )
 
     def adapter(self, name: str) -> dict[str, Any]:
