@@ -98,6 +98,8 @@ class _TrainerHandler(BaseHTTPRequestHandler):
             cache_bytes=1,
             artifact="team-a/.alice.v00000001",
             served_name="alice",
+            durable_version=1,
+            durable_error=None,
             served=[wire.ServedVersion(server="vllm-0", version=1, error=None, since=None)],
         )
         found = self.path == "/v1/adapters/team-a/alice"
