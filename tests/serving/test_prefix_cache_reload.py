@@ -1,23 +1,24 @@
 """Prefix caching and in-place reloads: a chat after a publish is answered by the new version.
 
 The trainer publishes each committed version to vLLM under the adapter's one served name, in place
-(``load_lora_adapter`` with ``load_inplace``), from that version's own artifact path
-(``<ns>/.<name>.v<version>``). vLLM's prefix cache (on: ``live_vllm`` passes
-``--enable-prefix-caching``, the CPU build's default too) keys a cached block by the adapter's name
-and the path it was loaded from, so KV computed with one version is not used for another, although
-the name stays. The LoRA targets k_proj and v_proj, so a cached prefix's KV depends on the weights.
+(``load_lora_adapter`` with ``load_inplace``), from that version's own directory in the store
+(``<ns>/.<name>.v<version>-<unique>``, a name no other write uses). vLLM's prefix cache (on:
+``live_vllm`` passes ``--enable-prefix-caching``, the CPU build's default too) keys a cached block
+by the adapter's name and the path it was loaded from, so KV computed with one version is not used
+for another, although the name stays. The LoRA targets k_proj and v_proj, so a cached prefix's KV
+depends on the weights.
 
 The first test warms the cache with a long shared system prompt at version v (trained away from the
 base model), publishes a version whose greedy answer differs, and checks that vLLM answers as the
 trainer does at that version, with no cached block of v used (vLLM's ``prefix_cache_hits`` counter
 does not move) while a repeat at one version does hit the cache, so the cached path is exercised.
 
-The second shows where that keying does not protect (issue 27, open): an adapter deleted and
-created again under the same name writes its versions to the same artifact paths, so its new
-version 1 is loaded from the path the old version 1 was; an unload leaves the old blocks cached, and
-vLLM answers the new version from the old weights' KV for the shared prefix. The test asserts the
-right behaviour and reports the known defect as an expected failure, with what vLLM answered, once
-the same weights under a name of their own (a cold cache) have been seen to give the trainer's answer.
+The second deletes an adapter and creates it again under the same name: its new version 1 has the
+old version 1's number but a directory of its own, so no block the old one left cached (an unload
+does not drop them) is used, and vLLM answers as the trainer does. (When artifact paths were the
+version's number alone, vLLM answered the new version 1 from the old one's KV: 256 prompt tokens
+hit, an answer other than the trainer's.) The same weights loaded under a name of their own, from a
+cold cache, are the reference for what vLLM answers.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def test_an_adapter_created_again_under_its_name_is_not_answered_from_the_old_on
     trainer, vllm = real_servers
     a = Adapter(trainer, vllm, "kv-again")
     a.create()
-    old, _ = a.step("Always answer in French.")
+    old, old_artifact = a.step("Always answer in French.")
     old_answer = a.trainers_answer()
     served_old, _, _ = a.served_chat()  # warms the prefix cache with the old adapter's KV
     assert served_old == old_answer
@@ -196,7 +197,7 @@ def test_an_adapter_created_again_under_its_name_is_not_answered_from_the_old_on
     fresh = "kv-again-fresh"
     try:
         new, artifact = a.step("Always answer like a pirate.")
-        assert new == old  # the same version, so the same artifact path (<ns>/.<name>.v<version>)
+        assert new == old and artifact != old_artifact  # the same version, a directory of its own
         new_answer = a.trainers_answer()
         served_new, hits, _ = a.served_chat()
         # The same weights under a name of their own: no cached block can match, so this is what
@@ -212,10 +213,5 @@ def test_an_adapter_created_again_under_its_name_is_not_answered_from_the_old_on
         f"(hit {fresh_hits:.0f})"
     )
     assert fresh_hits == 0 and served_fresh == new_answer, "vLLM disagrees with the trainer from a cold cache"
-    if hits or served_new != new_answer:
-        # Known (issue 27): recreated under its name, an adapter's versions reuse the old one's
-        # artifact paths, vLLM keys cached blocks by name and path, and an unload leaves them cached.
-        pytest.xfail(
-            f"stale KV: the new v{new}'s first chat hit {hits:.0f} tokens cached with the old v{old} "
-            f"and answered {served_new!r}, the trainer {new_answer!r}"
-        )
+    assert hits == 0, f"the new v{new}'s first chat hit {hits:.0f} tokens cached with the old v{old}"
+    assert served_new == new_answer, f"v{new}: vLLM {served_new!r}, the trainer {new_answer!r}"

@@ -112,7 +112,7 @@ def test_each_kept_version_loads_by_path_with_its_own_weights(
         step = engine.distill(A, samples(i))
         answers[step.version] = engine.generate(A, sampling.Prompt(token_ids=tuple(IDS)), greedy)
         artifacts[step.version] = step.artifact
-    assert artifacts == {v: f"team-a/.alice.v{v:08d}" for v in (1, 2, 3)}
+    assert all(artifacts[v].startswith(f"team-a/.alice.v{v:08d}-") for v in (1, 2, 3))
     assert engine.get_adapter(A).artifact == artifacts[3]
     root = engine.config.storage_root
     # Version 2 is still whole while 3 is the latest: PEFT loads it by path and answers as v2 did.

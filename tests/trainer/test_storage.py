@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,9 @@ def test_the_last_k_versions_stay_whole_and_loadable_by_path(tmp_path: Path) -> 
     store.write(_meta(2), _tensors(2.0, 2))
     # Version 1 is still there, byte for byte and inode for inode, while version 2 is the latest.
     assert store.versions(A) == [1, 2] and _snapshot(v1) == before
-    assert store.artifact(A, 1) == "team-a/.alice.v00000001"
+    # The artifact is the version's own directory, the one its version link names.
+    assert re.fullmatch(r"team-a/\.alice\.v00000001-[0-9a-f]{12}", store.artifact(A, 1))
+    assert (tmp_path / "team-a/.alice.v00000001").resolve() == v1.resolve()
     assert json.loads((v1 / storage.META).read_text())["version"] == 1
     store.write(_meta(3), _tensors(3.0, 3))
     assert store.versions(A) == [2, 3] and not v1.exists()
@@ -207,19 +210,20 @@ def test_read_files_of_a_kept_version_and_404s_naming_the_version(tmp_path: Path
     assert not isinstance(missing.value, VersionNotFound)
 
 
-def test_a_new_epoch_keeps_the_versions_artifact_path(tmp_path: Path) -> None:
+def test_a_new_epoch_keeps_the_versions_weights_in_a_directory_of_its_own(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
     store.write(_meta(1), _tensors(1.0, 1), CONFIG)
     store.write(_meta(2), _tensors(2.0, 2))
-    artifact = tmp_path / store.artifact(A, 2)
-    weights = (artifact / storage.ADAPTER_WEIGHTS).read_bytes()
-    old_dir = artifact.resolve()
+    old = tmp_path / store.artifact(A, 2)
+    weights = (old / storage.ADAPTER_WEIGHTS).read_bytes()
     store.write(_meta(2, epoch=5), None)
-    # Same path, same weights, the new epoch's metadata; the superseded directory is gone.
-    assert (artifact / storage.ADAPTER_WEIGHTS).read_bytes() == weights
-    assert json.loads((artifact / storage.META).read_text())["epoch"] == 5
-    assert not old_dir.exists() and store.versions(A) == [1, 2]
-    assert store.path(A).resolve() == artifact.resolve()
+    # The same version and weights, the new epoch's metadata, in a directory no server has loaded
+    # before (a server keys its caches by path); the superseded directory is gone.
+    new = tmp_path / store.artifact(A, 2)
+    assert new != old and (new / storage.ADAPTER_WEIGHTS).read_bytes() == weights
+    assert json.loads((new / storage.META).read_text())["epoch"] == 5
+    assert not old.exists() and store.versions(A) == [1, 2]
+    assert store.path(A).resolve() == new.resolve()
 
 
 def test_crash_between_the_version_link_and_the_latest_link(tmp_path: Path) -> None:

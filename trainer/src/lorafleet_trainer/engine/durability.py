@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 class _Entry:
     meta: AdapterMeta
     bundle: StateBundle
+    directory: str | None = None  # the version directory's name, as its artifact was answered
     parked: bool = False  # the store refused it; retried only when asked (see the module doc)
 
 
@@ -75,8 +76,11 @@ class BackgroundWriter:
         self._thread.start()
 
     # ---- the step's side (under the engine's step lock) ------------------------------------
-    def submit(self, meta: AdapterMeta, bundle: StateBundle, durable: int) -> None:
-        """Hand ``meta``'s version over; ``durable`` is the adapter's durable version now.
+    def submit(
+        self, meta: AdapterMeta, bundle: StateBundle, durable: int, directory: str | None = None
+    ) -> None:
+        """Hand ``meta``'s version over; ``durable`` is the adapter's durable version now;
+        ``directory`` the version directory's name (``AdapterStore.new_directory``).
 
         Waits while the backlog is full. Raises :class:`StorageFull` (nothing handed over) when it
         is full of writes the store refused and a retry of each failed again.
@@ -101,7 +105,7 @@ class BackgroundWriter:
             if adapter in self._queued:
                 self.coalesced += 1  # the waiting version will never be written
             self._durable.setdefault(adapter, durable)
-            self._queued[adapter] = _Entry(meta, bundle)
+            self._queued[adapter] = _Entry(meta, bundle, directory)
             self._cond.notify_all()
 
     def settle(self, adapter: AdapterId) -> None:
@@ -236,7 +240,7 @@ class BackgroundWriter:
 
     def _write(self, entry: _Entry) -> str | None:
         try:
-            self.store.write(entry.meta, entry.bundle)
+            self.store.write(entry.meta, entry.bundle, directory=entry.directory)
         except Exception as exc:  # StorageFull and any other failure: kept and reported, never lost
             log.warning("writing %s v%d failed: %s", entry.meta.adapter, entry.meta.version, exc)
             with self._cond:

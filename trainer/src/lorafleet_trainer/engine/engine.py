@@ -513,7 +513,8 @@ class TrainerEngine:
             metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device, self.dtype)
             t2 = time.perf_counter()
             new = replace(meta, version=meta.version + 1)
-            artifact = self.store.artifact(adapter, new.version)
+            directory = self.store.new_directory(adapter, new.version)
+            artifact = self.store.artifact(adapter, new.version, directory)
             if key is not None:  # committed with the version it answers, in the same write
                 done = KeyedStep(key, new.version, artifact, hit, metrics)
                 new = replace(new, keyed=meta.with_keyed(done, KEYED_STEPS_KEPT))
@@ -522,12 +523,15 @@ class TrainerEngine:
             holds.at(self.config.step_holds, "persist")
             durable: int | None = None
             if self._writer is None:
-                self.store.write(new, snapshot)  # the adapter_config.json is linked, it never changes
+                # The adapter_config.json is linked, it never changes.
+                self.store.write(new, snapshot, directory=directory)
                 self._set_meta(new)
             else:
                 # The hand-off: it waits while the writer's backlog is full (back-pressure).
                 before = self._durable_of(adapter)[1]
-                self._writer.submit(new, snapshot, durable=meta.version if before is None else before)
+                self._writer.submit(
+                    new, snapshot, durable=meta.version if before is None else before, directory=directory
+                )
                 self._set_meta(new)
                 durable = self._durable_of(adapter)[1]
             holds.at(self.config.step_holds, "snapshot")

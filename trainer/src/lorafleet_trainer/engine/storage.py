@@ -163,9 +163,25 @@ class AdapterStore:
         """The link naming ``version``'s directory (it exists while that version is kept)."""
         return self.root / adapter.namespace / f".{adapter.name}.v{version:08d}"
 
-    def artifact(self, adapter: AdapterId, version: int) -> str:
-        """``version``'s artifact path relative to the root: what a server that mounts the store loads."""
-        return self.version_path(adapter, version).relative_to(self.root).as_posix()
+    @staticmethod
+    def new_directory(adapter: AdapterId, version: int) -> str:
+        """A fresh name for ``version``'s directory: no other write ever names it, neither of this
+        version again nor of a version of an adapter created again under the same name."""
+        return f".{adapter.name}.v{version:08d}-{uuid.uuid4().hex[:12]}"
+
+    def artifact(self, adapter: AdapterId, version: int, directory: str | None = None) -> str:
+        """``version``'s artifact path relative to the root: what a server that mounts the store
+        loads. It is the version's own directory (``directory``, the name a write is about to use,
+        or the one its version link names), not the link: an inference server keys what it caches
+        (prefix-cache KV among it) by the path an adapter was loaded from, so no two versions and
+        no two adapters ever created under one name may share a path."""
+        if directory is None:
+            link = self.version_path(adapter, version)
+            try:
+                directory = os.readlink(link)
+            except OSError:  # not written (yet): the link's own name
+                directory = link.name
+        return f"{adapter.namespace}/{directory}"
 
     def exists(self, adapter: AdapterId) -> bool:
         return (self.path(adapter) / META).is_file()
@@ -251,23 +267,30 @@ class AdapterStore:
         meta: AdapterMeta,
         tensors: StateBundle | None,
         adapter_config: Mapping[str, Any] | None = None,
+        directory: str | None = None,
     ) -> None:
         """Commit ``meta`` (+ ``tensors``) as the adapter's latest version, atomically.
 
         With ``tensors=None`` only the metadata changes (e.g. a new epoch): the tensor files of the
         current version are hard-linked into the new version directory, costing no copy. With
         ``adapter_config=None`` the current version's (immutable after creation) config is linked.
+        ``directory``: the version directory's name, from :meth:`new_directory` (a fresh one when
+        None), when the version's artifact was named before the write.
         """
-        aside = self._write_aside(meta, tensors, adapter_config)
+        aside = self._write_aside(meta, tensors, adapter_config, directory)
         self._commit(meta, aside)
 
     def _write_aside(
-        self, meta: AdapterMeta, tensors: StateBundle | None, adapter_config: Mapping[str, Any] | None
+        self,
+        meta: AdapterMeta,
+        tensors: StateBundle | None,
+        adapter_config: Mapping[str, Any] | None,
+        directory: str | None = None,
     ) -> Path:
         adapter = meta.adapter
         ns_dir = self.root / adapter.namespace
         ns_dir.mkdir(parents=True, exist_ok=True)
-        aside = ns_dir / f".{adapter.name}.v{meta.version:08d}-{uuid.uuid4().hex[:12]}"
+        aside = ns_dir / (directory or self.new_directory(adapter, meta.version))
         aside.mkdir()
         try:
             if tensors is None:
