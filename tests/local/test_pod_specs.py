@@ -156,3 +156,22 @@ def test_resource_field_refs_resolve_as_the_kubelet_does() -> None:
     assert ref("requests.memory") == str(2**30)
     # Unset: the node's capacity (here, this machine's) stands in.
     assert int(pod_specs._resource_field_ref({}, {"resource": "requests.cpu", "divisor": "1m"})) >= 1000
+
+
+def test_an_optional_secret_volume_is_marked_so(tmp_path: Path) -> None:
+    pod = trainer_pod(
+        volumeMounts=[
+            {"name": "store", "mountPath": "/data"},
+            {"name": "key", "mountPath": "/etc/key", "readOnly": True},
+        ]
+    )
+    pod["spec"]["volumes"].append(
+        {
+            "name": "key",
+            "secret": {"secretName": "servers", "items": [{"key": "k", "path": "api-key"}], "optional": True},
+        }
+    )
+    volumes = {v.mount_path: v for v in make_plan(pod, tmp_path).volumes}
+    # The runner mounts an optional Secret that is missing (or lacks the key) as an empty volume.
+    assert volumes["/etc/key"].optional and volumes["/etc/key"].source_name == "servers"
+    assert not volumes["/data"].optional

@@ -225,11 +225,17 @@ class PodWorker:
         for volume in plan.volumes:
             volume.local.mkdir(parents=True, exist_ok=True)
             if volume.source in ("secret", "configMap"):
-                data = self.runner.lookup(
-                    "Secret" if volume.source == "secret" else "ConfigMap", self.namespace, volume.source_name
-                )
+                kind = "Secret" if volume.source == "secret" else "ConfigMap"
+                try:
+                    data = self.runner.lookup(kind, self.namespace, volume.source_name)
+                except kubernetes.client.ApiException as exc:
+                    if exc.status != 404 or not volume.optional:
+                        raise
+                    data = {}  # optional and missing: an empty volume, as a kubelet mounts it
                 paths = {i["key"]: i["path"] for i in volume.items} if volume.items else {k: k for k in data}
                 for key, rel in paths.items():
+                    if key not in data and volume.optional:
+                        continue
                     (volume.local / rel).parent.mkdir(parents=True, exist_ok=True)
                     (volume.local / rel).write_text(data[key])
         if plan.program in (pod_specs.OPERATOR, pod_specs.GATEWAY):

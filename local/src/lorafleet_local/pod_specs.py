@@ -57,6 +57,7 @@ class Volume:
     source: str  # secret | configMap | persistentVolumeClaim | emptyDir | other
     source_name: str = ""
     items: list[Mapping[str, str]] = field(default_factory=list)
+    optional: bool = False  # a Secret or ConfigMap (or a key of it) that may be missing
 
 
 @dataclass
@@ -114,12 +115,15 @@ def _volumes(pod: Pod, container: Mapping[str, Any], pod_dir: Path, claims_dir: 
         volume = by_name.get(mount["name"])
         if volume is None:
             raise PodSpecError(f"volumeMounts[{mount['name']}]: no volume of that name in spec.volumes")
+        optional = False
         if "secret" in volume:
             local, source = pod_dir / "volumes" / mount["name"], "secret"
             source_name, items = volume["secret"]["secretName"], volume["secret"].get("items") or []
+            optional = bool(volume["secret"].get("optional"))
         elif "configMap" in volume:
             local, source = pod_dir / "volumes" / mount["name"], "configMap"
             source_name, items = volume["configMap"]["name"], volume["configMap"].get("items") or []
+            optional = bool(volume["configMap"].get("optional"))
         elif "persistentVolumeClaim" in volume:
             # One directory per claim, shared by every pod that mounts it, like a ReadWriteMany volume.
             claim = volume["persistentVolumeClaim"]["claimName"]
@@ -129,7 +133,8 @@ def _volumes(pod: Pod, container: Mapping[str, Any], pod_dir: Path, claims_dir: 
             local, source_name, items = pod_dir / "volumes" / mount["name"], "", []
         if mount.get("subPath"):
             local = local / mount["subPath"]
-        result.append(Volume(mount["mountPath"].rstrip("/") or "/", local, source, source_name, items))
+        mount_path = mount["mountPath"].rstrip("/") or "/"
+        result.append(Volume(mount_path, local, source, source_name, items, optional))
     # Longest mount path first, so /data/cache maps before /data.
     return sorted(result, key=lambda v: len(v.mount_path), reverse=True)
 
