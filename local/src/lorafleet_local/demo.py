@@ -11,7 +11,10 @@ summary says "achieved" only when the goal is met on held-out questions with the
 the loop closes: the example vLLM Deployment starts (vLLM's CPU build, serving the same model; it
 starts once training is done, so it does not compete for the two cores), the trainers load every
 adapter's latest version into it, and the first held-out question to vLLM through each adapter's
-served name gives the trainer's answer, at the trainer's version. Then `kubectl get`, the cache
+served name gives the trainer's answer, at the trainer's version. Then the gateway, the one door a
+user needs: a chat with bob through it (which version answered is in its headers), feedback on that
+answer in CLaaS's shape, text only (the gateway builds the step from its record of the chat), and
+the next chat answered by the new version. Then `kubectl get`, the cache
 figures from a real Prometheus, a delete that evicts the adapter's cache entry and unloads it from
 vLLM, the summary table with the learning curves saved as a PNG, and teardown.
 
@@ -21,14 +24,18 @@ vLLM, the summary table with the learning curves saved as a PNG, and teardown.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lorafleet_local import evaluating, goals, pod_runner
 from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
@@ -39,7 +46,7 @@ NAMESPACE = "lorafleet-demo"
 ADAPTERS = ("alice", "bob", "carol")
 EVICTED = "bob"
 MODEL = "builtin:smollm2"
-STAGES = 11
+STAGES = 12
 VLLM_READY_S = 1800  # vLLM's first start on a 2-core machine takes minutes
 JUDGE_EVERY = 4  # held-out answers judged every this many steps, for the learning curves
 
@@ -236,6 +243,54 @@ def serve(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
         run.served = text
 
 
+GATEWAY_PORT = 8090  # the chart's gateway.port
+VERSION_HEADER = "X-LoraFleet-Adapter-Version"  # the gateway's answer: which version answered
+
+
+def _post_json(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The decoded answer and the version header (empty when there is none)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read()), response.headers.get(VERSION_HEADER, "")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"POST {url}: {exc.code} {exc.read().decode(errors='replace')}") from None
+
+
+def through_the_gateway(fleet: Fleet, show: Display, run: goals.GoalRun) -> None:
+    """Chat with ``run``'s adapter through the chart's gateway, send CLaaS-shaped feedback on the
+    answer (text only: the gateway builds the step from its record of that chat), and chat again:
+    the new version answers. ``run.version`` follows the step."""
+    kube, name, suite = fleet.kube, run.goal.adapter, run.goal.suite
+    pods = kube.get("pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway")["items"]
+    if not pods:
+        show.line("skipped: the release runs no gateway (gateway.enabled=false)")
+        return
+    gateway = kube.reach(NAMESPACE, pods[0]["metadata"]["name"], GATEWAY_PORT)
+    served = fleet.adapter(name)["status"]["servedName"]
+    question = suite.held_out[1].question
+    chat = {"model": served, "messages": suite.messages(question), "max_tokens": suite.max_tokens,
+            "temperature": 0.0}  # fmt: skip
+    show.line(f"gateway {pods[0]['metadata']['name']}: POST /v1/chat/completions model={served!r}")
+    answer, answered_by = _post_json(gateway + "/v1/chat/completions", chat)
+    text = answer["choices"][0]["message"]["content"]
+    show.line(f"{name:<6} v{answered_by}: {quoted(text)}")
+    feedback = {"lora_id": f"{NAMESPACE}/{name}", "prompt": question, "response": text,
+                "feedback": suite.feedback}  # fmt: skip
+    show.line(f"POST /v1/feedback  (CLaaS's body: lora_id, prompt, response, feedback {suite.feedback!r})")
+    stepped, _ = _post_json(gateway + "/v1/feedback", feedback)
+    version = int(stepped["version"])
+    how = ", ".join(stepped["results"][0]["samples"])
+    show.line(f"{show.elapsed()}  stepped to v{version} on {name}'s trainer (sample from {how})")
+    again, answered_by = _post_json(gateway + "/v1/chat/completions", chat)
+    if answered_by != str(version):
+        raise RuntimeError(f"the chat after the step was answered by v{answered_by}, not v{version}")
+    show.line(f"{name:<6} v{version}: {quoted(again['choices'][0]['message']['content'])}")
+    run.version = version
+
+
 def wait_versions(fleet: Fleet, show: Display, runs: list[goals.GoalRun]) -> None:
     """The operator copies each adapter's version into its status on its resync; wait for that."""
 
@@ -348,6 +403,11 @@ def run(workdir: Path, model: str, steps: int | None) -> None:
             show.line(f"skipped: no vLLM virtualenv at {pod_runner.VLLM_VENV} (`make vllm` makes it)")
         else:
             serve(fleet, show, runs)
+        show.section("the gateway: chat, CLaaS feedback on the answer, the next chat by the new version")
+        if run_served := next((r for r in runs if r.goal.adapter == EVICTED and r.served), None):
+            through_the_gateway(fleet, show, run_served)
+        else:
+            show.line("skipped: no vLLM serves the adapters (see the serving stage)")
         show.section("kubectl get trainerpools,loraadapters")
         wait_versions(fleet, show, runs)
         for line in kube.kubectl("get", "trainerpools,loraadapters", "-n", NAMESPACE).stdout.splitlines():
