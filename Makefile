@@ -81,7 +81,7 @@ lint: python-deps
 # as it ends and the table of all of them at the end (or when one fails): what a change cost, and
 # where CI's budget goes. pytest itself lists its slowest tests (--durations in pyproject.toml). In
 # the pytest stage the tests that need no cluster but minutes of CPU or a server's start (learning,
-# the real model's run, the serving suites outside the cluster) run in a pytest of their own beside
+# the serving suites outside the cluster) run in a pytest of their own beside
 # the main run, whose cluster tests spend much of their time waiting (scripts/pytest_beside.sh).
 STAGE = @bash scripts/stage_times.sh $(STAMPS)/stage-times.tsv
 SUBMAKE = $(MAKE) --no-print-directory

@@ -4,9 +4,10 @@ On the local control plane (or a real cluster), with the chart's operator: the e
 real instruct model, the example vLLM Deployment (vLLM's CPU build serving the same model) and
 adapters applied with kubectl. After each answered step on alice (a one-sample rollout of its goal,
 with the goal's feedback), vLLM lists alice at that version's artifact and its greedy answer through
-the name `alice` equals the trainer's own greedy answer for that version; the latency from the step's answer to vLLM serving it is kept as a
-figure (its bound, p95 within 5 s, is `make bench-publishing`'s: this test checks what is served,
-on cores it shares with vLLM, not how fast). Then the faults: an adapter whose rank the server
+the name `alice` equals the trainer's own greedy answer for that version; the latency from the
+step's answer to vLLM serving it is kept as a figure (its bound, p95 within 5 s, is
+`make bench-publishing`'s: this test checks what is served, on cores it shares with vLLM, not how
+fast). Then the faults: an adapter whose rank the server
 refuses, the vLLM pod restarted (training goes on meanwhile; every adapter is served again within
 30 s of the pod being Ready), and a deleted adapter (vLLM no longer knows it; the trainer's cache
 entry is gone).
