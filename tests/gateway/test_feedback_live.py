@@ -75,6 +75,8 @@ def test_claas_bodies_verbatim_become_steps(gateway: str, trainer: live.LiveTrai
     assert answer["version"] == before + 1 == version(trainer, "alice")
     assert answer["batch_size"] == 1 and answer["results"][0]["samples"] == [f"scored:{before}"]
     assert set(answer["distill_result"]["metadata"]) >= {"distill_loss", "grad_norm"}
+    # The answer's total is the whole request, the step's own total is in its result.
+    assert answer["timing_ms"]["total"] > answer["results"][0]["timing_ms"]["total"] > 0
     batch = post(gateway, BATCH)
     assert batch.status_code == 200, batch.text
     assert batch.json()["version"] == before + 2 == version(trainer, "alice")  # one step, two samples

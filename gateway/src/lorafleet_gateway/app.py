@@ -257,7 +257,8 @@ class Gateway:
             "lora_id": first["lora_id"],
             "version": first["version"],
             "distill_result": first["distill_result"],
-            "timing_ms": {"total": round((time.perf_counter() - arrived) * 1000, 1), **first["timing_ms"]},
+            # The first step's phases; total is this whole request (each step's own in its result).
+            "timing_ms": {**first["timing_ms"], "total": round((time.perf_counter() - arrived) * 1000, 1)},
             "batch_size": len(items),
             "results": results,
         }
