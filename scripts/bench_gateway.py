@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from scripts import bench_servers
 from tests.gateway import live_gateway
-from tests.serving import live_vllm
 from tests.trainer.service import live
 
 from lorafleet_gateway.app import LATEST_HEADER, VERSION_HEADER, Gateway
@@ -53,12 +51,6 @@ FEEDBACK = "Always answer in French."
 MAX_TOKENS = 8
 BOUND_S = 1.0  # issue 27: p95 from a feedback answer to its version starting on a chat
 NEW_VERSION_TIMEOUT_S = 60.0
-
-
-def _on_core(cpu: int) -> None:
-    """Run this process (and so the children it starts next) on one core, when there is one."""
-    if cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -156,23 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="per chat (greedy)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench-gateway.json"))
     args = parser.parse_args(argv)
-    if not live_vllm.python().exists():
-        print(f"no vLLM virtualenv at {live_vllm.VENV}: run `make vllm`", file=sys.stderr)
+    if bench_servers.vllm_missing():
         return 2
-    from lorafleet_trainer.models import models  # the trainer's model cache: the same directory vLLM serves
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    model = Path(models.resolve("builtin:smollm2"))
-    every_core = os.sched_getaffinity(0)
-    _on_core(1)
-    vllm = live_vllm.launch_vllm(workdir / "vllm", model, "smollm2")
-    _on_core(0)
-    trainer = live.start_trainer(
-        workdir / "trainer", base_model="builtin:smollm2", args=["--threads", "1"], ready_timeout=900
-    )
-    os.sched_setaffinity(0, every_core)
-    try:
-        live_vllm.wait_healthy(vllm)
+    with bench_servers.trainer_and_vllm("bench-gateway-") as (trainer, vllm):
         c = trainer.client(timeout=900)
         put = c.put(ROUTE, json={"lora": LORA, "epoch": 1, "serving": {"name": NAME}})
         assert put.status_code == 201, put.text
@@ -203,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         latency = [r["feedback_to_new_version_s"] for r in rounds]
         samples = live.parse_metrics(c.get("/metrics").text)
-        count = samples.get(("lorafleet_trainer_publish_duration_seconds_count", ()), 0.0)
-        total = samples.get(("lorafleet_trainer_publish_duration_seconds_sum", ()), 0.0)
+        count, mean = bench_servers.publishes(samples)
         result: dict[str, Any] = {
             "rounds": len(rounds),
             "max_tokens": args.max_tokens,
@@ -218,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "feedback_round_trip_s": _summary([r["feedback_round_trip_s"] for r in rounds]),
             "chats_by_older_versions": sum(r["chats_by_older_versions"] for r in rounds),
             "feedback_from_record": sum(bool(r["from_record"]) for r in rounds),
-            "publish_latency_mean_s": total / count if count else None,
+            "publish_latency_mean_s": mean,
             "publishes": count,
             "vllm_start_s": vllm.ready_seconds,
             "bound_s": BOUND_S,
@@ -243,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{(result['publish_latency_mean_s'] or 0.0) * 1000:.0f} ms from commit to served"
         )
         return 0 if result["bound_met"] else 1
-    finally:
-        trainer.stop()
-        vllm.stop()
 
 
 if __name__ == "__main__":

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.serving import live_vllm
-from tests.trainer.service import live
+from scripts import bench_servers
 from tests.trainer.service.live import parse_metrics
 
 from lorafleet_local import goals
@@ -34,12 +31,6 @@ LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k
 # versions are served within 5 s of their commit (the serving loop test held both until they moved here).
 MAX_OVERHEAD_RATIO = 1.5
 PUBLISH_P95_S = 5.0
-
-
-def _on_core(cpu: int) -> None:
-    """Run this process (and so the children it starts next) on one core, when there is one."""
-    if cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
 
 
 def _share_within(samples: dict[Any, float], seconds: float) -> float | None:
@@ -59,23 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per round and mode")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench-publishing.json"))
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-publishing-"))
-    if not live_vllm.python().exists():
-        print(f"no vLLM virtualenv at {live_vllm.VENV}: run `make vllm`", file=sys.stderr)
+    if bench_servers.vllm_missing():
         return 2
-    from lorafleet_trainer.models import models  # the trainer's model cache: the same directory vLLM serves
-
-    model = Path(models.resolve("builtin:smollm2"))
-    every_core = os.sched_getaffinity(0)
-    _on_core(1)
-    vllm = live_vllm.launch_vllm(workdir / "vllm", model, "smollm2")
-    _on_core(0)
-    trainer = live.start_trainer(
-        workdir / "trainer", base_model="builtin:smollm2", args=["--threads", "1"], ready_timeout=900
-    )
-    os.sched_setaffinity(0, every_core)
-    try:
-        live_vllm.wait_healthy(vllm)
+    with bench_servers.trainer_and_vllm("bench-publishing-") as (trainer, vllm):
         c = trainer.client(timeout=900)
         assert (
             c.put(ADAPTER, json={"lora": LORA, "epoch": 1, "serving": {"name": "alice"}}).status_code == 201
@@ -97,15 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                     answer = c.post(ADAPTER + "/distill", json=body).json()
                     times[mode].append(float(answer["timing_ms"]["total"]))
         samples = parse_metrics(c.get("/metrics").text)
-        count = samples.get(("lorafleet_trainer_publish_duration_seconds_count", ()), 0.0)
-        total = samples.get(("lorafleet_trainer_publish_duration_seconds_sum", ()), 0.0)
+        count, mean = bench_servers.publishes(samples)
         result: dict[str, Any] = {
             "step_ms_publishing_mean": statistics.mean(times["publishing"]),
             "step_ms_not_publishing_mean": statistics.mean(times["not_publishing"]),
             "step_ms_publishing_median": statistics.median(times["publishing"]),
             "step_ms_not_publishing_median": statistics.median(times["not_publishing"]),
             "publishes": count,
-            "publish_latency_mean_s": total / count if count else None,
+            "publish_latency_mean_s": mean,
             "vllm_start_s": vllm.ready_seconds,
             "steps": times,
         }
@@ -124,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         if missed:
             print(f"speed targets missed: {', '.join(missed)}", file=sys.stderr)
         return 1 if missed else 0
-    finally:
-        trainer.stop()
-        vllm.stop()
 
 
 if __name__ == "__main__":
