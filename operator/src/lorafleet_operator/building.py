@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet_api.pools import Pool
+from lorafleet_api.pools import Pool, SecretRef
 from lorafleet_operator import names, sizing
 from lorafleet_operator.settings import OperatorSettings
 
@@ -115,6 +115,27 @@ def _env(pool: Pool) -> list[dict[str, Any]]:
     ]
 
 
+def _mount_secret_file(
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    name: str,
+    ref: SecretRef,
+    path: str,
+    mount_path: str,
+    optional: bool = False,
+) -> None:
+    """One key of a Secret as the file ``mount_path/path``, readable by the pod's group only."""
+    source: dict[str, Any] = {
+        "secretName": ref.name,
+        "items": [{"key": ref.key, "path": path}],
+        "defaultMode": 0o440,
+    }
+    if optional:
+        source["optional"] = True
+    volumes.append({"name": name, "secret": source})
+    mounts.append({"name": name, "mountPath": mount_path, "readOnly": True})
+
+
 def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     claim = pool.spec.storage.persistent_volume_claim
     size = sizing.volume_sizes(pool, settings)
@@ -136,34 +157,15 @@ def _volumes(pool: Pool, settings: OperatorSettings) -> tuple[list[dict[str, Any
     ]
     secret = pool.spec.auth_secret_ref
     if secret is not None:
-        volumes.append(
-            {
-                "name": "auth",
-                "secret": {
-                    "secretName": secret.name,
-                    "items": [{"key": secret.key, "path": "token"}],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
-        mounts.append({"name": "auth", "mountPath": names.AUTH_MOUNT, "readOnly": True})
+        _mount_secret_file(volumes, mounts, "auth", secret, "token", names.AUTH_MOUNT)
     key = pool.spec.serving.api_key_secret_ref if pool.spec.serving is not None else None
     if key is not None:
         # A file, not an env var: the kubelet updates it in place when the Secret is created late
         # or rotated, and the trainer reads it on every call. Optional: a missing Secret or key
         # must not keep the pod (and its training) from starting; the trainer reports it instead.
-        volumes.append(
-            {
-                "name": "serving-api-key",
-                "secret": {
-                    "secretName": key.name,
-                    "items": [{"key": key.key, "path": "api-key"}],
-                    "defaultMode": 0o440,
-                    "optional": True,
-                },
-            }
+        _mount_secret_file(
+            volumes, mounts, "serving-api-key", key, "api-key", names.SERVING_KEY_MOUNT, optional=True
         )
-        mounts.append({"name": "serving-api-key", "mountPath": names.SERVING_KEY_MOUNT, "readOnly": True})
     return volumes, mounts
 
 
