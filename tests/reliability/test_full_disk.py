@@ -19,18 +19,25 @@ from tests.trainer.service import live, payloads
 from lorafleet_local.polling import eventually
 
 
-@pytest.fixture
-def small_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
+def _on_small_disk(
+    tmp_path: Path, model_cache: Path, args: list[str]
+) -> Iterator[tuple[live.LiveTrainer, Path]]:
+    """A trainer (with ``args``) whose adapter store is a 4 MiB tmpfs: (the trainer, the store)."""
     workdir = tmp_path / "trainer"
     try:
         with disk.small_tmpfs(workdir / "adapters", 4 << 20) as storage:
-            server = live.start_trainer(workdir, token=killing.TOKEN, model_cache_dir=model_cache)
+            server = live.start_trainer(workdir, token=killing.TOKEN, model_cache_dir=model_cache, args=args)
             try:
                 yield server, storage
             finally:
                 server.stop()
     except disk.CannotMount as exc:
         pytest.skip(f"cannot mount a size-limited tmpfs here: {exc}")
+
+
+@pytest.fixture
+def small_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
+    yield from _on_small_disk(tmp_path, model_cache, [])
 
 
 def _cached_version(server: live.LiveTrainer) -> int | None:
@@ -79,18 +86,7 @@ def test_full_disk_fails_the_step_with_507_and_changes_nothing(
 
 @pytest.fixture
 def small_async_trainer(tmp_path: Path, model_cache: Path) -> Iterator[tuple[live.LiveTrainer, Path]]:
-    workdir = tmp_path / "trainer"
-    try:
-        with disk.small_tmpfs(workdir / "adapters", 4 << 20) as storage:
-            server = live.start_trainer(
-                workdir, token=killing.TOKEN, model_cache_dir=model_cache, args=["--durability", "async"]
-            )
-            try:
-                yield server, storage
-            finally:
-                server.stop()
-    except disk.CannotMount as exc:
-        pytest.skip(f"cannot mount a size-limited tmpfs here: {exc}")
+    yield from _on_small_disk(tmp_path, model_cache, ["--durability", "async"])
 
 
 def test_full_disk_in_async_mode_is_reported_never_claimed_durable_and_heals(
