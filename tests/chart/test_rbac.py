@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import http.server
 import inspect
-import json
 import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
 from kubernetes import client
+from tests import json_http
 from tests.chart import charting
 
 from lorafleet_operator import kube
@@ -72,12 +72,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
         Recorder.seen.append((self.command, self.path.split("?")[0]))
-        body = json.dumps({"items": []}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        json_http.answer(self, 200, {"items": []})
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests import json_http
 from tests.gateway import live_gateway
 from tests.trainer.stand_in_vllm import StandIn
 
@@ -104,11 +105,7 @@ class _TrainerHandler(BaseHTTPRequestHandler):
         )
         found = self.path == "/v1/adapters/team-a/alice"
         data = state.model_dump_json().encode() if found else b'{"error": "not found"}'
-        self.send_response(200 if found else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        json_http.answer(self, 200 if found else 404, data)
 
     def log_message(self, *args: object) -> None:
         pass

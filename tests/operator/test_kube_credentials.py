@@ -9,7 +9,6 @@ instead of sending anonymous requests.
 from __future__ import annotations
 
 import http.server
-import json
 import ssl
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from tests import json_http
 
 from lorafleet_local import kubeconfigs, pki
 from lorafleet_operator import credentials, kube
@@ -39,12 +39,7 @@ class Api(http.server.BaseHTTPRequestHandler):
             who = f"cert:{subject.get('commonName')}"
         Api.seen.append(who)
         code, body = (401, {"kind": "Status", "code": 401}) if who in Api.refused else (200, POOL)
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        json_http.answer(self, code, body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -14,6 +14,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests import json_http
+
 
 class StandIn:
     def __init__(self, api_key: str | None = None) -> None:
@@ -33,12 +35,7 @@ class StandIn:
                 pass
 
             def _answer(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                json_http.answer(self, code, body)
 
             def _authorized(self) -> bool:
                 given = self.headers.get("Authorization")
