@@ -22,8 +22,10 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from tests.serving import gateway_load
 
 from lorafleet_local import goals
 from lorafleet_local.fleet import EXAMPLES, POOL, Fleet, pool_manifest
@@ -39,6 +41,11 @@ VLLM_READY = "2400s"  # vLLM's first start on two busy cores took up to 17 minut
 RESYNC = 3  # the operator's status poll, seconds: statuses follow within a few seconds
 STEPS = 4  # steps on alice, each served and compared
 WIDE_RANK = 32  # above the example server's --max-lora-rank 16
+GATEWAY_PORT = 8090  # the chart's gateway.port
+GATEWAY_REPLICAS = 2  # the chart's gateway.replicas
+LOAD_CLIENTS = 16
+LOAD_SECONDS = 120.0  # the load runs at least this long, faults included
+PHASE = 3  # feedbacks accepted that mark each stage of the load: flowing, after each fault
 
 
 def _http(method: str, url: str, body: Any = None, timeout: float = 120.0) -> Any:
@@ -76,9 +83,9 @@ class Server:
 
 
 def _adapters_manifest() -> str:
-    """alice from the examples, and `wide`, whose rank the example server refuses."""
+    """alice and bob from the examples, and `wide`, whose rank the example server refuses."""
     docs = [d for d in yaml.safe_load_all((EXAMPLES / "adapters.yaml").read_text()) if d]
-    (alice,) = [d for d in docs if d["metadata"]["name"] == "alice"]
+    alice, bob = (next(d for d in docs if d["metadata"]["name"] == name) for name in ("alice", "bob"))
     wide = {
         "apiVersion": alice["apiVersion"],
         "kind": "LoraAdapter",
@@ -89,7 +96,7 @@ def _adapters_manifest() -> str:
             "serving": {"name": "wide-r32"},
         },
     }
-    return yaml.safe_dump_all([alice, wide])
+    return yaml.safe_dump_all([alice, bob, wide])
 
 
 @pytest.fixture(scope="module")
@@ -276,52 +283,134 @@ def test_a_server_refusing_a_load_shows_in_status_and_training_goes_on(loop: tup
     assert code == 200, answer
 
 
-def test_vllm_down_shows_in_status_and_a_new_pod_serves_every_adapter_again(
+def _gateways(kube: Kube) -> list[str]:
+    """The chart's gateway replicas, each reached at its own pod address."""
+    pods = kube.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=gateway")["items"]
+    live = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == GATEWAY_REPLICAS, live
+    return [kube.reach(NS, name, GATEWAY_PORT) for name in sorted(live)]
+
+
+def _pod_ready(kube: Kube, name: str) -> dict[str, Any] | None:
+    pods = kube.get("pods", "-n", NS, "--field-selector", f"metadata.name={name}")["items"]
+    if not pods:
+        return None
+    ready = [c for c in pods[0]["status"].get("conditions") or [] if c["type"] == "Ready"]
+    return dict(pods[0]) if ready and ready[0]["status"] == "True" else None
+
+
+def test_load_through_two_gateways_survives_a_trainer_and_a_vllm_pod_deleted(
     loop: tuple[Fleet, Server],
 ) -> None:
+    """16 clients chat with alice and bob and send CLaaS feedback on the answers, through both
+    gateway replicas, for at least two minutes. Once feedback flows the trainer pod is deleted;
+    once feedback flows on its replacement the vLLM process is killed (the adapters are shown
+    unserved; training goes on) and its pod deleted. Every accepted feedback is applied exactly once
+    (the accepted versions are exactly the trainer's new versions), no chat said to come from the
+    latest version is older than one its client was told of, and the only refusals are 429s and
+    503s with Retry-After. After the load the new vLLM pod serves every adapter again within 30 s
+    of being Ready, and a chat through each replica is the latest version's own greedy answer."""
     fleet, server = loop
     kube = fleet.kube
     if kube.runner is None:
         pytest.skip("takes the vLLM process down through the local pod runner")
-    name = server.pod()["metadata"]["name"]
-    url = fleet.adapter_url("alice")
-    kube.runner.kill(NS, name, restart=False)  # down until this test brings a new pod up
+    names = ("alice", "bob")
+    workloads = []
+    for name in names:
+        suite = goals.Goal.of(name).suite
+        workloads.append(gateway_load.Workload(f"{NS}/{name}", list(suite.train), suite.feedback))
+    before = {name: fleet.call("GET", fleet.adapter_url(name))[1]["version"] for name in names}
+    run = gateway_load.LoadRun(_gateways(kube), workloads, clients=LOAD_CLIENTS)
+    run.start()
+    try:
+        eventually("feedback accepted under load", lambda: run.feedbacks() >= PHASE, timeout=900, interval=1)
+        trainer = fleet.adapter("alice")["status"]["pod"]
+        uid = kube.get("pod", trainer, "-n", NS)["metadata"]["uid"]
+        kube.kubectl("delete", "pod", trainer, "-n", NS, "--wait=false")
 
-    def unserved() -> dict[str, Any]:
-        condition = _served_condition(fleet, "alice")
-        assert condition.get("status") == "False", condition
-        assert condition.get("reason") in ("NoServers", "PublishFailed"), condition
-        return condition
+        def replaced() -> bool:
+            pod = _pod_ready(kube, fleet.adapter("alice")["status"]["pod"])
+            return pod is not None and pod["metadata"]["uid"] != uid
 
-    condition = eventually("alice shown unserved while vLLM is down", unserved, timeout=120, interval=1)
-    print(f"\nwhile vLLM is down: {condition['reason']}: {condition['message']}")
-    # Training goes on while the server is down.
-    code, answer = fleet.call("POST", url + "/distill", one_sample(fleet, url))
-    assert code == 200, answer
-    kube.kubectl("delete", "pod", name, "-n", NS, "--wait=false")
+        eventually("a new trainer pod, Ready", replaced, timeout=900, interval=1)
+        mark = run.feedbacks()
+        eventually(
+            "feedback accepted by the new trainer", lambda: run.feedbacks() >= mark + PHASE, timeout=900
+        )
 
-    def replaced() -> dict[str, Any]:
+        vllm = server.pod()["metadata"]["name"]
+        kube.runner.kill(NS, vllm, restart=False)  # down until its pod is deleted below
+        eventually(
+            "alice shown unserved while vLLM is down", lambda: _unserved(fleet), timeout=120, interval=1
+        )
+        mark = run.feedbacks()  # training goes on while no server serves
+        eventually(
+            "feedback accepted while vLLM is down", lambda: run.feedbacks() >= mark + PHASE, timeout=900
+        )
+        kube.kubectl("delete", "pod", vllm, "-n", NS, "--wait=false")
+        run.stop.wait(max(0.0, LOAD_SECONDS - (time.monotonic() - run.started)))  # the load's length
+    finally:
+        run.finish()
+        summary = run.summary()
+        fleet.figures["gateway_load"] = summary
+        print(f"\ngateway load: {json.dumps(summary)}")
+
+    def new_vllm() -> dict[str, Any]:
         pod = server.pod()
-        assert pod["metadata"]["name"] != name, "the old pod is still there"
-        ready = [c for c in pod["status"].get("conditions") or [] if c["type"] == "Ready"]
-        assert ready and ready[0]["status"] == "True", pod["status"]
+        assert pod["metadata"]["name"] != vllm, "the old pod is still there"
+        assert _pod_ready(kube, pod["metadata"]["name"]) is not None, pod["status"]
         return pod
 
-    eventually("a new vLLM pod to be Ready", replaced, timeout=2400, interval=1)
+    eventually("a new vLLM pod to be Ready", new_vllm, timeout=2400, interval=1)
     ready_at = time.monotonic()  # within a second of the pod turning Ready (the wait polls)
-    _wait_served(server, "alice", answer["artifact"], timeout=30)
+    after = {}
+    for name in names:
+        code, state = fleet.call("GET", fleet.adapter_url(name))
+        assert code == 200, state
+        after[name] = state["version"]
+        _wait_served(server, name, state["artifact"], timeout=30)
     assert server.loaded().get("wide-r32") is None  # still refused: its rank is too high
     fleet.figures["new_vllm_ready_to_served_s"] = round(time.monotonic() - ready_at, 2)
 
-    def recovered() -> bool:
-        condition = _served_condition(fleet, "alice")
-        assert condition.get("status") == "True", condition
-        return True
+    assert not run.errors, run.errors[:20]
+    assert not run.unaccepted, f"feedback never accepted: {run.unaccepted}"
+    assert not run.stale, run.stale[:20]
+    for name, workload in zip(names, workloads, strict=True):
+        versions = sorted(run.accepted[workload.adapter].values())
+        assert versions == list(range(before[name] + 1, after[name] + 1)), (name, before[name], versions)
+    assert run.chats > 0 and run.wall_s >= LOAD_SECONDS, summary
 
-    eventually("alice shown served again", recovered, timeout=60, interval=1)
+    # Every replica answers with the latest version, and the answer is that version's own.
+    suite = goals.Goal.of("alice").suite
+    question = [{"role": "user", "content": suite.held_out[0].question}]
+    code, own = fleet.call(
+        "POST", fleet.adapter_url("alice") + "/generate", {"messages": question, "max_tokens": 8}
+    )
+    assert code == 200, own
+    chat = {"model": f"{NS}/alice", "messages": question, "max_tokens": 8, "temperature": 0.0}
+    for gateway in _gateways(kube):
+        r = httpx.post(gateway + "/v1/chat/completions", json=chat, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.headers[gateway_load.VERSION_HEADER] == str(after["alice"]), dict(r.headers)
+        assert r.headers[gateway_load.LATEST_HEADER] == "true", dict(r.headers)
+        assert r.json()["choices"][0]["message"]["content"] == own["text"]
+
+    eventually(
+        "alice shown served again",
+        lambda: _served_condition(fleet, "alice").get("status") == "True",
+        timeout=60,
+    )
     events = kube.get("events", "-n", NS, "--field-selector", "involvedObject.name=alice")["items"]
     reasons = {e["reason"] for e in events}
     assert "Served" in reasons and reasons & {"NoServers", "PublishFailed"}, reasons
+
+
+def _unserved(fleet: Fleet) -> dict[str, Any] | None:
+    condition = _served_condition(fleet, "alice")
+    if condition.get("status") == "False" and condition.get("reason") in ("NoServers", "PublishFailed"):
+        print(f"\nwhile vLLM is down: {condition['reason']}: {condition['message']}")
+        return condition
+    return None
 
 
 def test_a_trainer_killed_mid_publish_publishes_its_latest_version_once_back(
