@@ -154,3 +154,12 @@ def test_the_cli_wants_the_adapter_as_namespace_and_name(capsys: pytest.CaptureF
     # Nothing listens on port 9: the error names the gateway, and the exit status says it failed.
     assert goals.main(["--gateway", "http://127.0.0.1:9", "team-a/alice", goal]) == 2
     assert "the gateway at http://127.0.0.1:9 cannot be reached" in capsys.readouterr().err
+
+
+def test_a_server_that_is_not_a_gateway_is_named() -> None:
+    def vllm(url: str, body: Any, headers: Mapping[str, str]) -> tuple[int, dict[str, str], Any]:
+        return 200, {}, {"id": "c", "choices": [{"index": 0, "message": {"content": "hi"}}]}
+
+    plain = gateway_client.GatewayClient("http://vllm:8000", MODEL, send=vllm)
+    with pytest.raises(gateway_client.GatewayError, match=r"names no adapter version .* a LoraFleet gateway"):
+        plain.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0)

@@ -45,19 +45,18 @@ def post_json(
         request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return (
-                resp.status,
-                {k.lower(): v for k, v in resp.headers.items()},
-                json.loads(resp.read() or b"null"),
-            )
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, _decoded(resp.read())
     except urllib.error.HTTPError as exc:
         with exc:
-            raw = exc.read()
-            try:
-                answer = json.loads(raw or b"null")
-            except ValueError:
-                answer = {"error": raw.decode(errors="replace")}
-            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, answer
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, _decoded(exc.read())
+
+
+def _decoded(raw: bytes) -> Any:
+    """The JSON answer, or what was said instead (a proxy's HTML page) as the error's text."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return {"error": raw.decode(errors="replace")[:300]}
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,12 @@ class GatewayClient:
             for choice in choices:
                 texts.append(str((choice.get("message") or {}).get("content") or ""))
                 ids.append(f"{answer.get('id')}:{choice.get('index', 0)}")
-            versions.append(int(headers.get(VERSION_HEADER, "-1")))
+            if VERSION_HEADER not in headers:
+                raise GatewayError(
+                    f"chat {self.model}: the answer names no adapter version ({VERSION_HEADER}):"
+                    f" is {self.url} a LoraFleet gateway?"
+                )
+            versions.append(int(headers[VERSION_HEADER]))
             latest = latest and headers.get(LATEST_HEADER) == "true"
         return Chat(min(versions), latest, texts[:n], ids[:n])
 
