@@ -15,7 +15,7 @@ from lorafleet_trainer.errors import InvalidInput, NonFiniteLoss
 from lorafleet_trainer.ids import AdapterId
 from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
 from lorafleet_trainer.learning.samples import DistillSample
-from lorafleet_trainer.results import StepRequest, StepResult
+from lorafleet_trainer.results import StepKey, StepRequest, StepResult
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 OTHER = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"))
@@ -188,3 +188,15 @@ def test_async_durability_commits_each_fused_adapter(make_engine: Callable[..., 
     assert_same_state(sequential, fused, [A, B, C])
     fused.close(30.0)
     sequential.close(30.0)
+
+
+def test_a_retried_key_is_answered_again_not_applied_twice(make_engine: Callable[..., Any]) -> None:
+    _, fused = engines(make_engine, [A, B])
+    keyed = [StepRequest(x, batch(x, 1), key=StepKey(f"k-{x.name}", "digest")) for x in (A, B)]
+    first = [ok(o) for o in fused.distill_many(keyed)]
+    ok_before = fused.stats().steps_ok
+    again = [ok(o) for o in fused.distill_many(keyed)]
+    assert [o.replayed for o in again] == [True, True]
+    assert [o.version for o in again] == [o.version for o in first] == [2, 1]
+    assert fused.stats().steps_ok == ok_before  # a replay is not a step
+    assert [fused.get_adapter(x).version for x in (A, B)] == [2, 1]

@@ -508,9 +508,8 @@ class TrainerEngine:
             try:
                 kept = self._keyed(request.adapter, request.key)
                 if kept is not None:
-                    done = replace(kept.replay(), durable_version=self._durable_of(request.adapter)[1])
-                    self._counted(done)
-                    results[i] = done
+                    # A replay is answered, not counted as a step (as ``distill`` answers it).
+                    results[i] = replace(kept.replay(), durable_version=self._durable_of(request.adapter)[1])
                     continue
                 if self._writer is not None and self._writer.error(request.adapter) is not None:
                     self._settle(request.adapter)
