@@ -19,6 +19,12 @@ clipped and updated on its own: a non-finite loss or gradient in one lane refuse
 
 Rows of different lanes never mix inside a layer: attention, norms and the LoRA delta are per row,
 so a lane whose weights or loss are not finite cannot reach another lane's numbers.
+
+The rows of a lane are contiguous, so the multi-LoRA layer is an index-grouped matmul: one pair of
+small matmuls per lane over its row range, no per-row gather of weights. Every teacher mode and the
+KL term fuse exactly (the EMA teacher through the same routing, with the lanes' EMA weights); with
+LoRA dropout above 0 each lane draws its own masks, so a fused step equals the sequential one in
+distribution rather than bit for bit (as two runs of one step do).
 """
 
 from __future__ import annotations
