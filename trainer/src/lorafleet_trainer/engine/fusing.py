@@ -181,17 +181,22 @@ class MultiLora:
     def _hook(site: Site, groups: Sequence[Group]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
         def add_lora(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
+            if all(g.weights is None for g in groups):
+                return output
             parts = []
             for g in groups:
-                out = output[g.start : g.end]
-                if g.weights is not None:
-                    a, b = g.weights[site.a_key], g.weights[site.b_key]
-                    rows = x[g.start : g.end].to(a.dtype)
-                    if site.dropout > 0.0:
-                        rows = F.dropout(rows, site.dropout, module.training)
-                    out = out + F.linear(F.linear(rows, a), b) * site.scaling
-                parts.append(out)
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+                if g.weights is None:
+                    parts.append(output.new_zeros((g.end - g.start, *output.shape[1:])))
+                    continue
+                a, b = g.weights[site.a_key], g.weights[site.b_key]
+                rows = x[g.start : g.end].to(a.dtype)
+                if site.dropout > 0.0:
+                    rows = F.dropout(rows, site.dropout, module.training)
+                # The scaling applied on the rank-r side: a tensor out_features/r times smaller than
+                # PEFT's product (and exact for the usual power-of-two alpha / r).
+                parts.append(F.linear(F.linear(rows, a) * site.scaling, b))
+            # One sum over every row, as PEFT adds its one adapter's product.
+            return output + (parts[0] if len(parts) == 1 else torch.cat(parts))
 
         return add_lora
 
