@@ -18,7 +18,7 @@ help:
 	@echo "make test        lint, type-check and run every test (unit, service, operator, e2e, vLLM serving)"
 	@echo "make eval        learning judged on held-out questions: shipped defaults vs earlier settings"
 	@echo "make bench       trainer benchmark: recreate vs persistent vs cached"
-	@echo "make bench-batching  a step's samples as padded batches vs one forward per sample"
+	@echo "make bench-batching  a step's samples as padded batches vs one forward per sample; N adapters' steps fused"
 	@echo "make bench-gpu   the same on CUDA, plus host<->device bandwidth"
 	@echo "make bench-gateway  feedback through the gateway to the first chat its new version answers (vLLM)"
 	@echo "make gpu-smoke   first-GPU check: GPU tests, syncs, copies, bench-gpu (CPU: says what it skipped)"
@@ -135,9 +135,12 @@ bench: python-deps
 bench-quick: python-deps
 	$(PY) -m lorafleet_trainer.bench --quick --json bench-results/bench-quick.json
 
-# A step's samples as padded batches against one forward per sample (builtin:small, the real model).
+# A step's samples as padded batches against one forward per sample (builtin:small, the real model);
+# then 8 adapters' steps arriving together: per-sample, batched and fused, latencies under sync and
+# async durability, and 16 rollouts as one batch against one at a time (bench_fused).
 bench-batching: python-deps
 	$(PY) -m lorafleet_trainer.bench_batching --json bench-results/bench-batching.json
+	$(PY) -m lorafleet_trainer.bench_fused --json bench-results/bench-fused.json
 
 # What publishing to vLLM adds to a step (a trainer and a vLLM on a core each; scripts/bench_publishing.py).
 bench-publishing: python-deps vllm
@@ -151,6 +154,7 @@ bench-gateway: python-deps vllm
 bench-gpu: python-deps
 	$(PY) -m lorafleet_trainer.bench --device cuda --bandwidth --json bench-results/bench-gpu.json
 	$(PY) -m lorafleet_trainer.bench_batching --device cuda --json bench-results/bench-batching-gpu.json
+	$(PY) -m lorafleet_trainer.bench_fused --device cuda --json bench-results/bench-fused-gpu.json
 
 ## ---- contracts --------------------------------------------------------------
 

@@ -110,6 +110,7 @@ def build_engine(settings: TrainerSettings, holds: PhaseHolds | None = None) -> 
         step_holds=holds,
         durability=settings.durability,
         write_backlog=settings.write_backlog,
+        fuse_max_adapters=settings.fuse_steps,
     )
     return TrainerEngine(config)
 
@@ -120,6 +121,7 @@ def create_app(settings: TrainerSettings, engine: Engine | None = None, token: s
     service = TrainerService(
         engine if engine is not None else build_engine(settings, holds),
         max_queue=settings.max_queue,
+        fuse_steps=settings.fuse_steps,
         default_training=TrainingSpec(),
         max_generate_tokens=settings.max_generate_tokens,
         publish_hold=(lambda: holds.at(PUBLISH)) if holds is not None else None,

@@ -26,7 +26,7 @@ PROMPT_TOKENS = (48, 64)  # each sample's prompt and response lengths are drawn 
 RESPONSE_TOKENS = (24, 32)
 
 
-def _samples(vocab: int, steps: int, per_step: int, seed: int) -> list[list[Any]]:
+def samples(vocab: int, steps: int, per_step: int, seed: int) -> list[list[Any]]:
     from lorafleet_trainer.learning.samples import DistillSample
 
     rng = random.Random(seed)
@@ -79,7 +79,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         for engine in engines.values():
             engine.load()
-        steps = _samples(engines["batched"].vocab_size, args.steps + 1, args.samples, seed=0)
+        steps = samples(engines["batched"].vocab_size, args.steps + 1, args.samples, seed=0)
         tokens = sum(len(s.response_token_ids) for batch in steps[1:] for s in batch)
         for round_ in range(args.rounds):
             order = list(budgets) if round_ % 2 == 0 else list(reversed(budgets))

@@ -7,12 +7,13 @@ service turns each into its one HTTP response model (``lorafleet_api.wire``, in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.learning.configs import LoraSpec, TrainingSpec
+from lorafleet_trainer.learning.configs import LoraSpec, Overrides, TrainingSpec
+from lorafleet_trainer.learning.samples import DistillSample
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ class StepKey:
 
     key: str
     digest: str
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One adapter's step as ``TrainerEngine.distill`` takes it, for ``distill_many`` (fused steps)."""
+
+    adapter: AdapterId
+    samples: Sequence[DistillSample]
+    training: Overrides = None
+    key: StepKey | None = None
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,13 @@ class TrainerSettings(BaseSettings):
         description="durability async: versions the background writer may hold; a step waits for room",
     )
     max_queue: int = Field(32, ge=1, le=100_000, description="distill steps waiting before 429")
+    fuse_steps: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="distill steps of different adapters waiting together that run as one fused step "
+        "(same LoRA shape: one forward and backward, each adapter its own update); 1 turns fusing off",
+    )
     max_generate_tokens: int = Field(
         512, ge=1, le=65536, description="most tokens one generate request may ask for (max_tokens)"
     )

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lorafleet_api.wire import KEYED_STEPS_KEPT
-from lorafleet_trainer.engine import decoding, holds, previewing, stepping
+from lorafleet_trainer.engine import decoding, fusing, holds, previewing, stepping
 from lorafleet_trainer.engine.cache import AdapterCache, CacheInfo
 from lorafleet_trainer.engine.durability import DEFAULT_BACKLOG, BackgroundWriter
 from lorafleet_trainer.engine.durability import MODES as DURABILITY_MODES
@@ -64,6 +64,7 @@ from lorafleet_trainer.results import (
     KeyedStep,
     Scored,
     StepKey,
+    StepRequest,
     StepResult,
     TeacherPreview,
 )
@@ -95,6 +96,11 @@ class EngineConfig:
     # background writer persisting the newest version of each adapter (engine/durability.py).
     durability: str = "sync"
     write_backlog: int = DEFAULT_BACKLOG  # async: versions the writer may hold before steps wait
+    # The bound on one fused step (``distill_many``): adapters, sample rows, and tokens (the longer
+    # of student and teacher row per sample); each forward is still bounded by step_token_budget.
+    fuse_max_adapters: int = fusing.DEFAULT_FUSE_MAX_ADAPTERS
+    fuse_max_rows: int = fusing.DEFAULT_FUSE_MAX_ROWS
+    fuse_max_tokens: int = fusing.DEFAULT_FUSE_MAX_TOKENS
 
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY_MODES:
@@ -111,6 +117,10 @@ class EngineConfig:
             raise InvalidInput("must be a byte count >= 0", field="cache_capacity_bytes")
         if isinstance(self.step_token_budget, bool) or self.step_token_budget < 1:
             raise InvalidInput("must be a token count >= 1", field="step_token_budget")
+        for name in ("fuse_max_adapters", "fuse_max_rows", "fuse_max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput("must be an integer >= 1", field=name)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -173,6 +183,7 @@ class TrainerEngine:
         self._model: Any = None
         self._tokenizer: Any = None
         self._slots: SlotManager | None = None
+        self._lanes: dict[str, fusing.Lanes] = {}  # by slot name: the lanes of fused steps
         self.load_count = 0
         self._durable_watchers: list[Callable[[AdapterId, int, str], None]] = []
         self._writer: BackgroundWriter | None = None
@@ -448,10 +459,176 @@ class TrainerEngine:
             raise
         finally:
             self._measure_gpu()
+        self._counted(result)
+        return result
+
+    def _counted(self, result: StepResult) -> None:
         self._count("ok", 1)
         self._count("tokens", int(result.metrics["tokens_processed"]))
         self._count("hits" if result.cache_hit else "misses", 1)
-        return result
+
+    def _failed(self, exc: Exception) -> Exception:
+        self._count("failed", 1)
+        _strip_frames(exc)
+        return exc
+
+    def distill_many(self, requests: Sequence[StepRequest]) -> list[StepResult | Exception]:
+        """Several steps, each answered on its own (its result or its error, in request order).
+
+        Steps of different adapters with the same LoRA shape run fused (``fusing``): one forward
+        and backward for all, then each adapter's own check, clipping, AdamW and commit, the same
+        commit a single step makes; within the configured bounds, and as a single step when alone.
+        Two steps of one adapter never run together: they go to successive waves, in order. One
+        adapter's bad samples, non-finite loss or failed write fail that adapter's step only.
+        """
+        slots = self._require_ready()
+        results: list[StepResult | Exception | None] = [None] * len(requests)
+        try:
+            with self._lock:
+                for wave in fusing.waves([r.adapter for r in requests]):
+                    self._run_wave(slots, [(i, requests[i]) for i in wave], results)
+        finally:
+            self._measure_gpu()
+        out: list[StepResult | Exception] = []
+        for r in results:
+            assert r is not None  # every request of every wave has its answer
+            out.append(r)
+        return out
+
+    def _run_wave(
+        self,
+        slots: SlotManager,
+        wave: Sequence[tuple[int, StepRequest]],
+        results: list[StepResult | Exception | None],
+    ) -> None:
+        """One wave (distinct adapters): replays answered, the rest prepared, grouped by LoRA shape
+        and run fused within the bounds."""
+        ready: dict[tuple[Any, ...], list[fusing.Ready]] = {}
+        for i, request in wave:
+            try:
+                kept = self._keyed(request.adapter, request.key)
+                if kept is not None:
+                    # A replay is answered, not counted as a step (as ``distill`` answers it).
+                    results[i] = replace(kept.replay(), durable_version=self._durable_of(request.adapter)[1])
+                    continue
+                if self._writer is not None and self._writer.error(request.adapter) is not None:
+                    self._settle(request.adapter)
+                meta = self._meta_for(request.adapter)
+                spec = meta.training.merged(request.training)
+                prepared = stepping.prepare(
+                    request.samples, self._tokenizer, self._vocab_size, self._max_positions, spec
+                )
+            except Exception as exc:
+                results[i] = self._failed(exc)
+                continue
+            ready.setdefault(meta.lora.shape_key(), []).append(fusing.Ready(i, request, meta, spec, prepared))
+        cfg = self.config
+        for group in ready.values():
+            for chunk in fusing.chunks(
+                group,
+                lambda r: len(r.prepared),
+                lambda r: fusing.sample_tokens(r.prepared),
+                cfg.fuse_max_adapters,
+                cfg.fuse_max_rows,
+                cfg.fuse_max_tokens,
+            ):
+                outcomes = self._fused(slots, chunk) if len(chunk) > 1 else [self._single(slots, chunk[0])]
+                for r, outcome in zip(chunk, outcomes, strict=True):
+                    if isinstance(outcome, StepResult):
+                        self._counted(outcome)
+                        results[r.index] = outcome
+                    else:
+                        results[r.index] = self._failed(outcome)
+
+    def _single(self, slots: SlotManager, r: fusing.Ready) -> StepResult | Exception:
+        try:
+            batch = stepping.Batch.pack(
+                r.prepared, pin=self._device.type == "cuda", token_budget=self.config.step_token_budget
+            )
+            return self._step(slots, r.request.adapter, r.meta, r.spec, batch, r.request.key)
+        except Exception as exc:
+            return exc
+
+    def _fused(self, slots: SlotManager, chunk: Sequence[fusing.Ready]) -> list[StepResult | Exception]:
+        """One fused step of ``chunk`` (distinct adapters of one LoRA shape), each its own outcome."""
+        slot = self._slot(chunk[0].meta.lora)
+        slots.activate(slot)
+        lanes = self._lanes.get(slot.name)
+        if lanes is None:
+            pin = self._device.type == "cuda"
+            lanes = self._lanes[slot.name] = fusing.Lanes(
+                slots.peft_model, slot, self._residency.slot_home, pin
+            )
+        taken = lanes.take([r.request.adapter for r in chunk])
+        out: list[StepResult | Exception | None] = [None] * len(chunk)
+        with self._residency.on_device(*taken):
+            holds.at(self.config.step_holds, "restore")
+            live: list[tuple[int, bool, float, int]] = []  # (index, hit, restore seconds, bytes read)
+            for j, (r, lane) in enumerate(zip(chunk, taken, strict=True)):
+                read_before, t0 = self.store.read_bytes, time.perf_counter()
+                try:
+                    hit = self._restore(r.request.adapter, r.meta, lane)
+                except Exception as exc:
+                    out[j] = exc
+                    continue
+                live.append((j, hit, time.perf_counter() - t0, self.store.read_bytes - read_before))
+            for j, *_ in live:
+                taken[j].begin_update()
+            holds.at(self.config.step_holds, "compute")
+            t1 = time.perf_counter()
+            outcomes: Sequence[fusing.Outcome | Exception]
+            try:
+                fused = fusing.FusedBatch.pack(
+                    [chunk[j].prepared for j, *_ in live],
+                    pin=self._device.type == "cuda",
+                    token_budget=self.config.step_token_budget,
+                )
+                outcomes = fusing.train_step(
+                    slots.peft_model,
+                    lanes,
+                    [taken[j] for j, *_ in live],
+                    [chunk[j].spec for j, *_ in live],
+                    fused,
+                    self._device,
+                    self.dtype,
+                )
+            except Exception as exc:
+                outcomes = [exc] * len(live)
+            compute = time.perf_counter() - t1
+            for (j, hit, restore, read), outcome in zip(live, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    out[j] = outcome
+                    continue
+                r = chunk[j]
+                t2 = time.perf_counter()
+                try:
+                    new, artifact, durable, t3 = self._commit(
+                        r.request.adapter, r.meta, taken[j], r.request.key, hit, outcome
+                    )
+                except Exception as exc:
+                    out[j] = exc
+                    continue
+                timing = {
+                    "restore": restore,
+                    "compute": compute,
+                    "snapshot": t3 - t2,
+                    "persist": time.perf_counter() - t3,
+                }
+                out[j] = StepResult(
+                    version=new.version,
+                    cache_hit=hit,
+                    metrics=outcome,
+                    timing_ms={k: v * 1000.0 for k, v in timing.items()},
+                    storage_read_bytes=read,
+                    artifact=artifact,
+                    durable_version=durable,
+                )
+        holds.at(self.config.step_holds, "answer")
+        done: list[StepResult | Exception] = []
+        for o in out:
+            assert o is not None
+            done.append(o)
+        return done
 
     def _keyed(self, adapter: AdapterId, key: StepKey | None) -> KeyedStep | None:
         """The committed step ``key`` names, if any (under the step lock: steps commit in order)."""
@@ -512,33 +689,7 @@ class TrainerEngine:
             holds.at(self.config.step_holds, "compute")
             metrics = stepping.train_step(slots.peft_model, slot, spec, batch, self._device, self.dtype)
             t2 = time.perf_counter()
-            new = replace(meta, version=meta.version + 1)
-            directory = self.store.new_directory(adapter, new.version)
-            artifact = self.store.artifact(adapter, new.version, directory)
-            if key is not None:  # committed with the version it answers, in the same write
-                done = KeyedStep(key, new.version, artifact, hit, metrics)
-                new = replace(new, keyed=meta.with_keyed(done, KEYED_STEPS_KEPT))
-            snapshot = slot.snapshot(adapter, new.version, new.epoch)  # the one copy back, and its wait
-            t3 = time.perf_counter()
-            holds.at(self.config.step_holds, "persist")
-            durable: int | None = None
-            if self._writer is None:
-                # The adapter_config.json is linked, it never changes.
-                self.store.write(new, snapshot, directory=directory)
-                self._set_meta(new)
-            else:
-                # The hand-off: it waits while the writer's backlog is full (back-pressure).
-                before = self._durable_of(adapter)[1]
-                self._writer.submit(
-                    new, snapshot, durable=meta.version if before is None else before, directory=directory
-                )
-                self._set_meta(new)
-                durable = self._durable_of(adapter)[1]
-            holds.at(self.config.step_holds, "snapshot")
-            _, spare = self.cache.put(snapshot) if self.cache.enabled else (False, snapshot)
-            if spare is not None and self._writer is not None and self._writer.holds(spare):
-                spare = None  # the writer still reads it: the next snapshot takes a new buffer
-            slot.commit(snapshot, spare)
+            new, artifact, durable, t3 = self._commit(adapter, meta, slot, key, hit, metrics)
             t4 = time.perf_counter()
         holds.at(self.config.step_holds, "answer")
         restore_s = events[0].elapsed_time(events[1]) / 1000.0 if events else t1 - t0
@@ -557,6 +708,51 @@ class TrainerEngine:
             artifact=artifact,
             durable_version=durable,
         )
+
+    def _commit(
+        self,
+        adapter: AdapterId,
+        meta: AdapterMeta,
+        slot: LoraSlot,
+        key: StepKey | None,
+        hit: bool,
+        metrics: dict[str, float],
+    ) -> tuple[AdapterMeta, str, int | None, float]:
+        """Commit the update ``slot`` holds as ``adapter``'s next version: the snapshot (refused if a
+        weight went non-finite), the write (sync) or hand-off to the writer (async), the metadata,
+        then the cache. One path for a single step and for each adapter of a fused step.
+
+        Returns the new metadata, its artifact, the durable version (async) and when the snapshot
+        was taken (``perf_counter``), which splits the snapshot time from the persist time.
+        """
+        new = replace(meta, version=meta.version + 1)
+        directory = self.store.new_directory(adapter, new.version)
+        artifact = self.store.artifact(adapter, new.version, directory)
+        if key is not None:  # committed with the version it answers, in the same write
+            done = KeyedStep(key, new.version, artifact, hit, metrics)
+            new = replace(new, keyed=meta.with_keyed(done, KEYED_STEPS_KEPT))
+        snapshot = slot.snapshot(adapter, new.version, new.epoch)  # the one copy back, and its wait
+        snapped = time.perf_counter()
+        holds.at(self.config.step_holds, "persist")
+        durable: int | None = None
+        if self._writer is None:
+            # The adapter_config.json is linked, it never changes.
+            self.store.write(new, snapshot, directory=directory)
+            self._set_meta(new)
+        else:
+            # The hand-off: it waits while the writer's backlog is full (back-pressure).
+            before = self._durable_of(adapter)[1]
+            self._writer.submit(
+                new, snapshot, durable=meta.version if before is None else before, directory=directory
+            )
+            self._set_meta(new)
+            durable = self._durable_of(adapter)[1]
+        holds.at(self.config.step_holds, "snapshot")
+        _, spare = self.cache.put(snapshot) if self.cache.enabled else (False, snapshot)
+        if spare is not None and self._writer is not None and self._writer.holds(spare):
+            spare = None  # the writer still reads it: the next snapshot takes a new buffer
+        slot.commit(snapshot, spare)
+        return new, artifact, durable, snapped
 
     # ---- sampling, scoring, the teacher's preview -----------------------------------------------
     @contextmanager

@@ -118,8 +118,10 @@ class Residency:
             group.host = group.host.pin_memory()
 
     @contextmanager
-    def on_device(self, slot: LoraSlot | None) -> Iterator[None]:
-        """Within the block the base model (and ``slot``'s state) are on ``self.device``.
+    def on_device(self, *slots: LoraSlot | None) -> Iterator[None]:
+        """Within the block the base model (and each of ``slots``' state) are on ``self.device``.
+
+        A fused step passes its shape's slot and every lane it trains (see ``fusing``).
 
         Each upload is one asynchronous copy per dtype from page-locked memory; nothing waits for
         it here (the step's first read orders after it on the same stream).
@@ -130,15 +132,17 @@ class Residency:
         try:
             for group in self._groups:
                 group.point(group.host.to(self.device, non_blocking=True))
-            if slot is not None:
-                # No copy: the step's restore overwrites every byte of it.
-                slot.place(StateBundle.empty(slot.layout, self.device))
+            for slot in slots:
+                if slot is not None:
+                    # No copy: the step's restore overwrites every byte of it.
+                    slot.place(StateBundle.empty(slot.layout, self.device))
             yield
         finally:
             for group in self._groups:
                 group.point(group.host)
-            if slot is not None:
-                slot.release()
+            for slot in slots:
+                if slot is not None:
+                    slot.release()
             # The device buffers are unreferenced now: give their blocks back to the driver so the
             # GPU's other tenant can use them (the step already waited for its last copy; on a
             # failed step the driver's free waits for whatever was still queued).

@@ -6,6 +6,12 @@ writes in the order they arrived. Distill steps are bounded (``max_waiting``) be
 expensive ones: past the bound a request is refused with :class:`QueueFull` instead of waiting
 without end. A job is a ``concurrent.futures.Future``: cancelling it succeeds only while it waits,
 so a step either runs to completion or never starts.
+
+A job may be *batchable* (:class:`Together`): when the worker takes it, the waiting jobs right
+behind it of the same kind join it, up to ``max_together``, and run as one call that answers each
+its own (the service's distill steps: the engine fuses them). Only the unbroken run of such jobs at
+the head of the queue joins, and never two of one member (adapter), so every adapter's writes
+still run in arrival order.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -28,12 +34,24 @@ T = TypeVar("T")
 _EWMA_WEIGHT = 0.2
 
 
+@dataclass(frozen=True)
+class Together:
+    """What lets a job run in one call with the waiting jobs of its ``kind``: ``run`` takes their
+    payloads in queue order and returns one outcome each (a result, or the exception to raise)."""
+
+    kind: str
+    member: Hashable  # never two jobs of one member in one call
+    payload: Any
+    run: Callable[[Sequence[Any]], Sequence[Any]]
+
+
 @dataclass
 class Job(Generic[T]):
     """One queued call; ``future`` carries its result, the timestamps its queue and run time."""
 
     fn: Callable[[], T]
     bounded: bool
+    together: Together | None = None
     future: Future[T] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -53,10 +71,14 @@ class Job(Generic[T]):
 class StepQueue:
     """A FIFO of jobs served by one thread; start it with :meth:`start`, stop it with :meth:`close`."""
 
-    def __init__(self, max_waiting: int, name: str = "lorafleet-steps") -> None:
+    def __init__(self, max_waiting: int, name: str = "lorafleet-steps", max_together: int = 1) -> None:
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
+        if max_together < 1:
+            raise ValueError("max_together must be at least 1")
         self.max_waiting = max_waiting
+        self.max_together = max_together
+        self.ran_together = 0  # jobs that ran in a call with others (batchable jobs joined up)
         self._jobs: collections.deque[Job[Any]] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -67,14 +89,19 @@ class StepQueue:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, fn: Callable[[], T], *, bounded: bool = True) -> Job[T]:
-        """Queue ``fn``; raises :class:`QueueFull` past the bound, :class:`NotReady` once closed."""
+    def submit(
+        self, fn: Callable[[], T], *, bounded: bool = True, together: Together | None = None
+    ) -> Job[T]:
+        """Queue ``fn``; raises :class:`QueueFull` past the bound, :class:`NotReady` once closed.
+
+        With ``together`` the job may run in one call with waiting jobs of its kind (``fn`` is then
+        not called: ``together.run`` answers it)."""
         with self._cond:
             if self._closed:
                 raise NotReady("the trainer is shutting down; retry on another pod")
             if bounded and self._waiting_bounded() >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} steps are already waiting; retry later")
-            job: Job[T] = Job(fn=fn, bounded=bounded)
+            job: Job[T] = Job(fn=fn, bounded=bounded, together=together)
             self._jobs.append(job)
             self._cond.notify()
             return job
@@ -137,10 +164,68 @@ class StepQueue:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 self._running = job
-            self._run(job)
+                group = self._joiners(job)
+            if group:
+                self._run_together([job, *group])
+            else:
+                self._run(job)
             # Hold nothing while waiting for the next job: a finished job (its result, or its error
             # with a traceback) must not stay alive for as long as the queue idles.
-            del job
+            del job, group
+
+    def _joiners(self, job: Job[Any]) -> list[Job[Any]]:
+        """The waiting jobs that run with ``job`` (under the lock): the unbroken run of its kind at
+        the head of the queue, distinct members, up to ``max_together`` in all; each marked running."""
+        first = job.together
+        if first is None or self.max_together < 2:
+            return []
+        members = {first.member}
+        out: list[Job[Any]] = []
+        while self._jobs and len(out) + 1 < self.max_together:
+            nxt = self._jobs[0]
+            if nxt.future.cancelled():
+                self._jobs.popleft()  # left while waiting: it never runs
+                continue
+            t = nxt.together
+            if t is None or t.kind != first.kind or t.run != first.run or t.member in members:
+                break
+            self._jobs.popleft()
+            if nxt.future.set_running_or_notify_cancel():
+                members.add(t.member)
+                out.append(nxt)
+        return out
+
+    def _run_together(self, jobs: list[Job[Any]]) -> None:
+        """One call for ``jobs`` (batchable, one kind); each future gets its own outcome."""
+        started = time.perf_counter()
+        for job in jobs:
+            job.started_at = started
+        first = jobs[0].together
+        assert first is not None
+        try:
+            outcomes: Sequence[Any] = first.run(
+                [job.together.payload for job in jobs if job.together is not None]
+            )
+            if len(outcomes) != len(jobs):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} jobs")
+        except BaseException as exc:  # every job of the call fails with the call
+            outcomes = [exc] * len(jobs)
+        finished = time.perf_counter()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.finished_at = finished
+            if isinstance(outcome, BaseException):
+                traceback.clear_frames(outcome.__traceback__)
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        with self._cond:
+            self._running = None
+            self.ran_together += len(jobs)
+            share = (finished - started) / len(jobs)  # the drain estimate counts each job's share
+            for job in jobs:
+                if job.bounded:
+                    w = _EWMA_WEIGHT if self._mean_run_seconds else 1.0
+                    self._mean_run_seconds += w * (share - self._mean_run_seconds)
 
     def _run(self, job: Job[Any]) -> None:
         job.started_at = time.perf_counter()

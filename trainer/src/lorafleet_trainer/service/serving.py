@@ -39,13 +39,14 @@ from lorafleet_trainer.results import (
     InitResult,
     Scored,
     StepKey,
+    StepRequest,
     StepResult,
     TeacherPreview,
 )
 from lorafleet_trainer.service import publishing, responses, server_keys
 from lorafleet_trainer.service.changes import Changes
 from lorafleet_trainer.service.metrics import TrainerMetrics
-from lorafleet_trainer.service.queueing import Job, StepQueue
+from lorafleet_trainer.service.queueing import Job, StepQueue, Together
 
 if TYPE_CHECKING:  # it imports torch, which the service itself never loads
     from lorafleet_trainer.engine.cache import CacheInfo
@@ -71,6 +72,7 @@ class Engine(Protocol):
         training: Overrides,
         key: StepKey | None = None,
     ) -> StepResult: ...
+    def distill_many(self, requests: Sequence[StepRequest]) -> list[StepResult | Exception]: ...
     def generate(
         self, adapter: AdapterId | None, prompt: sampling.Prompt, params: sampling.SamplingParams
     ) -> Generation: ...
@@ -131,6 +133,7 @@ class TrainerService:
         *,
         max_queue: int,
         default_training: TrainingSpec,
+        fuse_steps: int = 1,
         max_generate_tokens: int = 512,
         publish_hold: Callable[[], None] | None = None,
         server_key: server_keys.ServerKey | None = None,
@@ -138,7 +141,8 @@ class TrainerService:
         self.engine = engine
         self.default_training = default_training
         self.max_generate_tokens = max_generate_tokens
-        self.queue = StepQueue(max_queue)
+        # Distill steps waiting together run as one engine call (fused per LoRA shape), up to this.
+        self.queue = StepQueue(max_queue, max_together=fuse_steps)
         self.metrics = TrainerMetrics(engine, lambda: self.queue.depth, lambda: self.queue.busy)
         # The servers find the store where this trainer keeps it unless the operator names another
         # mount (PUT /v1/serving); the publisher keeps that root and joins it to each artifact.
@@ -318,6 +322,26 @@ class TrainerService:
         self.changes.mark(adapter)
         return self._state(result.state), result.created
 
+    def _after_step(self, adapter: AdapterId, done: StepResult) -> None:
+        """On the worker, right after the commit: the servers start loading the new version now
+        (durability async: once it is durable, from the writer's report)."""
+        if not done.replayed:
+            if done.durable >= done.version:
+                self.publisher.committed(adapter, done.version, done.artifact)
+            self.changes.mark(adapter)
+
+    def _run_steps(self, requests: Sequence[StepRequest]) -> list[StepResult | Exception]:
+        """Distill steps that waited together, as one engine call (fused where shapes allow); each
+        request gets its own result or error."""
+        outcomes = self.engine.distill_many(requests)
+        for i, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+            if isinstance(outcome, StepResult):
+                try:
+                    self._after_step(request.adapter, outcome)
+                except Exception as exc:  # as a single step's would, it fails that request only
+                    outcomes[i] = exc
+        return outcomes
+
     async def distill(
         self, adapter: AdapterId, body: wire.DistillRequest, disconnected: Callable[[], Awaitable[None]]
     ) -> wire.DistillResponse:
@@ -341,15 +365,11 @@ class TrainerService:
 
             def step() -> StepResult:
                 done = self.engine.distill(adapter, samples, training, key)
-                if not done.replayed:
-                    # On the worker, right after the commit: the servers start loading it now
-                    # (durability async: once it is durable, from the writer's report).
-                    if done.durable >= done.version:
-                        self.publisher.committed(adapter, done.version, done.artifact)
-                    self.changes.mark(adapter)
+                self._after_step(adapter, done)
                 return done
 
-            job = self.queue.submit(step)
+            request = StepRequest(adapter, samples, training, key)
+            job = self.queue.submit(step, together=Together("distill", adapter, request, self._run_steps))
             result = await self._wait(job, disconnected)
         except BaseException as exc:
             if isinstance(exc, Exception):
