@@ -95,8 +95,8 @@ def test_the_served_name_names_the_adapter_too(gateway: str, trainer: live.LiveT
     [
         pytest.param(SINGLE, None, 401, "Authorization", id="no-token"),
         pytest.param(SINGLE, "tok-x", 401, "Authorization", id="unknown-token"),
-        pytest.param(SINGLE, "tok-b", 403, "model", id="other-namespace"),
-        pytest.param({**SINGLE, "lora_id": "team-a/nobody"}, "tok-a", 404, "model", id="unknown-adapter"),
+        pytest.param(SINGLE, "tok-b", 403, "lora_id", id="other-namespace"),
+        pytest.param({**SINGLE, "lora_id": "team-a/nobody"}, "tok-a", 404, "lora_id", id="unknown-adapter"),
         pytest.param({**SINGLE, "feedback": ""}, "tok-a", 422, "feedback", id="empty-feedback"),
         pytest.param(
             {**SINGLE, "training": {"alpha": 7}}, "tok-a", 422, "training.alpha", id="alpha-out-of-bounds"
@@ -105,7 +105,7 @@ def test_the_served_name_names_the_adapter_too(gateway: str, trainer: live.LiveT
             {"requests": [SINGLE, {**SINGLE, "lora_id": "team-a/nobody"}]},
             "tok-a",
             404,
-            "model",
+            "requests[1].lora_id",
             id="batch-one-bad",
         ),
         pytest.param("not an object", "tok-a", 422, None, id="not-an-object"),

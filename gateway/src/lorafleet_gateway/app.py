@@ -65,21 +65,22 @@ class Gateway:
 
     # ---- finding the adapter -----------------------------------------------------------------
 
-    async def resolve(self, model: str, allowed: set[str] | None) -> Adapter:
+    async def resolve(self, model: str, allowed: set[str] | None, field: str = "model") -> Adapter:
+        """The adapter ``model`` names (chat's ``model``, feedback's ``lora_id``: ``field``)."""
         known = await self.directory.adapters()
         if "/" in model:
             found = [a for a in known if a.key == model]
         else:
             found = [a for a in known if a.served_name == model]
         if not found:
-            raise Failure(404, f"no adapter is named {model!r} (a served name or namespace/adapter)", "model")
+            raise Failure(404, f"no adapter is named {model!r} (a served name or namespace/adapter)", field)
         mine = [a for a in found if allowed is None or a.namespace in allowed]
         if not mine:
-            Tokens.check(allowed, found[0].namespace)
+            Tokens.check(allowed, found[0].namespace, field)
         if len(mine) > 1:
             names = ", ".join(sorted(a.key for a in mine))
             raise Failure(
-                409, f"{model!r} is served in several namespaces ({names}): name namespace/adapter", "model"
+                409, f"{model!r} is served in several namespaces ({names}): name namespace/adapter", field
             )
         return mine[0]
 
@@ -242,7 +243,7 @@ class Gateway:
         key = feedback.idempotency_key or uuid.uuid4().hex
         groups: dict[str, tuple[Adapter, list[tuple[int, claas.FeedbackItem]]]] = {}
         for i, item in enumerate(items):
-            adapter = await self.resolve(item.lora_id, allowed)
+            adapter = await self.resolve(item.lora_id, allowed, f"{feedback.where(i)}lora_id")
             if not groups:
                 request.state.model = adapter.key  # a batch over several adapters counts as its first
             groups.setdefault(adapter.key, (adapter, []))[1].append((i, item))
@@ -436,7 +437,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(Refused)
     async def refused(_: Request, exc: Refused) -> JSONResponse:
-        field = "Authorization" if exc.status == 401 else "model"
+        field = "Authorization" if exc.status == 401 else exc.field
         text = exc.message.split(": ", 1)[-1]
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         body = wire.Error(error=f"{field}: {text}", field=field)

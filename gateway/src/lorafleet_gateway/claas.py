@@ -74,6 +74,11 @@ class Feedback(BaseModel):
 
     items: list[FeedbackItem]
     idempotency_key: str | None = Field(pattern=KEY_PATTERN)
+    batch: bool = False  # came as {"requests": [...]}: errors name requests[i].<field>
+
+    def where(self, i: int) -> str:
+        """The path of item ``i`` in the request body, as an error names it."""
+        return f"requests[{i}]." if self.batch else ""
 
     @classmethod
     def parse(cls, body: Any, header_key: str | None) -> Feedback:
@@ -88,7 +93,13 @@ class Feedback(BaseModel):
             found, key = [item], item.idempotency_key
         if header_key is not None and key is not None and header_key != key:
             raise KeyConflict("the Idempotency-Key header and the body's idempotency_key differ")
-        return cls.model_validate({"items": found, "idempotency_key": header_key or key})
+        return cls.model_validate(
+            {
+                "items": found,
+                "idempotency_key": header_key or key,
+                "batch": isinstance(body, dict) and "requests" in body,
+            }
+        )
 
 
 def _one_key(found: list[FeedbackItem], top: str | None) -> str | None:

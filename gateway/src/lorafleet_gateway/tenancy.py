@@ -14,10 +14,11 @@ from pathlib import Path
 
 
 class Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str = "model") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field  # the body field that named the adapter (401s name Authorization)
 
 
 class Tokens:
@@ -49,7 +50,7 @@ class Tokens:
         raise Refused(401, "Authorization: the token is not known")
 
     @staticmethod
-    def check(allowed: set[str] | None, namespace: str) -> None:
-        """Raises :class:`Refused` (403) unless ``namespace`` is allowed."""
+    def check(allowed: set[str] | None, namespace: str, field: str = "model") -> None:
+        """Raises :class:`Refused` (403, naming ``field``) unless ``namespace`` is allowed."""
         if allowed is not None and namespace not in allowed:
-            raise Refused(403, f"model: the token may not use adapters of namespace {namespace!r}")
+            raise Refused(403, f"{field}: the token may not use adapters of namespace {namespace!r}", field)
