@@ -110,7 +110,7 @@ def _logits(model: Any, rows: list[list[int]], lengths: list[int]) -> torch.Tens
     parts: list[int] = []
     block = stepping._pad_left(parts, rows)
     with torch.no_grad():
-        return stepping._response_logits(model, torch.tensor(parts), block, lengths)
+        return stepping.response_logits(model, torch.tensor(parts), block, lengths)
 
 
 def test_a_padded_forward_gives_each_rows_own_logits(make_engine: Callable[..., Any]) -> None:

@@ -29,7 +29,6 @@ distribution rather than bit for bit (as two runs of one step do).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ from lorafleet_trainer.engine.slots import LoraSlot
 from lorafleet_trainer.engine.storage import AdapterMeta
 from lorafleet_trainer.errors import NonFiniteLoss
 from lorafleet_trainer.ids import AdapterId
-from lorafleet_trainer.learning import sdpo
 from lorafleet_trainer.learning.configs import TrainingSpec
 from lorafleet_trainer.results import StepRequest
 
@@ -327,18 +325,12 @@ def train_step(
         taken, specs, rows, fused.lane_tokens, fused.lane_rows, strict=True
     ):
         metrics = dict(zip(stepping.METRIC_NAMES, values, strict=True))
-        bad = next((name for name in ("total_loss", "grad_norm") if not math.isfinite(metrics[name])), None)
-        if bad is not None:
+        refused = stepping.refusal(metrics)
+        if refused is not None:
             lane.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if bad == "total_loss" else "gradient norm"
-            out.append(NonFiniteLoss(f"the {what} is {metrics[bad]}; nothing was applied", field="samples"))
+            out.append(refused)
             continue
-        lane.optimizer.step()
-        lane.optimizer.zero_grad(set_to_none=True)
-        lane.stepped(spec.teacher_ema_rate)
-        metrics["tokens_processed"] = float(tokens)
-        metrics["batch_size"] = float(n)
-        out.append(metrics)
+        out.append(stepping.apply(lane, spec, metrics, tokens, n))
     return out
 
 
@@ -380,14 +372,14 @@ def _loss_and_gradients(
                 else model.disable_adapter()
             )
             with routing:
-                teacher = stepping._response_logits(model, packed, micro.teacher, micro.lengths)
+                teacher = stepping.response_logits(model, packed, micro.teacher, micro.lengths)
             if any(specs[s.lane].kl_reg_weight > 0.0 for s in spans):
                 with model.disable_adapter():
-                    base = stepping._response_logits(model, packed, micro.student, micro.lengths)
+                    base = stepping.response_logits(model, packed, micro.student, micro.lengths)
         model.train(dropout)
         try:
             with autocast, lanes.multi.routed([Group(*s.rows, student_weights[s.lane]) for s in spans]):
-                student = stepping._response_logits(model, packed, micro.student, micro.lengths)
+                student = stepping.response_logits(model, packed, micro.student, micro.lengths)
         finally:
             model.eval()
         total: torch.Tensor | None = None
@@ -395,31 +387,18 @@ def _loss_and_gradients(
         for s in spans:
             spec = specs[s.lane]
             a, b = s.tokens
-            terms = sdpo.sdpo_loss(
+            terms = stepping.spec_loss(
+                spec,
                 student[a:b],
                 teacher[a:b],
                 responses[first + a : first + b],
                 old_logprobs[first + a : first + b],
-                alpha=spec.alpha,
-                is_clip=spec.is_clip,
-                is_floor=spec.is_floor,
-                top_k=spec.teacher_top_k,
-                kl_reg_weight=spec.kl_reg_weight,
-                base_logits=base[a:b] if base is not None and spec.kl_reg_weight > 0.0 else None,
+                base[a:b] if base is not None and spec.kl_reg_weight > 0.0 else None,
             )
             share = (b - a) / fused.lane_tokens[s.lane]
             weighted = terms.total * share if share != 1.0 else terms.total
             total = weighted if total is None else total + weighted
-            figures = torch.stack(
-                [
-                    terms.total.detach(),
-                    terms.distill.detach(),
-                    terms.kl_reg.detach(),
-                    terms.mean_is_ratio,
-                    terms.clip_fraction,
-                ]
-            )
-            sums[s.lane] += figures.float() * share
+            sums[s.lane] += stepping.figures(terms) * share
         if total is not None:
             total.backward()
         del student, teacher, base, total

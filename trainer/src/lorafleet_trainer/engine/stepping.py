@@ -171,7 +171,7 @@ class Batch:
         return self.packed.to(device, non_blocking=True)
 
 
-def _response_logits(model: Any, packed: torch.Tensor, block: Block, lengths: Sequence[int]) -> torch.Tensor:
+def response_logits(model: Any, packed: torch.Tensor, block: Block, lengths: Sequence[int]) -> torch.Tensor:
     """The logits predicting each row's last ``lengths[row]`` tokens, rows one after another.
 
     One forward over the left-padded rows: positions count from each row's first real token, the
@@ -214,17 +214,70 @@ def train_step(
         opt.zero_grad(set_to_none=True)
         raise
     metrics = dict(zip(METRIC_NAMES, values, strict=True))
+    refused = refusal(metrics)
+    if refused is not None:
+        opt.zero_grad(set_to_none=True)
+        raise refused
+    return apply(slot, spec, metrics, sum(batch.response_lengths), len(batch.response_lengths))
+
+
+def refusal(metrics: dict[str, float]) -> NonFiniteLoss | None:
+    """Why an update with these metrics must not be applied (a loss or gradient norm that is not
+    finite), or None."""
     for name in ("total_loss", "grad_norm"):
         if not math.isfinite(metrics[name]):
-            opt.zero_grad(set_to_none=True)
             what = "loss" if name == "total_loss" else "gradient norm"
-            raise NonFiniteLoss(f"the {what} is {metrics[name]}; nothing was applied", field="samples")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+            return NonFiniteLoss(f"the {what} is {metrics[name]}; nothing was applied", field="samples")
+    return None
+
+
+def apply(
+    slot: LoraSlot, spec: TrainingSpec, metrics: dict[str, float], tokens: int, rows: int
+) -> dict[str, float]:
+    """AdamW on ``slot``'s gradients, the EMA after it, and the step's size added to ``metrics``."""
+    slot.optimizer.step()
+    slot.optimizer.zero_grad(set_to_none=True)
     slot.stepped(spec.teacher_ema_rate)
-    metrics["tokens_processed"] = float(sum(batch.response_lengths))
-    metrics["batch_size"] = float(len(batch.response_lengths))
+    metrics["tokens_processed"] = float(tokens)
+    metrics["batch_size"] = float(rows)
     return metrics
+
+
+def spec_loss(
+    spec: TrainingSpec,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    responses: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    base: torch.Tensor | None,
+) -> sdpo.LossTerms:
+    """The SDPO loss of response tokens under ``spec``'s settings (``base``: the base model's
+    logits, for the KL term)."""
+    return sdpo.sdpo_loss(
+        student,
+        teacher,
+        responses,
+        old_logprobs,
+        alpha=spec.alpha,
+        is_clip=spec.is_clip,
+        is_floor=spec.is_floor,
+        top_k=spec.teacher_top_k,
+        kl_reg_weight=spec.kl_reg_weight,
+        base_logits=base,
+    )
+
+
+def figures(terms: sdpo.LossTerms) -> torch.Tensor:
+    """The loss figures a step reports (METRIC_NAMES but the gradient norm), still on the device."""
+    return torch.stack(
+        [
+            terms.total.detach(),
+            terms.distill.detach(),
+            terms.kl_reg.detach(),
+            terms.mean_is_ratio,
+            terms.clip_fraction,
+        ]
+    ).float()
 
 
 def _loss_and_gradients(
@@ -250,42 +303,22 @@ def _loss_and_gradients(
         base = None
         with autocast, torch.no_grad():
             with teacher_weights(model, slot, spec):
-                teacher = _response_logits(model, packed, micro.teacher, micro.lengths)
+                teacher = response_logits(model, packed, micro.teacher, micro.lengths)
             if spec.kl_reg_weight > 0.0:
                 with model.disable_adapter():
-                    base = _response_logits(model, packed, micro.student, micro.lengths)
+                    base = response_logits(model, packed, micro.student, micro.lengths)
         # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
         model.train(slot.lora.dropout > 0.0)
         try:
             with autocast:
-                student = _response_logits(model, packed, micro.student, micro.lengths)
+                student = response_logits(model, packed, micro.student, micro.lengths)
         finally:
             model.eval()
         first, end = micro.response
-        terms = sdpo.sdpo_loss(
-            student,
-            teacher,
-            responses[first:end],
-            old_logprobs[first:end],
-            alpha=spec.alpha,
-            is_clip=spec.is_clip,
-            is_floor=spec.is_floor,
-            top_k=spec.teacher_top_k,
-            kl_reg_weight=spec.kl_reg_weight,
-            base_logits=base,
-        )
+        terms = spec_loss(spec, student, teacher, responses[first:end], old_logprobs[first:end], base)
         share = micro.tokens / total_tokens
         (terms.total * share if share != 1.0 else terms.total).backward()
-        step = torch.stack(
-            [
-                terms.total.detach(),
-                terms.distill.detach(),
-                terms.kl_reg.detach(),
-                terms.mean_is_ratio,
-                terms.clip_fraction,
-            ]
-        )
-        sums += step.float() * share
+        sums += figures(terms) * share
         del student, teacher, base, terms
     params = [slot.params[k] for k in slot.keys]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
