@@ -21,7 +21,7 @@ def queue() -> Iterator[StepQueue]:
     assert q.join(5)
 
 
-def _blocker(q: StepQueue) -> threading.Event:
+def blocker(q: StepQueue) -> threading.Event:
     """Occupy the worker until the returned event is set."""
     release = threading.Event()
     started = threading.Event()
@@ -52,7 +52,7 @@ def test_jobs_run_one_at_a_time_in_arrival_order(queue: StepQueue) -> None:
             active -= 1
         return i * 10
 
-    release = _blocker(queue)
+    release = blocker(queue)
     jobs = [queue.submit(lambda i=i: step(i), bounded=False) for i in range(20)]
     release.set()
     assert [j.future.result(5) for j in jobs] == [i * 10 for i in range(20)]
@@ -62,7 +62,7 @@ def test_jobs_run_one_at_a_time_in_arrival_order(queue: StepQueue) -> None:
 
 
 def test_bound_counts_only_waiting_bounded_jobs(queue: StepQueue) -> None:
-    release = _blocker(queue)
+    release = blocker(queue)
     jobs = [queue.submit(lambda: 1) for _ in range(3)]
     with pytest.raises(QueueFull):
         queue.submit(lambda: 1)
@@ -78,7 +78,7 @@ def test_bound_counts_only_waiting_bounded_jobs(queue: StepQueue) -> None:
 
 def test_cancelled_waiting_job_never_runs_and_frees_its_slot(queue: StepQueue) -> None:
     ran: list[str] = []
-    release = _blocker(queue)
+    release = blocker(queue)
     dropped = queue.submit(lambda: ran.append("dropped"))
     kept = queue.submit(lambda: ran.append("kept"))
     assert dropped.future.cancel()
@@ -115,7 +115,7 @@ def test_errors_reach_the_caller_and_the_worker_survives(queue: StepQueue) -> No
 
 
 def test_close_fails_waiting_jobs_finishes_the_running_one_and_refuses_new(queue: StepQueue) -> None:
-    release = _blocker(queue)
+    release = blocker(queue)
     control = queue.submit(lambda: "late", bounded=False)  # waits behind the blocker
     waiting = queue.submit(lambda: "never")
     # Release the blocker only after close, from another thread, as SIGTERM would.

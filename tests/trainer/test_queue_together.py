@@ -3,11 +3,11 @@ one call, distinct members only, up to the bound; each job gets its own outcome;
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from tests.trainer.test_queue import blocker
 
 from lorafleet_trainer.service.queueing import Job, StepQueue, Together
 
@@ -30,18 +30,6 @@ def queue() -> Iterator[StepQueue]:
     yield q
     q.close()
     assert q.join(5)
-
-
-def blocker(q: StepQueue) -> threading.Event:
-    release, started = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(10)
-
-    q.submit(hold, bounded=False)
-    assert started.wait(5)
-    return release
 
 
 def step(q: StepQueue, rec: Recorder, member: str, payload: str) -> Job[Any]:
