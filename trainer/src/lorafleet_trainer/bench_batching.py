@@ -104,21 +104,28 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def parse_with_common(parser: argparse.ArgumentParser, json_help: str) -> argparse.Namespace:
+    """Adds the options every step benchmark takes (threads, device, model cache, JSON output),
+    parses, and applies ``--threads`` before any model is built."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--model-cache", type=Path, help="where builtin models are generated")
+    parser.add_argument("--json", type=Path, help=json_help)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", default="builtin:small,builtin:smollm2")
     parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
     parser.add_argument("--samples", type=int, default=4, help="samples per step")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--model-cache", type=Path, help="where builtin models are generated")
-    parser.add_argument("--json", type=Path, help="write the rows as a JSON list here")
-    args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_with_common(parser, "write the rows as a JSON list here")
     rows = []
     print(
         f"{'model':<18} {'per-sample steps/s':>18} {'batched steps/s':>16}"

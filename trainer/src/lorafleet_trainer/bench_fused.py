@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorafleet_trainer.bench_batching import parse_with_common
 from lorafleet_trainer.bench_batching import samples as make_samples
 
 ROLLOUT_PROMPTS = 16
@@ -210,15 +211,7 @@ def main() -> int:
     parser.add_argument(
         "--rollouts", default="builtin:smollm2", help="model of the rollout figure ('' skips it)"
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--model-cache", type=Path, help="where builtin models are generated")
-    parser.add_argument("--json", type=Path, help="write the rows as a JSON object here")
-    args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_with_common(parser, "write the rows as a JSON object here")
     rows = []
     for model in filter(None, args.models.split(",")):
         row = run_model(model, args)
