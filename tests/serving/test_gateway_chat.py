@@ -30,20 +30,30 @@ MAX_TOKENS = 16
 LORA = {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-@pytest.fixture(scope="module")
-def gateway(real_servers: tuple[live.LiveTrainer, live_vllm.LiveVllm]) -> Iterator[str]:
+def published(real_servers: tuple[live.LiveTrainer, live_vllm.LiveVllm], ns: str, name: str) -> Adapter:
+    """A new adapter ``ns/name`` on the shared trainer, served by vLLM under ``name``, as the
+    gateway's directory would list it. The trainer adds it to what it publishes; the adapters of
+    the other suites stay published."""
     trainer, vllm = real_servers
     c = trainer.client(timeout=300)
-    put = c.put(f"/v1/adapters/{NS}/{NAME}", json={"lora": LORA, "epoch": 1, "serving": {"name": NAME}})
+    put = c.put(f"/v1/adapters/{ns}/{name}", json={"lora": LORA, "epoch": 1, "serving": {"name": name}})
     assert put.status_code == 201, put.text
     serving = {
         "servers": [{"name": "vllm-0", "url": vllm.base_url}],
-        "adapters": [{"namespace": NS, "name": NAME, "served_name": NAME}],
+        "adapters": [{"namespace": ns, "name": name, "served_name": name}],
     }
     assert c.put("/v1/serving", json=serving).status_code == 200
-    adapter = Adapter(NS, NAME, NAME, trainer.base_url, {"vllm-0": vllm.base_url})
-    # A bound long enough for a CPU vLLM's load: a chat after a step waits for the new version.
-    with live_gateway.serving([adapter], latest_wait_seconds=120) as (url, _):
+    return Adapter(ns, name, name, trainer.base_url, {"vllm-0": vllm.base_url})
+
+
+# A bound long enough for a CPU vLLM's load: a chat after a step waits for the new version.
+LATEST_WAIT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def gateway(real_servers: tuple[live.LiveTrainer, live_vllm.LiveVllm]) -> Iterator[str]:
+    adapter = published(real_servers, NS, NAME)
+    with live_gateway.serving([adapter], latest_wait_seconds=LATEST_WAIT_SECONDS) as (url, _):
         yield url
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from tests.gateway import live_gateway
 from tests.serving import live_vllm
-from tests.serving.test_gateway_chat import LORA
+from tests.serving.test_gateway_chat import LATEST_WAIT_SECONDS, published
 from tests.trainer.service import live
 
-from lorafleet_gateway.directory import Adapter
 from lorafleet_local import gateway_client, goals, verifiers
 
 pytestmark = pytest.mark.vllm
@@ -48,21 +47,11 @@ GOAL = goals.Goal(NAME, SUITE, steps=1, loop=goals.Loop(n=2))
 def gateway(
     real_servers: tuple[live.LiveTrainer, live_vllm.LiveVllm], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    trainer, vllm = real_servers
-    c = trainer.client(timeout=300)
-    put = c.put(f"/v1/adapters/{NS}/{NAME}", json={"lora": LORA, "epoch": 1, "serving": {"name": NAME}})
-    assert put.status_code == 201, put.text
-    # Adds this adapter to what the trainer publishes; the other suites' adapters stay published.
-    serving = {
-        "servers": [{"name": "vllm-0", "url": vllm.base_url}],
-        "adapters": [{"namespace": NS, "name": NAME, "served_name": NAME}],
-    }
-    assert c.put("/v1/serving", json=serving).status_code == 200
+    adapter = published(real_servers, NS, NAME)
     tokens = Path(tmp_path_factory.mktemp("gateway-goals")) / "tokens.json"
     tokens.write_text(json.dumps({TOKEN: [NS]}))
-    adapter = Adapter(NS, NAME, NAME, trainer.base_url, {"vllm-0": vllm.base_url})
-    # A bound long enough for a CPU vLLM's load: a chat after a step waits for the new version.
-    with live_gateway.serving([adapter], tokens_file=tokens, latest_wait_seconds=120) as (url, _):
+    wait = LATEST_WAIT_SECONDS
+    with live_gateway.serving([adapter], tokens_file=tokens, latest_wait_seconds=wait) as (url, _):
         yield url
 
 
