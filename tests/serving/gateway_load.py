@@ -99,7 +99,10 @@ class LoadRun:
         told = 0  # the newest version of its adapter this client has been told of
         last: tuple[str, str, str] | None = None  # (question, answer, completion id)
         sent = 0
-        with httpx.Client(timeout=600.0) as http:
+        # A fresh connection per request: a kept-alive one that the gateway's server closes as idle
+        # (uvicorn, after 5 s) just as the next request goes out is reset mid-request, a race of
+        # HTTP keep-alive on the client's side, not an answer of the gateway's.
+        with httpx.Client(timeout=600.0, limits=httpx.Limits(max_keepalive_connections=0)) as http:
             while not self.stop.is_set():
                 question = workload.questions[rng.randrange(len(workload.questions))]
                 body = {
