@@ -177,22 +177,35 @@ class MultiLora:
 
     @staticmethod
     def _hook(site: Site, groups: Sequence[Group]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+        sizes = [g.end - g.start for g in groups]
+        # Groups of one size: the lanes' products as two batched matmuls over [groups, rows, ...].
+        even = len(set(sizes)) == 1 and all(g.weights is not None for g in groups)
+
         def add_lora(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
             if all(g.weights is None for g in groups):
                 return output
+            x = args[0]
+            weights = [g.weights for g in groups]
+            a0 = next(w for w in weights if w is not None)[site.a_key]
+            x = x.to(a0.dtype)
+            if site.dropout > 0.0:
+                x = F.dropout(x, site.dropout, module.training)
+            # The scaling applied on the rank-r side: a tensor out_features/r times smaller than
+            # PEFT's product (and exact for the usual power-of-two alpha / r).
+            if even:
+                a = torch.stack([cast(Mapping[str, torch.Tensor], w)[site.a_key] for w in weights])
+                b = torch.stack([cast(Mapping[str, torch.Tensor], w)[site.b_key] for w in weights])
+                h = torch.bmm(x.reshape(len(groups), -1, x.shape[-1]), a.transpose(1, 2)) * site.scaling
+                delta = torch.bmm(h, b.transpose(1, 2)).reshape(output.shape)
+                return output + delta
+            # Row groups of different sizes: one split (its backward is one concatenation, not a
+            # zero-filled gradient per group) and a pair of matmuls per group.
             parts = []
-            for g in groups:
-                if g.weights is None:
-                    parts.append(output.new_zeros((g.end - g.start, *output.shape[1:])))
+            for rows, w in zip(x.split(sizes), weights, strict=True):
+                if w is None:
+                    parts.append(output.new_zeros((rows.shape[0], *output.shape[1:])))
                     continue
-                a, b = g.weights[site.a_key], g.weights[site.b_key]
-                rows = x[g.start : g.end].to(a.dtype)
-                if site.dropout > 0.0:
-                    rows = F.dropout(rows, site.dropout, module.training)
-                # The scaling applied on the rank-r side: a tensor out_features/r times smaller than
-                # PEFT's product (and exact for the usual power-of-two alpha / r).
-                parts.append(F.linear(F.linear(rows, a) * site.scaling, b))
+                parts.append(F.linear(F.linear(rows, w[site.a_key]) * site.scaling, w[site.b_key]))
             # One sum over every row, as PEFT adds its one adapter's product.
             return output + (parts[0] if len(parts) == 1 else torch.cat(parts))
 
