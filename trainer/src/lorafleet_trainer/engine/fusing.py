@@ -20,8 +20,12 @@ clipped and updated on its own: a non-finite loss or gradient in one lane refuse
 Rows of different lanes never mix inside a layer: attention, norms and the LoRA delta are per row,
 so a lane whose weights or loss are not finite cannot reach another lane's numbers.
 
-The rows of a lane are contiguous, so the multi-LoRA layer is an index-grouped matmul: one pair of
-small matmuls per lane over its row range, no per-row gather of weights. Every teacher mode and the
+The rows of a lane are contiguous, so the multi-LoRA layer needs no per-row gather of weights: when
+every lane has as many rows, the lanes' products are two batched matmuls over the rows viewed as
+[lanes, rows, ...]; otherwise one split of the rows and a pair of small matmuls per lane. Either
+way the input's gradient is one tensor, not a zero-filled one per lane (what slicing each lane's
+rows out of it costs in the backward: a fused step of 8 adapters on ``builtin:small`` spent 0.5 s
+of its 9.8 s filling and summing those). Every teacher mode and the
 KL term fuse exactly (the EMA teacher through the same routing, with the lanes' EMA weights); with
 LoRA dropout above 0 each lane draws its own masks, so a fused step equals the sequential one in
 distribution rather than bit for bit (as two runs of one step do).
