@@ -35,15 +35,19 @@ SPECS = {
 }
 # (prompt, response) lengths per sample: different counts and lengths per adapter, so rows are padded.
 SHAPES = {A: [(6, 5)], B: [(14, 3), (3, 9), (9, 7)], C: [(20, 4), (5, 6)], D: [(4, 4), (8, 2)]}
+# As many samples per adapter (the multi-LoRA layer's batched-matmul form), still padded.
+EVEN = {A: [(6, 5), (2, 3)], B: [(14, 3), (3, 9)], C: [(20, 4), (5, 6)], D: [(4, 4), (8, 2)]}
 TOLERANCE = 1e-5
 
 
-def batch(adapter: AdapterId, round_: int, bad: bool = False) -> list[DistillSample]:
-    seed = 1000 * round_ + 100 * sorted(SHAPES).index(adapter)
+def batch(
+    adapter: AdapterId, round_: int, bad: bool = False, shapes: dict[AdapterId, list[tuple[int, int]]] = SHAPES
+) -> list[DistillSample]:
+    seed = 1000 * round_ + 100 * sorted(shapes).index(adapter)
     out = []
-    for i, (p, r) in enumerate(SHAPES[adapter]):
+    for i, (p, r) in enumerate(shapes[adapter]):
         d = sample_dict(seed + i, prompt_len=p, response_len=r)
-        if bad and i == len(SHAPES[adapter]) - 1:
+        if bad and i == len(shapes[adapter]) - 1:
             d["response_token_ids"] = [*d["response_token_ids"][:-1], 1 << 20]  # outside the vocabulary
         out.append(DistillSample.from_dict(d))
     return out
@@ -83,15 +87,22 @@ def ok(outcome: StepResult | Exception) -> StepResult:
     return outcome
 
 
-@pytest.mark.parametrize("budget", [16384, 40], ids=["one-forward", "micro-batches"])
+@pytest.mark.parametrize(
+    "budget, shapes",
+    [(16384, SHAPES), (40, SHAPES), (16384, EVEN)],
+    ids=["one-forward", "micro-batches", "even-lanes"],
+)
 def test_fused_steps_equal_the_same_steps_one_after_another(
-    make_engine: Callable[..., Any], budget: int
+    make_engine: Callable[..., Any], budget: int, shapes: dict[AdapterId, list[tuple[int, int]]]
 ) -> None:
     adapters = [A, B, C, D]
     sequential, fused = engines(make_engine, adapters, step_token_budget=budget)
     for round_ in (1, 2):  # the second round starts from lanes that already hold the adapters
-        alone = [sequential.distill(adapter, batch(adapter, round_)) for adapter in adapters]
-        together = [ok(o) for o in fused.distill_many([StepRequest(x, batch(x, round_)) for x in adapters])]
+        alone = [sequential.distill(adapter, batch(adapter, round_, shapes=shapes)) for adapter in adapters]
+        together = [
+            ok(o)
+            for o in fused.distill_many([StepRequest(x, batch(x, round_, shapes=shapes)) for x in adapters])
+        ]
         for one, other in zip(alone, together, strict=True):
             assert one.version == other.version
             assert one.metrics.keys() == other.metrics.keys()
