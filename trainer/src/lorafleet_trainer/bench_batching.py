@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorafleet_trainer import hostalloc
+
 PROMPT_TOKENS = (48, 64)  # each sample's prompt and response lengths are drawn from these ranges
 RESPONSE_TOKENS = (24, 32)
 
@@ -112,6 +114,7 @@ def parse_with_common(parser: argparse.ArgumentParser, json_help: str) -> argpar
     parser.add_argument("--model-cache", type=Path, help="where builtin models are generated")
     parser.add_argument("--json", type=Path, help=json_help)
     args = parser.parse_args()
+    hostalloc.tune()  # as the trainer process does (cli)
     if args.threads:
         import torch
 

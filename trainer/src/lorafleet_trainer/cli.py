@@ -17,7 +17,7 @@ from types import FrameType
 import uvicorn
 
 from lorafleet_trainer import settings as settings_mod
-from lorafleet_trainer import threads
+from lorafleet_trainer import hostalloc, threads
 from lorafleet_trainer.errors import TrainerError
 from lorafleet_trainer.http.auth import read_token
 from lorafleet_trainer.service.serving import TrainerService
@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before the model loads: torch sizes its thread pool once, on first use.
     chosen = threads.plan(config.threads, config.cpu_request_millicores)
     threads.apply(chosen)
+    hostalloc.tune()
 
     from lorafleet_trainer.app import create_app  # after validation: it imports the model stack
 
