@@ -82,8 +82,9 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         for run, engine in engines.items():
             for adapter in adapters:
                 engine.init_adapter(adapter, lora, 1)
-            # Warm-up: every adapter's state cached, the lanes and allocator warm.
-            warm = [StepRequest(a, steps[i][:1]) for i, a in enumerate(adapters)]
+            # Warm-up on a wave of full-size steps: every adapter's state cached, the lanes and the
+            # allocator warm for the measured shapes.
+            warm = [StepRequest(a, steps[i]) for i, a in enumerate(adapters)]
             if run[0] == "fused":
                 engine.distill_many(warm)
             else:
