@@ -109,8 +109,9 @@ def test_padded_batches_give_the_per_sample_loss_and_gradients(
 def _logits(model: Any, rows: list[list[int]], lengths: list[int]) -> torch.Tensor:
     parts: list[int] = []
     block = stepping._pad_left(parts, rows)
+    picks = stepping.pick_rows(parts, lengths)
     with torch.no_grad():
-        return stepping.response_logits(model, torch.tensor(parts), block, lengths)
+        return stepping.response_logits(model, torch.tensor(parts), block, lengths, picks)
 
 
 def test_a_padded_forward_gives_each_rows_own_logits(make_engine: Callable[..., Any]) -> None:

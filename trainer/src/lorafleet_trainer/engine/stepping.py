@@ -91,6 +91,7 @@ class MicroBatch:
     teacher: Block
     response: tuple[int, int]  # the slice of the step's response tokens (and log-probs) it predicts
     lengths: tuple[int, ...]  # response tokens per row
+    picks: int  # offset in the packed tensor of where its response tokens' logits sit (``pick_rows``)
 
     @property
     def tokens(self) -> int:
@@ -125,6 +126,19 @@ def _pad_left(parts: list[int], seqs: Sequence[list[int]]) -> Block:
     return block
 
 
+def pick_rows(parts: list[int], lengths: Sequence[int]) -> int:
+    """Appends to ``parts`` where each row's response logits sit in a forward's output flattened to
+    ``[rows * keep, vocab]`` (``keep``: the longest response plus one, as ``response_logits`` asks
+    for; rows are left-padded, so row r's last ``lengths[r]`` predictions end one before its end)
+    and returns the offset. The student and the teacher rows of a micro-batch share them."""
+    keep = max(lengths) + 1
+    start = len(parts)
+    for row, n in enumerate(lengths):
+        first = row * keep + keep - n - 1
+        parts.extend(range(first, first + n))
+    return start
+
+
 @dataclass(frozen=True)
 class Batch:
     """A prepared batch packed into one host tensor, so it reaches the device in one copy.
@@ -149,7 +163,8 @@ class Batch:
             student = _pad_left(parts, [ex.student_ids for ex in group])
             teacher = _pad_left(parts, [ex.teacher_ids for ex in group])
             lengths = tuple(len(ex.response_ids) for ex in group)
-            micro.append(MicroBatch(student, teacher, (done, done + sum(lengths)), lengths))
+            picks = pick_rows(parts, lengths)
+            micro.append(MicroBatch(student, teacher, (done, done + sum(lengths)), lengths, picks))
             done += sum(lengths)
         response = [t for ex in batch for t in ex.response_ids]
         start = len(parts)
@@ -171,11 +186,17 @@ class Batch:
         return self.packed.to(device, non_blocking=True)
 
 
-def response_logits(model: Any, packed: torch.Tensor, block: Block, lengths: Sequence[int]) -> torch.Tensor:
+def response_logits(
+    model: Any, packed: torch.Tensor, block: Block, lengths: Sequence[int], picks: int
+) -> torch.Tensor:
     """The logits predicting each row's last ``lengths[row]`` tokens, rows one after another.
 
     One forward over the left-padded rows: positions count from each row's first real token, the
-    mask keeps padding out of attention, and only the last positions go through the head.
+    mask keeps padding out of attention, and only the last positions go through the head. The
+    tokens' logits are taken in one gather (``picks``: the offset of ``pick_rows``'s indices in
+    ``packed``), whose backward fills one zero tensor of the logits' size: a slice per row filled
+    one per row (a fused step of 32 rows on the 135M model's 49,152-token vocabulary: 32 fills of
+    207 MB, 4.3 s of a 15 s step on the CPU).
     """
     ids, mask = block.tensors(packed)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -184,7 +205,7 @@ def response_logits(model: Any, packed: torch.Tensor, block: Block, lengths: Seq
     logits: torch.Tensor = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
     ).logits
-    return torch.cat([logits[row, keep - n - 1 : keep - 1] for row, n in enumerate(lengths)])
+    return logits.flatten(0, 1).index_select(0, packed[picks : picks + sum(lengths)])
 
 
 def teacher_weights(model: Any, slot: LoraSlot, spec: TrainingSpec) -> AbstractContextManager[Any]:
@@ -303,15 +324,15 @@ def _loss_and_gradients(
         base = None
         with autocast, torch.no_grad():
             with teacher_weights(model, slot, spec):
-                teacher = response_logits(model, packed, micro.teacher, micro.lengths)
+                teacher = response_logits(model, packed, micro.teacher, micro.lengths, micro.picks)
             if spec.kl_reg_weight > 0.0:
                 with model.disable_adapter():
-                    base = response_logits(model, packed, micro.student, micro.lengths)
+                    base = response_logits(model, packed, micro.student, micro.lengths, micro.picks)
         # Train mode only matters for LoRA dropout; the base model's own dropouts are 0.
         model.train(slot.lora.dropout > 0.0)
         try:
             with autocast:
-                student = response_logits(model, packed, micro.student, micro.lengths)
+                student = response_logits(model, packed, micro.student, micro.lengths, micro.picks)
         finally:
             model.eval()
         first, end = micro.response
