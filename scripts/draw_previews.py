@@ -1,7 +1,8 @@
 """Draws the README's dashboard previews from a real run: `python -m scripts.draw_previews`.
 
 A builtin:tiny trainer with a cache that holds about three adapters trains six of them (two hot,
-four cold, so the cache hits, misses and evicts by LRU), the operator's client initialises them
+four cold, so the cache hits, misses and evicts by LRU; in the middle third of the run three
+adapters' steps arrive at once, so some run fused), the operator's client initialises them
 and evicts one now and then, and a real Prometheus scrapes both every second. Each panel of the
 Trainers dashboard is then queried over the run and drawn into charts/lorafleet/dashboards/previews/.
 Like render_dashboards.py it writes a committed file and is run by hand; it starts the trainer and
@@ -15,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts import svg_panels
@@ -22,6 +24,7 @@ from tests.chart import charting
 from tests.chart.operator_side import OperatorSide
 from tests.trainer.service.live import LiveTrainer, start_trainer
 
+from lorafleet_api import wire
 from lorafleet_local.prometheus import Prometheus, static_jobs
 
 OUT = charting.CHART / "dashboards" / "previews"
@@ -30,6 +33,7 @@ LORA = {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_
 ADAPTERS = [f"adapter-{i}" for i in range(6)]
 WEIGHTS = [6, 4, 1, 1, 1, 1]  # two hot adapters stay cached; cold ones push each other out
 STEPS = 90
+BURST = 3
 LABELS = {
     "lorafleet-trainer": {"namespace": "team-a", "pool": "tiny", "pod": "tiny-0", "gpu_residency": "offload"},
     "lorafleet-operator": {"namespace": "lorafleet", "pod": "lorafleet-operator-0"},
@@ -67,15 +71,22 @@ def workload(trainer: LiveTrainer, operator: OperatorSide) -> None:
     rng = random.Random(7)
     client = trainer.client()
     for name in ADAPTERS:
-        operator.run(operator.client.init(trainer.base_url, "team-a", name, {"lora": LORA, "epoch": 1}))
-    for step in range(STEPS):
-        name = rng.choices(ADAPTERS, WEIGHTS)[0]
-        if step and step % 30 == 0:
-            operator.run(operator.client.evict(trainer.base_url, "team-a", name))
-        client.post(
-            f"/v1/adapters/team-a/{name}/distill", json={"samples": [sample(step)]}
-        ).raise_for_status()
-        time.sleep(0.4)
+        body = wire.InitRequest.model_validate({"lora": LORA, "epoch": 1})
+        operator.run(operator.client.init(trainer.base_url, "team-a", name, body))
+    with ThreadPoolExecutor(max_workers=BURST) as pool:
+        for step in range(STEPS):
+            name = rng.choices(ADAPTERS, WEIGHTS)[0]
+            if step and step % 30 == 0:
+                operator.run(operator.client.evict(trainer.base_url, "team-a", name))
+            # In the middle third, BURST adapters' steps arrive at once (the trainer may fuse them).
+            names = rng.sample(ADAPTERS, BURST) if STEPS // 3 <= step < 2 * STEPS // 3 else [name]
+            posts = [
+                pool.submit(client.post, f"/v1/adapters/team-a/{n}/distill", json={"samples": [sample(step)]})
+                for n in names
+            ]
+            for post in posts:
+                post.result().raise_for_status()
+            time.sleep(0.4)
 
 
 def legend(template: str, labels: dict[str, str]) -> str:
@@ -126,7 +137,8 @@ def main() -> int:
             end = time.time()
             note = (
                 f"Drawn from a real run ({time.strftime('%Y-%m-%d', time.gmtime(end))}): "
-                f"a builtin:tiny trainer on a CPU, {len(ADAPTERS)} adapters, {STEPS} steps, "
+                f"a builtin:tiny trainer on a CPU, {len(ADAPTERS)} adapters, {STEPS} rounds of steps "
+                f"(the middle third {BURST} adapters' at once), "
                 f"cache {capacity} B (about 3.5 adapters), "
                 "scraped every 1 s by Prometheus; rates over 20 s. `python -m scripts.draw_previews`"
             )
