@@ -182,6 +182,20 @@ def trainer_panels() -> list[Panel]:
             (Query(f"sum by (pod) (rate(lorafleet_trainer_tokens_total{TRAINER}[{RATE}]))", "{{pod}}"),),
         ),
         Panel(
+            "Adapters per fused step",
+            "How many adapters' steps shared one forward and backward, on average per committed step "
+            "(1: every step ran alone; steps of one LoRA shape that wait together are fused, up to "
+            "--fuse-steps).",
+            "short",
+            (
+                Query(
+                    f"sum by (pod) (rate(lorafleet_trainer_step_fused_adapters_sum{TRAINER}[{RATE}])) / "
+                    f"sum by (pod) (rate(lorafleet_trainer_step_fused_adapters_count{TRAINER}[{RATE}]))",
+                    "{{pod}}",
+                ),
+            ),
+        ),
+        Panel(
             "Publish latency to inference servers",
             "Time from a version's commit until a vLLM server serves it (p50 and p95 over all servers).",
             "s",

@@ -50,6 +50,8 @@ DESIGN_METRICS = {
         "publish_duration_seconds",
         "publish_failures_total",
         "publish_lag_seconds",
+        # Fused steps across adapters (issue 28): a contract addition the README names.
+        "step_fused_adapters",
     ]
 } | {
     f"lorafleet_operator_{name}"

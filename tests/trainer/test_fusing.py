@@ -41,7 +41,10 @@ TOLERANCE = 1e-5
 
 
 def batch(
-    adapter: AdapterId, round_: int, bad: bool = False, shapes: dict[AdapterId, list[tuple[int, int]]] = SHAPES
+    adapter: AdapterId,
+    round_: int,
+    bad: bool = False,
+    shapes: dict[AdapterId, list[tuple[int, int]]] = SHAPES,
 ) -> list[DistillSample]:
     seed = 1000 * round_ + 100 * sorted(shapes).index(adapter)
     out = []

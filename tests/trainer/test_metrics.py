@@ -84,16 +84,20 @@ def test_engine_stats_are_read_at_scrape_time_under_design_names() -> None:
 def test_step_observations_land_in_their_labels() -> None:
     m = TrainerMetrics(Source(), queue_depth=lambda: 0)
     m.observe_step("hit", 0.2, {"queue": 5.0, "restore": 1.0, "compute": 150.0, "bogus": 1.0})
+    m.observe_step("miss", 0.3, {}, fused_adapters=3)
     m.count_outcome("rejected")
     got = samples(m)
+    fused = PREFIX + "step_fused_adapters"
+    assert got[(fused + "_count", ())] == 2 and got[(fused + "_sum", ())] == 4
+    assert got[(fused + "_bucket", (("le", "1.0"),))] == 1 and got[(fused + "_bucket", (("le", "2.0"),))] == 1
     assert got[(PREFIX + "step_duration_seconds_count", (("cache", "hit"),))] == 1
     assert got[(PREFIX + "step_duration_seconds_sum", (("cache", "hit"),))] == pytest.approx(0.2)
-    assert got[(PREFIX + "step_duration_seconds_count", (("cache", "miss"),))] == 0
+    assert got[(PREFIX + "step_duration_seconds_count", (("cache", "miss"),))] == 1
     phase_sum = PREFIX + "step_phase_duration_seconds_sum"
     assert got[(phase_sum, (("phase", "compute"),))] == pytest.approx(0.15)
     assert got[(phase_sum, (("phase", "persist"),))] == 0
     assert not any(dict(k[1]).get("phase") == "bogus" for k in got)
-    assert got[(PREFIX + "steps_total", (("outcome", "ok"),))] == 1
+    assert got[(PREFIX + "steps_total", (("outcome", "ok"),))] == 2
     assert got[(PREFIX + "steps_total", (("outcome", "rejected"),))] == 1
     assert got[(PREFIX + "steps_total", (("outcome", "error"),))] == 0
     with pytest.raises(ValueError):

@@ -54,6 +54,8 @@ class StepResult:
     replayed: bool = False  # an earlier step's answer, for a retry with its idempotency key
     # The adapter's newest durable version when the step answered; None: ``version`` (sync mode).
     durable_version: int | None = None
+    # Adapters whose steps shared the forward and backward that made this version (1: its own step).
+    fused_adapters: int = 1
 
     @property
     def durable(self) -> int:

@@ -622,6 +622,7 @@ class TrainerEngine:
                     storage_read_bytes=read,
                     artifact=artifact,
                     durable_version=durable,
+                    fused_adapters=len(live),
                 )
         holds.at(self.config.step_holds, "answer")
         done: list[StepResult | Exception] = []

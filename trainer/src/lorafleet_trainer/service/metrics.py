@@ -30,6 +30,7 @@ PHASES = ("queue", "restore", "compute", "snapshot", "persist")
 OUTCOMES = ("ok", "replayed", "invalid", "rejected", "cancelled", "unavailable", "error")
 EVICTION_REASONS = ("lru", "explicit", "invalidated", "deleted")
 # From a tiny CPU model's tens of milliseconds to a large model's minutes on one GPU.
+FUSED_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 # A load into a CPU vLLM takes about a second; a server that is down holds versions for minutes.
@@ -136,6 +137,12 @@ class TrainerMetrics:
             buckets=STEP_BUCKETS,
             **common,
         )
+        self.step_fused_adapters = Histogram(
+            "step_fused_adapters",
+            "Per committed step: the adapters whose steps shared its forward and backward (1: alone).",
+            buckets=FUSED_BUCKETS,
+            **common,
+        )
         self.steps = Counter("steps", "Distill requests by outcome.", labelnames=["outcome"], **common)
         self.queue_depth = Gauge("queue_depth", "Writes waiting for the step worker.", **common)
         self.queue_depth.set_function(lambda: float(queue_depth()))
@@ -192,9 +199,13 @@ class TrainerMetrics:
         self.publish_lag_seconds.set_function(lambda: publisher.lag()[1])
         self.inference_servers.set_function(lambda: float(len(publisher.servers)))
 
-    def observe_step(self, cache: str, run_seconds: float, phases_ms: Mapping[str, float]) -> None:
-        """Record one successful step: its run time and every phase the engine timed."""
+    def observe_step(
+        self, cache: str, run_seconds: float, phases_ms: Mapping[str, float], fused_adapters: int = 1
+    ) -> None:
+        """Record one successful step: its run time, every phase the engine timed and how many
+        adapters' steps ran fused with it (itself included)."""
         self.step_duration.labels(cache=cache).observe(run_seconds)
+        self.step_fused_adapters.observe(fused_adapters)
         for phase, ms in phases_ms.items():
             if phase in PHASES:
                 self.step_phase_duration.labels(phase=phase).observe(max(0.0, ms) / 1000.0)

@@ -381,7 +381,7 @@ class TrainerService:
         if result.replayed:
             self.metrics.count_outcome("replayed")
         else:
-            self.metrics.observe_step(cache, job.run_seconds, phases)
+            self.metrics.observe_step(cache, job.run_seconds, phases, result.fused_adapters)
         timing = wire.StepTiming(
             queue=phases["queue"],
             restore=phases.get("restore", 0.0),
