@@ -16,8 +16,8 @@ from types import FrameType
 
 import uvicorn
 
-from lorafleet_trainer import settings as settings_mod
 from lorafleet_trainer import hostalloc, threads
+from lorafleet_trainer import settings as settings_mod
 from lorafleet_trainer.errors import TrainerError
 from lorafleet_trainer.http.auth import read_token
 from lorafleet_trainer.service.serving import TrainerService
