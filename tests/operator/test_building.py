@@ -78,6 +78,16 @@ def test_durability_reaches_the_trainer_and_defaults_to_sync() -> None:
         pools.parse(pool_body(durability="eventually"))
 
 
+def test_fuse_steps_reach_the_trainer_and_default_to_8() -> None:
+    unset = container(building.build_pod(pools.parse(pool_body()), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_FUSE_STEPS", "value": "8"} in unset["env"]
+    alone = container(building.build_pod(pools.parse(pool_body(fuseSteps=1)), 0, SETTINGS))
+    assert {"name": "LORAFLEET_TRAINER_FUSE_STEPS", "value": "1"} in alone["env"]
+    for bad in (0, 257):
+        with pytest.raises(ValidationError, match="fuseSteps"):
+            pools.parse(pool_body(fuseSteps=bad))
+
+
 def test_args_probes_and_image() -> None:
     pool = pools.parse(pool_body(cache={"capacity": "2Gi"}))
     c = container(building.build_pod(pool, 0, SETTINGS))

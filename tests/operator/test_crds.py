@@ -68,6 +68,7 @@ def test_invalid_manifests_are_rejected(where: str, doc: dict[str, Any]) -> None
         ("missing-pool", "pool"),
         ("bad-gpu-residency", "gpuResidency"),
         ("bad-durability", "durability"),
+        ("bad-fuse-steps", "fuseSteps"),
         ("pool-without-storage", "storage"),
     ],
 )

@@ -82,6 +82,7 @@ class PoolSpec(_Spec):
     gpu_residency: Annotated[str, _choice("gpuResidency")] = _field("gpuResidency")
     dtype: Annotated[str, _choice("dtype")] | None = _field("dtype")  # None: the trainer's default
     durability: Annotated[str, _choice("durability")] = _field("durability")
+    fuse_steps: int = _field("fuseSteps")
     storage: Storage = Field(default_factory=Storage)
     max_adapters_per_pod: int = _field("maxAdaptersPerPod")
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")

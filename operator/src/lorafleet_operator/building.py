@@ -107,6 +107,8 @@ def _env(pool: Pool) -> list[dict[str, Any]]:
         {"name": "LORAFLEET_TRAINER_DTYPE", "value": pool.spec.dtype or "auto"},
         # When a step answers: after its version is durable (sync) or after its in-memory commit.
         {"name": "LORAFLEET_TRAINER_DURABILITY", "value": pool.spec.durability},
+        # How many waiting steps of different adapters may run as one fused step.
+        {"name": "LORAFLEET_TRAINER_FUSE_STEPS", "value": str(pool.spec.fuse_steps)},
         # The root filesystem is read-only: every cache and scratch path points at an emptyDir.
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/hf"},
         {"name": "XDG_CACHE_HOME", "value": MODEL_CACHE},
