@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tests.trainer.service import live, payloads
 from tests.trainer.service.test_service_queue import enqueue, held_step, init, start_trainer
 
@@ -47,11 +46,6 @@ def test_steps_waiting_together_run_fused_each_answered_its_own(trainer: live.Li
     states = [trainer.client().get(f"/v1/adapters/q/fused-{i}").json()["version"] for i in range(3)]
     assert states == [1, 0, 1]
     # The step metric says which steps were fused: the held one alone, then two that ran as one.
-    fused = {
-        s.name: s.value
-        for family in text_string_to_metric_families(trainer.client().get("/metrics").text)
-        for s in family.samples
-        if s.name.startswith("lorafleet_trainer_step_fused_adapters")
-    }
-    assert fused["lorafleet_trainer_step_fused_adapters_count"] == 3
-    assert fused["lorafleet_trainer_step_fused_adapters_sum"] == 1 + 2 + 2
+    scraped = trainer.metrics()
+    assert scraped[("lorafleet_trainer_step_fused_adapters_count", ())] == 3
+    assert scraped[("lorafleet_trainer_step_fused_adapters_sum", ())] == 1 + 2 + 2

@@ -182,11 +182,12 @@ class MultiLora:
     @staticmethod
     def _hook(site: Site, groups: Sequence[Group]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
         sizes = [g.end - g.start for g in groups]
+        bare = all(g.weights is None for g in groups)  # every row through the base alone
         # Groups of one size: the lanes' products as two batched matmuls over [groups, rows, ...].
         even = len(set(sizes)) == 1 and all(g.weights is not None for g in groups)
 
         def add_lora(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            if all(g.weights is None for g in groups):
+            if bare:
                 return output
             x = args[0]
             weights = [g.weights for g in groups]
